@@ -1,0 +1,76 @@
+"""Atomic writes: every output is written to a temp file in the same folder, then renamed over the
+target, so a crash or `kill -9` never leaves a half-written file where a finished one is expected."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import polars as pl
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+@contextmanager
+def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `target`; on success rename it onto `target`, on error delete it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; outputs are ordinary shared files
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside `target`; on success swap it in place of `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(target: str | Path, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(target: str | Path, payload) -> None:
+    """Write JSON with sorted keys and a trailing newline, so reruns give identical bytes."""
+    write_text(target, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+
+
+def write_parquet(frame: pl.DataFrame | pl.LazyFrame, target: str | Path) -> None:
+    """Write a frame to Parquet atomically (a LazyFrame is streamed with sink_parquet)."""
+    with atomic_path(target, suffix=".parquet") as tmp:
+        if isinstance(frame, pl.LazyFrame):
+            frame.sink_parquet(tmp, compression="zstd", statistics=True, engine="streaming")
+        else:
+            frame.write_parquet(tmp, compression="zstd", statistics=True)

@@ -1,0 +1,53 @@
+"""`curate ingest INPUT...`: read raw files into canonical records plus a quarantine, nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from curate.display import console, live_run_events, print_summary
+from curate.errors import ConfigError
+from curate.formats import FORMATS
+from curate.runner import run_pipeline
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ingest",
+        help="read raw files (JSONL/.gz/.zst, JSON, CSV, Parquet, datasets folders, globs) into canonical records",
+        description="Read raw conversational data into canonical records. Rows that cannot be read go to "
+        "OUT/quarantine.parquet with file, row, reason and the raw text.",
+    )
+    parser.add_argument("inputs", nargs="+", help="files, folders or quoted globs")
+    parser.add_argument("--out", type=Path, required=True, help="run directory to write")
+    parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="raw format (default: detect)")
+    parser.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="ROLE=NAME",
+        help="field name for a role, e.g. --column prompt=customer_message --column response=agent_reply",
+    )
+    parser.add_argument("--max-row-bytes", type=int, default=200_000)
+    parser.add_argument("--force", action="store_true")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args) -> int:
+    columns = {}
+    for item in args.column:
+        if "=" not in item:
+            raise ConfigError(f"--column {item!r}: expected ROLE=NAME, e.g. prompt=customer_message")
+        role, name = item.split("=", 1)
+        columns[role.strip()] = name.strip()
+    pipeline = {
+        "name": "ingest",
+        "inputs": [{"path": str(Path(p).resolve()) if Path(p).exists() else p, "format": args.format, "columns": columns} for p in args.inputs],
+        "ingest": {"max_row_bytes": args.max_row_bytes},
+        "stages": [],
+    }
+    with live_run_events() as events:
+        result = run_pipeline(pipeline, run_dir=args.out, force=args.force, events=events, base_dir=Path.cwd())
+    print_summary(result.manifest)
+    console.print(f"records: {result.run_dir / 'ingest' / 'data.parquet'}")
+    console.print(f"quarantine: {result.run_dir / 'quarantine.parquet'}")
+    return 0

@@ -1,0 +1,137 @@
+"""Normalization and identity of canonical records, as Polars expressions.
+
+Ingest uses these on every row; tests and library users can build canonical frames from plain Python
+dicts with :func:`canonical_frame`, which goes through the very same expressions.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import polars_hash as plh
+
+from schemas import CANONICAL_SCHEMA, MESSAGES_DTYPE, SOURCE_DTYPE
+
+ROLE_ALIASES: dict[str, str] = {
+    "user": "user",
+    "human": "user",
+    "customer": "user",
+    "prompter": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "agent": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
+
+ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are not a practical concern, ids stay readable
+
+
+def normalize_text(text: pl.Expr) -> pl.Expr:
+    """NFC, unified newlines, no trailing spaces, runs of spaces/tabs collapsed, at most one blank line.
+
+    Line structure is kept on purpose: support answers use numbered steps and the quality filters look
+    at lines."""
+    return (
+        text.str.normalize("NFC")
+        .str.replace_all(r"\r\n?", "\n")
+        .str.replace_all(r"[\t\f\v \u00a0\u2000-\u200a\u202f\u205f\u3000]+", " ")
+        .str.replace_all(r"[\u200b\ufeff]", "")
+        .str.replace_all(r" *\n *", "\n")
+        .str.replace_all(r"\n{3,}", "\n\n")
+        .str.strip_chars()
+    )
+
+
+def normalize_role(role: pl.Expr) -> pl.Expr:
+    """Map role spellings to user/assistant/system; anything else becomes null (an unknown role)."""
+    return role.str.strip_chars().str.to_lowercase().replace_strict(ROLE_ALIASES, default=None, return_dtype=pl.String)
+
+
+def normalize_messages(messages: pl.Expr) -> pl.Expr:
+    """Normalize role and content of every message in a list-of-struct column."""
+    return messages.list.eval(
+        pl.struct(
+            normalize_role(pl.element().struct.field("role")).alias("role"),
+            normalize_text(pl.element().struct.field("content")).alias("content"),
+        )
+    )
+
+
+def _serialize_messages(messages: pl.Expr) -> pl.Expr:
+    # Unit/record separators cannot occur in normalized text, so the serialization is unambiguous.
+    return messages.list.eval(
+        pl.element().struct.field("role") + pl.lit("\x1f") + pl.element().struct.field("content")
+    ).list.join("\x1e")
+
+
+def content_key() -> pl.Expr:
+    """One string per row holding its whole normalized content (both record kinds)."""
+    return (
+        pl.when(pl.col("kind") == "sft")
+        .then(pl.lit("sft\x1d") + _serialize_messages(pl.col("messages")))
+        .otherwise(
+            pl.lit("preference\x1d")
+            + _serialize_messages(pl.col("prompt"))
+            + pl.lit("\x1d")
+            + _serialize_messages(pl.col("chosen"))
+            + pl.lit("\x1d")
+            + _serialize_messages(pl.col("rejected"))
+        )
+    )
+
+
+def record_id() -> pl.Expr:
+    """Stable id: sha256 of the normalized content. Exact duplicates share an id; `source` tells the
+    rows apart."""
+    return plh.col("__content_key").chash.sha2_256().str.slice(0, ID_HEX_CHARS)
+
+
+def with_record_id(frame: pl.LazyFrame | pl.DataFrame):
+    return frame.with_columns(content_key().alias("__content_key")).with_columns(record_id().alias("id")).drop(
+        "__content_key"
+    )
+
+
+def canonical_frame(records: list[dict], source_file: str = "<memory>") -> pl.DataFrame:
+    """Build a canonical frame from dicts holding `messages`, or `prompt`/`chosen`/`rejected`.
+
+    Strings are accepted for prompt/chosen/rejected (a user / assistant message). Text and roles are
+    normalized and ids computed exactly as ingest does. Extra keys are kept as extra columns."""
+    rows = []
+    for index, record in enumerate(records, start=1):
+        row = dict(record)
+        if "messages" in row:
+            row["kind"] = "sft"
+        else:
+            row["kind"] = "preference"
+            for key, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
+                if isinstance(row.get(key), str):
+                    row[key] = [{"role": role, "content": row[key]}]
+        row.setdefault("source", {"file": source_file, "row": index, "format": "memory"})
+        rows.append(row)
+    extra = {key for row in rows for key in row} - set(CANONICAL_SCHEMA)
+    frame = pl.DataFrame(
+        rows,
+        schema={**CANONICAL_SCHEMA, **{key: None for key in sorted(extra)}},
+        infer_schema_length=None,
+    )
+    frame = frame.with_columns(
+        normalize_messages(pl.col(column)).alias(column) for column in ("messages", "prompt", "chosen", "rejected")
+    )
+    frame = with_record_id(frame)
+    return frame.select(*CANONICAL_SCHEMA, *sorted(extra))
+
+
+__all__ = [
+    "MESSAGES_DTYPE",
+    "SOURCE_DTYPE",
+    "canonical_frame",
+    "content_key",
+    "normalize_messages",
+    "normalize_role",
+    "normalize_text",
+    "record_id",
+    "with_record_id",
+]

@@ -1,0 +1,517 @@
+"""The pipeline runner: executes a YAML pipeline into a run directory, with row accounting and resume.
+
+    run_dir/
+      ingest/data.parquet            canonical records read from the raw inputs
+      quarantine.parquet             raw rows that could not become records (file, row, reason, raw)
+      <stage>/data.parquet           rows that flow on after each stage
+      <stage>/dropped.parquet        rows the stage removed, with `stage` and `reason`
+      <stage>/_SUCCESS.json          fingerprint, counts, report and timing of the stage's last run
+      manifest.json                  config hash, input fingerprints, versions, counts, timings
+
+A stage whose config, code version and input are unchanged since its last successful run is skipped
+(resume after a crash, a kill, or a threshold change further down). Every write is atomic, and the
+same inputs and config give byte-identical data files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jsonschema
+import polars as pl
+import yaml
+
+import curate
+from curate.atomic import atomic_path, write_json, write_parquet
+from curate.errors import ConfigError, RunStateError
+from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file
+from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
+from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, load_schema
+
+INGEST_STAGE = "ingest"
+INGEST_VERSION = "1"
+SUCCESS_FILE = "_SUCCESS.json"
+MANIFEST_FILE = "manifest.json"
+QUARANTINE_FILE = "quarantine.parquet"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pipeline config
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    name: str
+    type: str
+    spec: StageSpec
+    config: Any  # the stage's validated pydantic config
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    run_dir: Path
+    base_dir: Path
+    seed: int
+    inputs: list[InputSpec]
+    ingest: IngestOptions
+    stages: list[StageEntry]
+    source: dict  # the config as written (after defaults), for the manifest and config hash
+    path: Path | None = None
+
+    @property
+    def config_hash(self) -> str:
+        return _sha256_text(_canonical_json(self.source))
+
+
+def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None, base_dir: Path | None = None) -> Pipeline:
+    """Read and validate a pipeline YAML (or an equivalent dict). Errors are one line naming the field."""
+    path: Path | None = None
+    if isinstance(pipeline, (str, Path)):
+        path = Path(pipeline).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{pipeline}: no such pipeline file")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigError(f"{pipeline}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{pipeline}: not UTF-8 text") from None
+        base = path.parent
+        label = str(pipeline)
+    else:
+        raw = pipeline
+        base = Path(base_dir) if base_dir else Path.cwd()
+        label = "pipeline"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: expected a mapping with `inputs:` and `stages:`")
+    validator = jsonschema.Draft202012Validator(load_schema("pipeline"))
+    errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        where = ".".join(str(part) for part in first.absolute_path) or "(top level)"
+        raise ConfigError(f"{label}: {where}: {first.message}")
+
+    name = raw.get("name") or (path.stem if path else "pipeline")
+    if run_dir is not None:
+        resolved_run_dir = Path(run_dir).resolve()
+    else:
+        resolved_run_dir = (base / raw.get("run_dir", f"runs/{name}")).resolve()
+    ingest_raw = raw.get("ingest", {})
+    options = IngestOptions(**ingest_raw)
+    inputs = [
+        InputSpec(path=item["path"], format=item.get("format", "auto"), columns=dict(item.get("columns", {})), name=item.get("name"))
+        for item in raw["inputs"]
+    ]
+    stages: list[StageEntry] = []
+    seen: set[str] = {INGEST_STAGE}
+    for index, item in enumerate(raw.get("stages", [])):
+        if not item.get("enabled", True):
+            continue
+        stage_name = item.get("name", item["type"])
+        if stage_name in seen:
+            raise ConfigError(f"{label}: stages.{index}.name: {stage_name!r} is used twice (or is reserved); give each stage a unique name")
+        seen.add(stage_name)
+        spec = get_stage(item["type"])
+        config = parse_stage_config(spec, item.get("config"), f"{label}: stages.{index} ({stage_name})")
+        stages.append(StageEntry(name=stage_name, type=item["type"], spec=spec, config=config))
+    source = {
+        "name": name,
+        "seed": raw.get("seed", 0),
+        "inputs": [dict(path=i.path, format=i.format, columns=i.columns, name=i.name) for i in inputs],
+        "ingest": options.__dict__,
+        "stages": [
+            {"name": s.name, "type": s.type, "version": s.spec.version, "config": s.config.model_dump(mode="json")}
+            for s in stages
+        ],
+    }
+    return Pipeline(
+        name=name,
+        run_dir=resolved_run_dir,
+        base_dir=base,
+        seed=int(raw.get("seed", 0)),
+        inputs=inputs,
+        ingest=options,
+        stages=stages,
+        source=source,
+        path=path,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(child.relative_to(path)).encode())
+            digest.update(file_sha256(child).encode())
+        return digest.hexdigest()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Progress reporting: the CLI plugs a rich display in; the library default is silent.
+
+
+@dataclass
+class RunEvents:
+    stage_started: Callable[[str, str], None] = lambda name, type_name: None
+    stage_progress: Callable[[str, str], None] = lambda name, message: None
+    stage_finished: Callable[[str, dict], None] = lambda name, record: None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    manifest: dict = field(default_factory=dict)
+
+
+def _parquet_rows(path: Path) -> int:
+    return pl.scan_parquet(path).select(pl.len()).collect().item()
+
+
+def _load_success(stage_dir: Path, fingerprint: str) -> dict | None:
+    marker = stage_dir / SUCCESS_FILE
+    if not marker.is_file() or not (stage_dir / "data.parquet").is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError):
+        return None
+    if record.get("fingerprint") != fingerprint:
+        return None
+    if record.get("output_fingerprint") != file_sha256(stage_dir / "data.parquet"):
+        return None  # the output was touched since: recompute rather than trust it
+    return record
+
+
+def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
+    stage_dir = pipeline.run_dir / INGEST_STAGE
+    files = expand_inputs(pipeline.inputs, pipeline.base_dir)
+    input_records = []
+    for path, display, spec in files:
+        input_records.append(
+            {"file": display, "format": spec.format, "sha256": file_sha256(path), "bytes": _size(path)}
+        )
+    fingerprint = _sha256_text(
+        _canonical_json({"version": INGEST_VERSION, "inputs": pipeline.source["inputs"], "ingest": pipeline.source["ingest"], "files": input_records})
+    )
+    events.stage_started(INGEST_STAGE, INGEST_STAGE)
+    cached = None if force else _load_success(stage_dir, fingerprint)
+    if cached is not None and (pipeline.run_dir / QUARANTINE_FILE).is_file():
+        cached = {**cached, "skipped": True}
+        events.stage_finished(INGEST_STAGE, cached)
+        return cached
+
+    started = time.perf_counter()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    reports: list[FileReport] = []
+    with tempfile.TemporaryDirectory(prefix=".ingest-parts-", dir=stage_dir) as parts_dir:
+        parts = Path(parts_dir)
+        record_parts, quarantine_parts = [], []
+        for file_index, (path, display, spec) in enumerate(files):
+            last_report = None
+            for chunk_index, (batch, report) in enumerate(ingest_file(path, display, spec, pipeline.ingest)):
+                last_report = report
+                if batch.records.height:
+                    part = parts / f"records-{file_index:05d}-{chunk_index:06d}.parquet"
+                    batch.records.write_parquet(part)
+                    record_parts.append(part)
+                if batch.quarantine.height:
+                    part = parts / f"quarantine-{file_index:05d}-{chunk_index:06d}.parquet"
+                    batch.quarantine.write_parquet(part)
+                    quarantine_parts.append(part)
+                events.stage_progress(INGEST_STAGE, f"{display}: {report.rows:,} rows")
+            reports.append(last_report)
+        records = (
+            # diagonal: parts from canonical Parquet inputs may carry score columns the others lack.
+            pl.concat([pl.scan_parquet(part) for part in record_parts], how="diagonal_relaxed")
+            if record_parts
+            else pl.LazyFrame(schema=CANONICAL_SCHEMA)
+        )
+        quarantine = pl.scan_parquet(quarantine_parts) if quarantine_parts else pl.LazyFrame(schema=QUARANTINE_SCHEMA)
+        write_parquet(records, stage_dir / "data.parquet")
+        write_parquet(quarantine, pipeline.run_dir / QUARANTINE_FILE)
+
+    rows_in = sum(r.rows for r in reports)
+    kept = _parquet_rows(stage_dir / "data.parquet")
+    quarantined = _parquet_rows(pipeline.run_dir / QUARANTINE_FILE)
+    if kept + quarantined != rows_in:
+        raise AssertionError(f"ingest lost rows: read {rows_in}, kept {kept}, quarantined {quarantined}")
+    reasons: dict[str, int] = {}
+    for report in reports:
+        for reason, count in report.quarantine_reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    record = {
+        "name": INGEST_STAGE,
+        "type": INGEST_STAGE,
+        "version": INGEST_VERSION,
+        "fingerprint": fingerprint,
+        "output_fingerprint": file_sha256(stage_dir / "data.parquet"),
+        "rows_in": rows_in,
+        "rows_out": kept,
+        "rows_dropped": 0,
+        "rows_quarantined": quarantined,
+        "dropped_by_reason": {},
+        "quarantined_by_reason": dict(sorted(reasons.items())),
+        "seconds": round(time.perf_counter() - started, 3),
+        "files": [
+            {**inp, **{"rows": r.rows, "kept": r.kept, "quarantined": r.quarantined, "blank_lines": r.blank_lines, "format": r.format}}
+            for inp, r in zip(input_records, reports)
+        ],
+        "report": {},
+    }
+    write_json(stage_dir / SUCCESS_FILE, record)
+    record = {**record, "skipped": False}
+    events.stage_finished(INGEST_STAGE, record)
+    return record
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _empty_dropped_schema() -> dict:
+    return {**CANONICAL_SCHEMA, "stage": pl.String(), "reason": pl.String()}
+
+
+def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: RunEvents, force: bool) -> dict:
+    stage_dir = pipeline.run_dir / entry.name
+    input_path = pipeline.run_dir / previous["name"] / "data.parquet"
+    ctx = StageContext(
+        name=entry.name,
+        run_dir=pipeline.run_dir,
+        stage_dir=stage_dir,
+        pipeline_dir=pipeline.base_dir,
+        seed=pipeline.seed,
+        progress=lambda message: events.stage_progress(entry.name, message),
+    )
+    extra_files = entry.spec.extra_inputs(entry.config, ctx) if entry.spec.extra_inputs else []
+    extra_fingerprints = {str(p): (file_sha256(p) if Path(p).exists() else "missing") for p in extra_files}
+    fingerprint = _sha256_text(
+        _canonical_json(
+            {
+                "type": entry.type,
+                "version": entry.spec.version,
+                "config": entry.config.model_dump(mode="json"),
+                "input": previous["output_fingerprint"],
+                "extra_inputs": extra_fingerprints,
+                "seed": pipeline.seed,
+            }
+        )
+    )
+    events.stage_started(entry.name, entry.type)
+    cached = None if (force or entry.spec.volatile) else _load_success(stage_dir, fingerprint)
+    if cached is not None:
+        cached = {**cached, "skipped": True}
+        events.stage_finished(entry.name, cached)
+        return cached
+
+    started = time.perf_counter()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / SUCCESS_FILE).unlink(missing_ok=True)
+    output = entry.spec.run(pl.scan_parquet(input_path), entry.config, ctx)
+    dropped = output.dropped if output.dropped is not None else pl.LazyFrame(schema=_empty_dropped_schema())
+    with atomic_path(stage_dir / "data.parquet", suffix=".parquet") as kept_tmp, atomic_path(
+        stage_dir / "dropped.parquet", suffix=".parquet"
+    ) as dropped_tmp:
+        # One execution for both sinks: the shared upstream plan is computed once, streaming.
+        pl.collect_all(
+            [
+                output.kept.sink_parquet(kept_tmp, lazy=True, compression="zstd"),
+                dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd"),
+            ],
+            engine="streaming",
+        )
+    rows_in = previous["rows_out"]
+    rows_out = _parquet_rows(stage_dir / "data.parquet")
+    dropped_frame = pl.scan_parquet(stage_dir / "dropped.parquet")
+    rows_dropped = dropped_frame.select(pl.len()).collect().item()
+    rows_added = rows_out + rows_dropped - rows_in
+    if rows_added < 0:
+        raise AssertionError(
+            f"stage {entry.name!r} ({entry.type}) lost {-rows_added} rows: in {rows_in}, out {rows_out}, dropped {rows_dropped}"
+        )
+    if rows_added > 0 and not entry.spec.may_add_rows:
+        raise AssertionError(f"stage {entry.name!r} ({entry.type}) created {rows_added} rows but is not declared may_add_rows")
+    by_reason = (
+        dropped_frame.group_by("reason").len().sort("reason").collect().iter_rows() if rows_dropped else []
+    )
+    report = dict(output.report)
+    if entry.spec.export is not None:
+        report.update(entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet"), entry.config, ctx) or {})
+    record = {
+        "name": entry.name,
+        "type": entry.type,
+        "version": entry.spec.version,
+        "fingerprint": fingerprint,
+        "output_fingerprint": file_sha256(stage_dir / "data.parquet"),
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "rows_dropped": rows_dropped,
+        "rows_added": rows_added,
+        "dropped_by_reason": {reason: count for reason, count in by_reason},
+        "seconds": round(time.perf_counter() - started, 3),
+        "report": report,
+    }
+    write_json(stage_dir / SUCCESS_FILE, record)
+    record = {**record, "skipped": False}
+    events.stage_finished(entry.name, record)
+    return record
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version(), "curate": curate.__version__}
+    for package in ("polars", "pyarrow", "datasketch", "tokenizers", "argilla"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def run_pipeline(
+    pipeline: str | Path | dict | Pipeline,
+    run_dir: str | Path | None = None,
+    force: bool = False,
+    events: RunEvents | None = None,
+    base_dir: Path | None = None,
+) -> RunResult:
+    """Execute a pipeline; returns the run directory and its manifest."""
+    if not isinstance(pipeline, Pipeline):
+        pipeline = load_pipeline(pipeline, run_dir=run_dir, base_dir=base_dir)
+    events = events or RunEvents()
+    pipeline.run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    records = [_run_ingest(pipeline, events, force)]
+    upstream_changed = not records[0]["skipped"]
+    for entry in pipeline.stages:
+        record = _run_stage(pipeline, entry, records[-1], events, force or False)
+        upstream_changed = upstream_changed or not record["skipped"]
+        records.append(record)
+    manifest = build_manifest(pipeline, records, time.perf_counter() - started)
+    write_json(pipeline.run_dir / MANIFEST_FILE, manifest)
+    _write_report(pipeline.run_dir)
+    return RunResult(run_dir=pipeline.run_dir, manifest=manifest)
+
+
+def _write_report(run_dir: Path) -> None:
+    try:
+        from curate.report import write_report
+    except ImportError:  # the report module is optional for library users stripping plots
+        return
+    write_report(run_dir)
+
+
+def build_manifest(pipeline: Pipeline, records: list[dict], seconds: float) -> dict:
+    ingest = records[0]
+    final = records[-1]
+    dropped_total = sum(r["rows_dropped"] for r in records[1:])
+    added_total = sum(r.get("rows_added", 0) for r in records[1:])
+    quarantined = ingest["rows_quarantined"]
+    rows_in = ingest["rows_in"]
+    reconciled = rows_in + added_total == final["rows_out"] + dropped_total + quarantined
+    if not reconciled:
+        raise AssertionError(
+            f"row accounting does not reconcile: in {rows_in} + added {added_total} != kept {final['rows_out']} + dropped {dropped_total} + quarantined {quarantined}"
+        )
+    stages = []
+    for record in records:
+        stages.append({key: value for key, value in record.items() if key not in ("files",)})
+    return {
+        "pipeline": {
+            "name": pipeline.name,
+            "path": str(pipeline.path) if pipeline.path else None,
+            "config_hash": pipeline.config_hash,
+            "config": pipeline.source,
+        },
+        "run_dir": str(pipeline.run_dir),
+        "versions": _versions(),
+        "inputs": ingest.get("files", []),
+        "stages": stages,
+        "accounting": {
+            "rows_in": rows_in,
+            "rows_added": added_total,
+            "kept": final["rows_out"],
+            "dropped": dropped_total,
+            "quarantined": quarantined,
+            "dropped_by_stage_reason": {
+                r["name"]: r["dropped_by_reason"] for r in records[1:] if r["rows_dropped"]
+            },
+            "quarantined_by_reason": ingest["quarantined_by_reason"],
+            "reconciled": reconciled,
+        },
+        "final_stage": final["name"],
+        "seconds": round(seconds, 3),
+    }
+
+
+def load_manifest(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise RunStateError(f"{run_dir}: no {MANIFEST_FILE}; is this a run directory written by `curate run`?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RunStateError(f"{path}: not valid JSON (line {error.lineno}); rerun `curate run` to rewrite it") from None
+
+
+def run_single_stage(
+    stage_type: str,
+    config: dict | None,
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    input_format: str = "auto",
+    force: bool = False,
+    events: RunEvents | None = None,
+    seed: int = 0,
+) -> RunResult:
+    """Ingest `inputs` (raw files, or a stage's canonical data.parquet) and run one stage on them into
+    `out_dir`: what the standalone verbs (`curate dedup`, `curate filter`, ...) do."""
+    pipeline = {
+        "name": stage_type.replace(":", "_").replace(".", "_"),
+        "seed": seed,
+        "inputs": [{"path": str(Path(p).resolve()), "format": input_format} for p in inputs],
+        "stages": [{"name": stage_type.split(":")[-1].replace(".", "_"), "type": stage_type, "config": config or {}}],
+    }
+    return run_pipeline(pipeline, run_dir=out_dir, force=force, events=events, base_dir=Path.cwd())
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove a run directory (used by `curate run --clean`)."""
+    if (run_dir / MANIFEST_FILE).exists() or (run_dir / INGEST_STAGE).exists():
+        shutil.rmtree(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise RunStateError(f"{run_dir}: not a run directory; refusing to delete it")

@@ -1,0 +1,166 @@
+"""The stage interface every pipeline step implements, and the registry the runner resolves types in.
+
+A stage is a pure function over the canonical LazyFrame with a typed (pydantic) config:
+
+    @register_stage("dedup", config=DedupConfig, version="1")
+    def dedup_stage(frame: pl.LazyFrame, config: DedupConfig, ctx: StageContext) -> StageOutput: ...
+
+It returns the rows that flow on (`kept`), the rows it removed (`dropped`, the canonical columns plus
+`stage` and `reason`, optionally `reasons` and detail columns), and a JSON-able `report` for the
+manifest. Stages do not print and do not read the pipeline's files: the runner does I/O, progress,
+timing, accounting and caching around them. A stage that needs persistent artifacts (a dedup index)
+or exports (split datasets) gets its own folder in `ctx.stage_dir`.
+
+Registration is discovery-based: every module in the `curate.stages` package is imported on first
+lookup, so a new stage plugs into the same YAML without touching the runner. A YAML `type` of the form
+`some.module:name` imports `some.module` first, for plugins that live outside this package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict
+
+from curate.errors import ConfigError
+
+
+class StageConfig(BaseModel):
+    """Base for stage configs: unknown keys are an error (a typo must not silently do nothing)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class StageContext:
+    name: str  # the stage's unique name in the pipeline
+    run_dir: Path
+    stage_dir: Path  # run_dir / name; the stage may keep artifacts here
+    pipeline_dir: Path  # relative paths in a stage config resolve against this
+    seed: int = 0
+    progress: Callable[[str], None] = lambda message: None  # short status lines for the live display
+
+    def resolve(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else (self.pipeline_dir / path)
+
+
+@dataclass
+class StageOutput:
+    kept: pl.LazyFrame
+    dropped: pl.LazyFrame | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class StageFunction(Protocol):
+    def __call__(self, frame: pl.LazyFrame, config: Any, ctx: StageContext) -> StageOutput: ...
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    type_name: str
+    run: StageFunction
+    config_model: type[StageConfig]
+    version: str = "1"  # bump when the stage's logic changes, so cached outputs are recomputed
+    # Files (beyond the input frame) whose contents change the output, e.g. evaluation sets.
+    extra_inputs: Callable[[Any, StageContext], list[Path]] | None = None
+    # Runs after the stage's data is written (e.g. split datasets into sft/ and pref/): receives the
+    # kept rows as written, returns a JSON-able dict merged into the stage's report.
+    export: Callable[[pl.LazyFrame, Any, StageContext], dict[str, Any]] | None = None
+    # Stages whose result depends on outside state (an annotation server) rerun every time.
+    volatile: bool = False
+    # Stages that may emit more rows than they receive (mixing with upsampling, annotator pairs).
+    may_add_rows: bool = False
+    description: str = ""
+
+
+_REGISTRY: dict[str, StageSpec] = {}
+_DISCOVERED = False
+
+
+def register_stage(
+    type_name: str,
+    *,
+    config: type[StageConfig],
+    version: str = "1",
+    extra_inputs=None,
+    export=None,
+    volatile: bool = False,
+    may_add_rows: bool = False,
+):
+    """Decorator registering a stage function under `type_name` (the YAML `type`)."""
+
+    def decorate(function: StageFunction) -> StageFunction:
+        if type_name in _REGISTRY and _REGISTRY[type_name].run is not function:
+            raise RuntimeError(f"stage type {type_name!r} registered twice")
+        _REGISTRY[type_name] = StageSpec(
+            type_name=type_name,
+            run=function,
+            config_model=config,
+            version=version,
+            extra_inputs=extra_inputs,
+            export=export,
+            volatile=volatile,
+            may_add_rows=may_add_rows,
+            description=(function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else "",
+        )
+        return function
+
+    return decorate
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    import curate.stages as package
+
+    for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+    _DISCOVERED = True
+
+
+def get_stage(type_name: str) -> StageSpec:
+    _discover()
+    if ":" in type_name and type_name not in _REGISTRY:
+        module_name = type_name.split(":", 1)[0]
+        try:
+            importlib.import_module(module_name)
+        except ImportError as error:
+            raise ConfigError(f"stage type {type_name!r}: cannot import {module_name!r} ({error})") from None
+    try:
+        return _REGISTRY[type_name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown stage type {type_name!r}; known types: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def registered_stages() -> dict[str, StageSpec]:
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def parse_stage_config(spec: StageSpec, raw: dict | None, where: str) -> StageConfig:
+    """Validate a stage's YAML config into its typed model; errors become one line naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return spec.config_model.model_validate(raw or {})
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = ".".join(str(part) for part in first["loc"]) or "(config)"
+        raise ConfigError(f"{where}: config.{location}: {first['msg']}") from None
+
+
+def drop_rows(frame: pl.LazyFrame, stage: str, reason: str | pl.Expr, **details: pl.Expr) -> pl.LazyFrame:
+    """Label removed rows with the stage and reason columns every dropped table carries."""
+    reason_expr = reason if isinstance(reason, pl.Expr) else pl.lit(reason)
+    return frame.with_columns(
+        pl.lit(stage).alias("stage"), reason_expr.cast(pl.String).alias("reason"), **details
+    )

@@ -1,0 +1,1 @@
+"""train: a thin LoRA trainer (SFT and DPO) on curated splits."""
