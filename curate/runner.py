@@ -503,7 +503,7 @@ def run_single_stage(
     pipeline = {
         "name": stage_type.replace(":", "_").replace(".", "_"),
         "seed": seed,
-        "inputs": [{"path": str(Path(p).resolve()), "format": input_format} for p in inputs],
+        "inputs": [{"path": str(p), "format": input_format} for p in inputs],
         "stages": [{"name": stage_type.split(":")[-1].replace(".", "_"), "type": stage_type, "config": config or {}}],
     }
     return run_pipeline(pipeline, run_dir=out_dir, force=force, events=events, base_dir=Path.cwd())

@@ -127,14 +127,15 @@ def _discover() -> None:
 
 def get_stage(type_name: str) -> StageSpec:
     _discover()
-    if ":" in type_name and type_name not in _REGISTRY:
-        module_name = type_name.split(":", 1)[0]
+    lookup = type_name
+    if ":" in type_name:
+        module_name, lookup = type_name.split(":", 1)
         try:
             importlib.import_module(module_name)
         except ImportError as error:
             raise ConfigError(f"stage type {type_name!r}: cannot import {module_name!r} ({error})") from None
     try:
-        return _REGISTRY[type_name]
+        return _REGISTRY[lookup]
     except KeyError:
         raise ConfigError(
             f"unknown stage type {type_name!r}; known types: {', '.join(sorted(_REGISTRY))}"

@@ -41,7 +41,8 @@ def handle(args) -> int:
         columns[role.strip()] = name.strip()
     pipeline = {
         "name": "ingest",
-        "inputs": [{"path": str(Path(p).resolve()) if Path(p).exists() else p, "format": args.format, "columns": columns} for p in args.inputs],
+        # Paths stay as typed: `source.file` is then relative to where the command runs.
+        "inputs": [{"path": p, "format": args.format, "columns": columns} for p in args.inputs],
         "ingest": {"max_row_bytes": args.max_row_bytes},
         "stages": [],
     }
