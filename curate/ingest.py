@@ -396,6 +396,19 @@ def _messages_problems(column: str, expect: str) -> list[tuple[str, pl.Expr, pl.
     ]
 
 
+def _nested_missing(column: str) -> tuple[pl.Expr, pl.Expr]:
+    """(has a message with a null role/content, 'column[i].role|content' of the first such message)."""
+    messages = pl.col(column)
+    null_at = messages.list.eval(
+        pl.element().struct.field("role").is_null() | pl.element().struct.field("content").is_null()
+    )
+    index = null_at.list.arg_max()
+    role_missing = messages.list.get(index, null_on_oob=True).struct.field("role").is_null()
+    which = pl.when(role_missing).then(pl.lit("role")).otherwise(pl.lit("content"))
+    has = null_at.list.any().fill_null(False)
+    return has, pl.when(has).then(pl.format(f"{column}[{{}}].{{}}", index, which))
+
+
 def _role_details(column: str) -> pl.Expr:
     return pl.col(column).list.eval(pl.element().struct.field("role").fill_null("?")).list.join(",")
 
@@ -470,6 +483,17 @@ def decode_chunk(
         *[pl.when(ok_so_far).then(expr).otherwise(pl.lit(None, dtype=expr_dtype(name))).alias(name)
           for name, expr in content.items()]
     )  # fmt: skip
+    # A message without a role or content key decodes to nulls: name it before normalization turns
+    # unknown roles into nulls too.
+    if plan.format != "transcript":
+        nested = [_nested_missing(name) for name in ("messages", "prompt", "chosen", "rejected") if name in content]
+        nested_field = pl.coalesce([field_name for _, field_name in nested])
+        frame = frame.with_columns(
+            pl.when(ok_so_far & nested_field.is_not_null()).then(pl.lit("missing_field")).otherwise(pl.col("__pre_reason")).alias("__pre_reason"),
+            pl.when(ok_so_far & nested_field.is_not_null()).then(nested_field).otherwise(pl.col("__pre_field")).alias("__pre_field"),
+            pl.when(ok_so_far & nested_field.is_not_null()).then(pl.lit("message has no role or content")).otherwise(pl.col("__pre_detail")).alias("__pre_detail"),
+        )
+        ok_so_far = pl.col("__pre_reason").is_null()
     frame = frame.with_columns(
         normalize_messages(pl.col(name)).alias(name)
         for name in ("messages", "prompt", "chosen", "rejected", "__rejected_prompt")

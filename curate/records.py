@@ -11,17 +11,14 @@ import polars_hash as plh
 
 from schemas import CANONICAL_SCHEMA, MESSAGES_DTYPE, SOURCE_DTYPE
 
+# The role spellings of the common raw formats (ShareGPT's human/gpt, bots' "bot"); anything else is
+# an unknown role and quarantined rather than guessed.
 ROLE_ALIASES: dict[str, str] = {
     "user": "user",
     "human": "user",
-    "customer": "user",
-    "prompter": "user",
     "assistant": "assistant",
     "gpt": "assistant",
     "bot": "assistant",
-    "agent": "assistant",
-    "model": "assistant",
-    "chatgpt": "assistant",
     "system": "system",
 }
 

@@ -408,8 +408,10 @@ def run_pipeline(
     force: bool = False,
     events: RunEvents | None = None,
     base_dir: Path | None = None,
+    report: bool = True,
 ) -> RunResult:
-    """Execute a pipeline; returns the run directory and its manifest."""
+    """Execute a pipeline; returns the run directory and its manifest (and writes report.html unless
+    `report` is False)."""
     if not isinstance(pipeline, Pipeline):
         pipeline = load_pipeline(pipeline, run_dir=run_dir, base_dir=base_dir)
     events = events or RunEvents()
@@ -423,7 +425,8 @@ def run_pipeline(
         records.append(record)
     manifest = build_manifest(pipeline, records, time.perf_counter() - started)
     write_json(pipeline.run_dir / MANIFEST_FILE, manifest)
-    _write_report(pipeline.run_dir)
+    if report:
+        _write_report(pipeline.run_dir)
     return RunResult(run_dir=pipeline.run_dir, manifest=manifest)
 
 
