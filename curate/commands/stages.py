@@ -20,7 +20,7 @@ def handle(args) -> int:
     table.add_column("what it does")
     for name, spec in registered_stages().items():
         fields = ", ".join(
-            f"{key}={field.default!r}" if not field.is_required() else f"{key} (required)"
+            f"{key}={field.get_default(call_default_factory=True)!r}" if not field.is_required() else f"{key} (required)"
             for key, field in spec.config_model.model_fields.items()
         )
         table.add_row(name, fields, spec.description)
