@@ -1,0 +1,537 @@
+"""Leak-free train/validation/test assignment and the dataset folders the trainer reads.
+
+Rows are assigned per *cluster*, never per row: the cluster key is the dedup stage's `dup_cluster`
+(falling back to `id`, which exact duplicates share), so near-duplicates always land in the same split.
+A cluster's split is a pure function of its key and the seed (sha256 of both, read as a number in
+[0, 1) and compared with the cumulative fractions), so adding data never moves an existing cluster.
+With stratification the clusters of each stratum are instead ordered by that hash and cut at the
+fractions by row count, which keeps small strata represented in every split.
+
+Exports: `sft/` and `pref/` under the output folder, each with `<split>-00000-of-0000N.parquet` shards
+(TRL columns plus `source` and `dup_cluster`) and a dataset card, loadable with
+`datasets.load_dataset("parquet", data_files=...)`; optionally a `save_to_disk` copy in `hf_dataset/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import polars_hash  # noqa: F401  (registers the .chash namespace)
+from pydantic import Field, model_validator
+
+from curate.atomic import atomic_dir
+from curate.errors import ConfigError, RunStateError
+from curate.stage import StageConfig
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+KIND_FOLDERS: dict[str, str] = {"sft": "sft", "preference": "pref"}
+# Columns of each exported dataset, in order (TRL's conversational formats plus provenance).
+EXPORT_COLUMNS: dict[str, list[str]] = {
+    "sft": ["id", "messages", "source", "dup_cluster"],
+    "preference": ["id", "prompt", "chosen", "rejected", "source", "dup_cluster"],
+}
+_HASH_HEX = 13  # 52 bits: exactly representable in a float64, so the fraction is exact and stable
+_CLUSTER = "__cluster"
+_PRIOR = "__prior_split"
+
+
+class SplitConfig(StageConfig):
+    train: float = Field(0.9, ge=0, le=1, description="Fraction of rows (by cluster) for training.")
+    validation: float = Field(0.05, ge=0, le=1)
+    test: float = Field(0.05, ge=0, le=1)
+    seed: int | None = Field(None, description="Overrides the pipeline seed for the assignment hash.")
+    cluster_column: str = Field("dup_cluster", description="Near-duplicate cluster id column; `id` if absent.")
+    stratify_by: str | None = Field(
+        None, description="`source` (the source file) or a column name (e.g. a label); balances every stratum."
+    )
+    min_validation_rows: int = Field(0, ge=0, description="Per dataset (sft, pref); whole clusters move from train.")
+    min_test_rows: int = Field(0, ge=0)
+    previous_splits: str | None = Field(
+        None, description="A folder holding earlier sft/ and pref/ splits: their rows and clusters keep their split."
+    )
+    include_previous: bool = Field(
+        True, description="With previous_splits: exported datasets also hold earlier rows absent from this input."
+    )
+    max_shard_rows: int = Field(100_000, ge=1)
+    save_to_disk: bool = Field(False, description="Also write datasets.save_to_disk copies in <folder>/hf_dataset.")
+    license: str = Field("unknown", description="License field of the dataset card.")
+    extra_columns: list[str] = Field(default_factory=list, description="More columns to carry into the exports.")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self):
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + test must be 1, got {total:g}")
+        return self
+
+
+def sha256_hex(text: pl.Expr) -> pl.Expr:
+    """sha256 hex digest of a string expression (polars_hash's Rust implementation)."""
+    return text.chash.sha2_256()
+
+
+def hash_fraction(*parts: pl.Expr) -> pl.Expr:
+    """A number in [0, 1) from sha256 of the parts joined by a separator: stable across Polars versions
+    and machines (unlike `Expr.hash`)."""
+    key = pl.concat_str([part.cast(pl.String).fill_null("") for part in parts], separator="\x1f")
+    return sha256_hex(key).str.slice(0, _HASH_HEX).str.to_integer(base=16).cast(pl.Float64) / float(16**_HASH_HEX)
+
+
+def cluster_key(frame_columns: list[str], cluster_column: str) -> pl.Expr:
+    """The key rows are grouped by: the dedup cluster where known, else the content id."""
+    if cluster_column in frame_columns:
+        return pl.coalesce(pl.col(cluster_column).cast(pl.String), pl.col("id"))
+    return pl.col("id")
+
+
+def read_previous_splits(folder: Path) -> pl.DataFrame:
+    """Rows of earlier exports: `id`, `dup_cluster` (string, may be null) and `split`, plus `kind`."""
+    frames = []
+    for kind, sub in KIND_FOLDERS.items():
+        for split in SPLITS:
+            for path in sorted((folder / sub).glob(f"{split}-*.parquet")):
+                shard = pl.read_parquet(path)
+                cluster = (
+                    pl.col("dup_cluster").cast(pl.String) if "dup_cluster" in shard.columns else pl.lit(None, pl.String)
+                )
+                frames.append(
+                    shard.select(
+                        pl.col("id"), cluster.alias("dup_cluster"), pl.lit(split).alias("split"), pl.lit(kind).alias("kind")
+                    )
+                )
+    if not frames:
+        raise RunStateError(f"{folder}: previous_splits holds no sft/ or pref/ <split>-*.parquet shards")
+    return pl.concat(frames)
+
+
+def _split_order(split: pl.Expr) -> pl.Expr:
+    return split.replace_strict({name: index for index, name in enumerate(SPLITS)}, return_dtype=pl.Int32)
+
+
+def _prior_cluster_splits(rows: pl.DataFrame, previous: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Per-row prior split (by id) and per-cluster prior split (majority of earlier rows in the cluster,
+    by id or by the earlier cluster label; ties go to the earlier split in train/validation/test)."""
+    by_id = (
+        previous.sort(_split_order(pl.col("split")), maintain_order=True)
+        .unique("id", keep="first", maintain_order=True)
+        .select("id", pl.col("split").alias(_PRIOR))
+    )
+    via_id = rows.join(by_id, on="id", how="inner").group_by(_CLUSTER, _PRIOR).agg(pl.len().alias("n"))
+    labels = previous.drop_nulls("dup_cluster").group_by("dup_cluster", "split").agg(pl.len().alias("n"))
+    current_clusters = rows.select(_CLUSTER).unique()
+    via_label = current_clusters.join(labels, left_on=_CLUSTER, right_on="dup_cluster", how="inner").select(
+        _CLUSTER, pl.col("split").alias(_PRIOR), "n"
+    )
+    votes = pl.concat([via_id, via_label]).group_by(_CLUSTER, _PRIOR).agg(pl.col("n").sum())
+    conflicts = votes.group_by(_CLUSTER).len().filter(pl.col("len") > 1).height
+    cluster_prior = (
+        votes.sort([pl.col("n"), _split_order(pl.col(_PRIOR))], descending=[True, False])
+        .unique(_CLUSTER, keep="first", maintain_order=True)
+        .select(_CLUSTER, pl.col(_PRIOR).alias("__cluster_prior"))
+    )
+    return by_id, cluster_prior, conflicts
+
+
+def assign_splits(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Add a `split` column to every row (nothing dropped); returns the frame and a report."""
+    rows, report = split_assignment(frame, config, seed)
+    return rows.collect(), report
+
+
+def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tuple[pl.LazyFrame, dict[str, Any]]:
+    """The lazy form of :func:`assign_splits`: only the key columns (id, kind, cluster, stratum) are
+    collected to decide the splits; the full rows are joined to the decision lazily."""
+    columns = frame.collect_schema().names()
+    if config.stratify_by not in (None, "source") and config.stratify_by not in columns:
+        raise ConfigError(f"split: stratify_by column {config.stratify_by!r} is not in the data")
+    stratum = (
+        pl.lit("")
+        if config.stratify_by is None
+        else pl.col("source").struct.field("file")
+        if config.stratify_by == "source"
+        else pl.col(config.stratify_by)
+    ).cast(pl.String).fill_null("")
+
+    rows = frame.select(
+        "id", "kind", cluster_key(columns, config.cluster_column).alias(_CLUSTER), stratum.alias("__stratum")
+    ).collect()
+
+    report: dict[str, Any] = {"seed": seed, "cluster_column": config.cluster_column if config.cluster_column in columns else "id"}
+    prior_row = None
+    if config.previous_splits:
+        previous = read_previous_splits(Path(config.previous_splits))
+        by_id, cluster_prior, conflicts = _prior_cluster_splits(rows.select("id", _CLUSTER), previous)
+        prior_row = by_id
+        report["previous"] = {"rows": previous.height, "cluster_conflicts": conflicts}
+    else:
+        cluster_prior = pl.DataFrame(schema={_CLUSTER: pl.String, "__cluster_prior": pl.String})
+
+    clusters = (
+        rows.group_by(_CLUSTER)
+        .agg(
+            (pl.col("kind") == "sft").sum().alias("n_sft"),
+            (pl.col("kind") == "preference").sum().alias("n_preference"),
+            pl.len().alias("n"),
+            pl.col("__stratum").min().alias("__stratum"),
+            pl.col("kind").min().alias("__kind"),
+        )
+        .with_columns(hash_fraction(pl.lit(str(seed)), pl.col(_CLUSTER)).alias("__u"))
+        .join(cluster_prior, on=_CLUSTER, how="left")
+        .sort(_CLUSTER)
+    )
+    fresh = pl.col("__cluster_prior").is_null()
+    bounds = (config.train, config.train + config.validation)
+
+    def by_threshold(fraction: pl.Expr) -> pl.Expr:
+        return (
+            pl.when(fraction < bounds[0])
+            .then(pl.lit("train"))
+            .when(fraction < bounds[1])
+            .then(pl.lit("validation"))
+            .otherwise(pl.lit("test"))
+        )
+
+    if config.stratify_by is None:
+        clusters = clusters.with_columns(by_threshold(pl.col("__u")).alias("__new"))
+    else:
+        # Within each (kind, stratum), clusters in hash order are cut at the fractions by row count:
+        # a cluster goes where the midpoint of its rows falls.
+        group = ["__kind", "__stratum"]
+        clusters = (
+            clusters.sort("__u", _CLUSTER)
+            .with_columns(
+                pl.when(fresh).then(pl.col("n")).otherwise(0).alias("__w"),
+            )
+            .with_columns(
+                ((pl.col("__w").cum_sum().over(group) - pl.col("__w") / 2) / pl.col("__w").sum().over(group)).alias(
+                    "__mid"
+                )
+            )
+            .with_columns(by_threshold(pl.col("__mid")).alias("__new"))
+            .drop("__w", "__mid")
+            .sort(_CLUSTER)
+        )
+    clusters = clusters.with_columns(pl.coalesce("__cluster_prior", "__new").alias("split"))
+
+    moved: dict[str, dict[str, int]] = {}
+    for target, minimum in (("validation", config.min_validation_rows), ("test", config.min_test_rows)):
+        if not minimum:
+            continue
+        for kind in KIND_FOLDERS:
+            count = f"n_{kind}"
+            have = clusters.filter(pl.col("split") == target)[count].sum()
+            deficit = minimum - have
+            if deficit <= 0:
+                continue
+            candidates = (
+                clusters.filter((pl.col("split") == "train") & fresh & (pl.col(count) > 0))
+                .sort("__u", _CLUSTER)
+                .filter(pl.col(count).cum_sum() - pl.col(count) < deficit)
+                .select(_CLUSTER)
+            )
+            clusters = clusters.with_columns(
+                pl.when(pl.col(_CLUSTER).is_in(candidates[_CLUSTER].implode()))
+                .then(pl.lit(target))
+                .otherwise(pl.col("split"))
+                .alias("split")
+            )
+            moved.setdefault(target, {})[kind] = candidates.height
+
+    decision = clusters.select(_CLUSTER, "split")
+
+    def with_split(table):
+        lazy = isinstance(table, pl.LazyFrame)
+        joined = table.join(decision.lazy() if lazy else decision, on=_CLUSTER, how="left", maintain_order="left")
+        if prior_row is not None:
+            # An earlier row keeps its own split even where its cluster has since merged with another.
+            prior = prior_row.lazy() if lazy else prior_row
+            joined = joined.join(prior, on="id", how="left", maintain_order="left").with_columns(
+                pl.coalesce(_PRIOR, "split").alias("split")
+            ).drop(_PRIOR)
+        return joined.drop(_CLUSTER)
+
+    # A `split` column from an earlier split stage is replaced, not duplicated.
+    result = with_split(
+        frame.drop("split", strict=False).with_columns(cluster_key(columns, config.cluster_column).alias(_CLUSTER))
+    )
+    if prior_row is not None:
+        report["previous"]["rows_matched"] = int(rows.join(prior_row, on="id", how="semi").height)
+        report["previous"]["new_clusters"] = int(clusters.filter(fresh).height)
+
+    counts = with_split(rows).group_by("kind", "split").len()
+    report["clusters"] = clusters.height
+    report["counts"] = {
+        KIND_FOLDERS[kind]: {
+            split: int(counts.filter((pl.col("kind") == kind) & (pl.col("split") == split))["len"].sum())
+            for split in SPLITS
+        }
+        for kind in KIND_FOLDERS
+    }
+    if moved:
+        report["clusters_moved_for_minimum"] = moved
+    return result, report
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_frame(rows: pl.DataFrame, kind: str, cluster_column: str, extra_columns: list[str]) -> pl.DataFrame:
+    """Project rows of one kind onto the exported columns (dup_cluster as a string, id if unknown)."""
+    subset = rows.filter(pl.col("kind") == kind)
+    cluster = cluster_key(subset.columns, cluster_column).alias("dup_cluster")
+    missing = [column for column in extra_columns if column not in subset.columns]
+    if missing:
+        raise ConfigError(f"split: extra_columns {missing} are not in the data")
+    return subset.select(*[c for c in EXPORT_COLUMNS[kind] if c != "dup_cluster"], cluster, *extra_columns, "split")
+
+
+def _previous_rows(folder: Path, kind: str) -> pl.DataFrame | None:
+    return read_exported(folder / KIND_FOLDERS[kind])
+
+
+def _source_key(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.select(
+        "id",
+        pl.col("source").struct.field("file").alias("__file"),
+        pl.col("source").struct.field("row").alias("__row"),
+    )
+
+
+def shard_name(split: str, index: int, total: int) -> str:
+    return f"{split}-{index:05d}-of-{total:05d}.parquet"
+
+
+def write_split_folder(folder: Path, data: pl.DataFrame, max_shard_rows: int, save_to_disk: bool, card: str) -> list[str]:
+    """Write one dataset folder atomically: shards per split, the card, and optionally a save_to_disk
+    copy. An empty split gets no shard (`datasets` cannot load an empty Parquet split); returns the
+    splits written."""
+    written = []
+    with atomic_dir(folder) as tmp:
+        for split in SPLITS:
+            part = data.filter(pl.col("split") == split).drop("split")
+            if part.is_empty():
+                continue
+            written.append(split)
+            total = -(-part.height // max_shard_rows)
+            for index in range(total):
+                shard = part.slice(index * max_shard_rows, max_shard_rows)
+                shard.write_parquet(tmp / shard_name(split, index, total), compression="zstd", statistics=True)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if save_to_disk and written:
+            import datasets
+
+            dataset_dict = datasets.DatasetDict(
+                {split: datasets.Dataset(data.filter(pl.col("split") == split).drop("split").to_arrow()) for split in written}
+            )
+            dataset_dict.save_to_disk(str(tmp / "hf_dataset"))
+    return written
+
+
+def _config_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dataset_card(
+    kind: str,
+    data: pl.DataFrame,
+    config: SplitConfig,
+    seed: int,
+    manifest: dict[str, Any] | None,
+    stage_name: str,
+) -> str:
+    """README.md for one exported folder: HF front matter (license, configs), counts, sources, the
+    stages applied with their configs (filters and thresholds), and config hashes."""
+    counts = {split: int(data.filter(pl.col("split") == split).height) for split in SPLITS}
+    sources = (
+        data.group_by(pl.col("source").struct.field("file").alias("file"), "split")
+        .len()
+        .pivot(on="split", index="file", values="len")
+        .fill_null(0)
+        .sort("file")
+    )
+    lines = [
+        "---",
+        f"license: {json.dumps(config.license)}",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+    ]
+    for split in SPLITS:
+        if counts[split]:  # empty splits have no shards
+            lines += [f"  - split: {split}", f"    path: {split}-*.parquet"]
+    lines += ["---", "", f"# {KIND_FOLDERS[kind]} dataset", ""]
+    fmt = "chat messages (`messages`)" if kind == "sft" else "preference pairs (`prompt`, `chosen`, `rejected`)"
+    lines += [
+        f"Conversational {fmt} in TRL's format, with `id`, `source` and `dup_cluster` (near-duplicate",
+        "cluster; every cluster lies in exactly one split).",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        'ds = load_dataset("parquet", data_files={'
+        + ", ".join(f'"{s}": "{KIND_FOLDERS[kind]}/{s}-*.parquet"' for s in SPLITS if counts[s])
+        + "})",
+        "```",
+        "",
+        "A split with no rows has no shard files (`datasets` cannot load an empty Parquet split).",
+        "",
+        "## Counts",
+        "",
+        "| split | rows |",
+        "|---|---|",
+    ]
+    lines += [f"| {split} | {counts[split]} |" for split in SPLITS]
+    lines += [f"| total | {sum(counts.values())} |", "", "## Sources", "", "| file | " + " | ".join(SPLITS) + " |"]
+    lines += ["|---|" + "---|" * len(SPLITS)]
+    for row in sources.iter_rows(named=True):
+        lines.append(f"| {row['file']} | " + " | ".join(str(row.get(split, 0) or 0) for split in SPLITS) + " |")
+    split_settings = config.model_dump(mode="json")
+    lines += [
+        "",
+        "## Split",
+        "",
+        f"- fractions: train {config.train:g}, validation {config.validation:g}, test {config.test:g}",
+        f"- seed: {seed}; assignment by sha256(seed, {config.cluster_column} or id)",
+        f"- stratified by: {config.stratify_by or 'none'}",
+        f"- minimum validation rows: {config.min_validation_rows}; minimum test rows: {config.min_test_rows}",
+        f"- previous splits: {config.previous_splits or 'none'}",
+        f"- license: {config.license}",
+        f"- split config hash: `{_config_hash(split_settings)}`",
+    ]
+    if manifest is None:
+        lines += [
+            "",
+            "## Pipeline",
+            "",
+            "Written when the split stage ran; `curate report` (run at the end of every `curate run`) rewrites",
+            "this card with the stages applied, their configs (filters and thresholds) and the pipeline hash.",
+        ]
+    else:
+        lines += pipeline_card_lines(manifest, stage_name)
+    return "\n".join(lines) + "\n"
+
+
+def _stage_configs(manifest: dict[str, Any]) -> dict[str, dict]:
+    pipeline = manifest.get("pipeline") if isinstance(manifest.get("pipeline"), dict) else {}
+    config = pipeline.get("config") if isinstance(pipeline.get("config"), dict) else {}
+    return {
+        str(stage.get("name")): stage for stage in config.get("stages") or [] if isinstance(stage, dict)
+    }
+
+
+def pipeline_card_lines(manifest: dict[str, Any], stage_name: str) -> list[str]:
+    """The card's pipeline section: config hash, then each stage up to the split with rows and config."""
+    pipeline = manifest.get("pipeline") if isinstance(manifest.get("pipeline"), dict) else {}
+    lines = ["", "## Pipeline", ""]
+    if pipeline.get("name"):
+        lines.append(f"- pipeline: {pipeline['name']}")
+    if pipeline.get("config_hash"):
+        lines.append(f"- pipeline config hash: `{pipeline['config_hash']}`")
+    configs = _stage_configs(manifest)
+    lines += ["", "### Stages applied", "", "| stage | type | rows in | kept | dropped | config |", "|---|---|---|---|---|---|"]
+    for stage in manifest.get("stages") or []:
+        if not isinstance(stage, dict):
+            continue
+        name = str(stage.get("name", ""))
+        config = (configs.get(name) or {}).get("config", {})
+        config_text = json.dumps(config, sort_keys=True, ensure_ascii=False).replace("|", "\\|")
+        dropped = stage.get("rows_dropped", 0) or 0
+        dropped += stage.get("rows_quarantined", 0) or 0
+        lines.append(
+            f"| {name} | {stage.get('type', '')} | {stage.get('rows_in', '')} | {stage.get('rows_out', '')} | {dropped} | `{config_text}` |"
+        )
+        if name == stage_name:
+            break
+    reasons = []
+    for stage in manifest.get("stages") or []:
+        if not isinstance(stage, dict):
+            continue
+        for reason, count in sorted((stage.get("dropped_by_reason") or {}).items()):
+            reasons.append(f"| {stage.get('name', '')} | {reason} | {count} |")
+        for reason, count in sorted((stage.get("quarantined_by_reason") or {}).items()):
+            reasons.append(f"| {stage.get('name', '')} | quarantined: {reason} | {count} |")
+        if stage.get("name") == stage_name:
+            break
+    if reasons:
+        lines += ["", "### Rows removed, by reason", "", "| stage | reason | rows |", "|---|---|---|", *reasons]
+    return lines
+
+
+def read_exported(folder: Path) -> pl.DataFrame | None:
+    """The rows of an exported folder, with `split` taken from the shard names."""
+    frames = [
+        pl.read_parquet(path).with_columns(pl.lit(split).alias("split"))
+        for split in SPLITS
+        for path in sorted(folder.glob(f"{split}-*.parquet"))
+    ]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+
+def refresh_dataset_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]:
+    """Rewrite sft/README.md and pref/README.md from the finished run's manifest (the split stage runs
+    before the manifest exists, so its cards cannot name the stages yet). Returns the cards written."""
+    from curate.atomic import write_text
+
+    split_stages = [s for s in manifest.get("stages") or [] if isinstance(s, dict) and s.get("type") == "split"]
+    if not split_stages:
+        return []
+    stage_name = str(split_stages[-1].get("name"))
+    raw_config = (_stage_configs(manifest).get(stage_name) or {}).get("config") or {}
+    try:
+        config = SplitConfig.model_validate(raw_config)
+    except ValueError:
+        return []
+    pipeline = manifest.get("pipeline") if isinstance(manifest.get("pipeline"), dict) else {}
+    pipeline_seed = (pipeline.get("config") or {}).get("seed", 0) if isinstance(pipeline.get("config"), dict) else 0
+    seed = config.seed if config.seed is not None else int(pipeline_seed or 0)
+    written = []
+    for kind, sub in KIND_FOLDERS.items():
+        data = read_exported(run_dir / sub)
+        if data is None or not (run_dir / sub / "README.md").exists():
+            continue
+        target = run_dir / sub / "README.md"
+        write_text(target, dataset_card(kind, data, config, seed, manifest, stage_name))
+        written.append(target)
+    return written
+
+
+def export_splits(
+    rows: pl.DataFrame,
+    out_dir: Path,
+    config: SplitConfig,
+    seed: int,
+    stage_name: str = "split",
+) -> dict[str, Any]:
+    """Write `out_dir/sft` and `out_dir/pref`; returns counts per folder and split."""
+    manifest = None  # the run's manifest is written after all stages: refresh_dataset_cards adds it
+    report: dict[str, Any] = {"folders": {}}
+    for kind, sub in KIND_FOLDERS.items():
+        data = export_frame(rows, kind, config.cluster_column, config.extra_columns)
+        carried = 0
+        if config.previous_splits and config.include_previous:
+            previous = _previous_rows(Path(config.previous_splits), kind)
+            if previous is not None and previous.height:
+                previous = previous.select([column for column in data.columns if column in previous.columns])
+                # Earlier rows that are not in this input (same id, file and row) are carried over as-is.
+                absent = (
+                    previous.with_columns(
+                        pl.col("source").struct.field("file").alias("__file"),
+                        pl.col("source").struct.field("row").alias("__row"),
+                    )
+                    .join(_source_key(data), on=["id", "__file", "__row"], how="anti", maintain_order="left")
+                    .drop("__file", "__row")
+                )
+                carried = absent.height
+                data = pl.concat([absent, data], how="diagonal_relaxed")
+        card = dataset_card(kind, data, config, seed, manifest, stage_name)
+        written = write_split_folder(out_dir / sub, data, config.max_shard_rows, config.save_to_disk, card)
+        report["folders"][sub] = {
+            "path": str(out_dir / sub),
+            "splits_written": written,
+            "counts": {split: int(data.filter(pl.col("split") == split).height) for split in SPLITS},
+            "carried_from_previous": carried,
+        }
+    return report

@@ -1,0 +1,43 @@
+"""Stage `split`: give every row a `split` (train / validation / test) by near-duplicate cluster, and
+export the `sft/` and `pref/` datasets into the run directory. Drops nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from curate.split import SplitConfig, export_splits, split_assignment
+from curate.stage import StageContext, StageOutput, register_stage
+
+
+def _seed(config: SplitConfig, ctx: StageContext) -> int:
+    return ctx.seed if config.seed is None else config.seed
+
+
+def _resolved(config: SplitConfig, ctx: StageContext) -> SplitConfig:
+    if config.previous_splits is None:
+        return config
+    return config.model_copy(update={"previous_splits": str(ctx.resolve(config.previous_splits))})
+
+
+def _previous_inputs(config: SplitConfig, ctx: StageContext) -> list[Path]:
+    """Earlier split shards change the assignment, so the runner fingerprints them."""
+    if config.previous_splits is None:
+        return []
+    folder = ctx.resolve(config.previous_splits)
+    return sorted(path for sub in ("sft", "pref") for path in (folder / sub).glob("*.parquet"))
+
+
+def _export(kept: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> dict[str, Any]:
+    ctx.progress("writing sft/ and pref/ datasets")
+    return export_splits(kept.collect(), ctx.run_dir, _resolved(config, ctx), _seed(config, ctx), stage_name=ctx.name)
+
+
+@register_stage("split", config=SplitConfig, version="1", extra_inputs=_previous_inputs, export=_export)
+def split_stage(frame: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> StageOutput:
+    """Assign train/validation/test by near-duplicate cluster (leak-free) and export sft/ and pref/."""
+    ctx.progress("assigning splits by cluster")
+    rows, report = split_assignment(frame, _resolved(config, ctx), _seed(config, ctx))
+    return StageOutput(kept=rows, dropped=None, report=report)
