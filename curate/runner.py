@@ -333,6 +333,10 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
     events.stage_started(entry.name, entry.type)
     cached = None if (force or entry.spec.volatile) else _load_success(stage_dir, fingerprint)
     if cached is not None:
+        if entry.spec.export is not None:
+            # Exports (split datasets) live outside the stage folder and may have been deleted or
+            # edited; rewriting them from the cached data is cheap and gives the same bytes.
+            entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet"), entry.config, ctx)
         cached = {**cached, "skipped": True}
         events.stage_finished(entry.name, cached)
         return cached
