@@ -48,5 +48,6 @@ if [ "$want_services" = 1 ]; then
       echo "setup: warning: ${missing[*]} missing and cannot apt-get here; tests needing them will say so" >&2
     fi
   fi
-  .venv/bin/curate label install-server
+  # Argilla's server in its own virtualenv (~100 s the first time; a marker file skips it after).
+  .venv/bin/python -c "from curate.label.server import ensure_server_venv; ensure_server_venv()"
 fi

@@ -1,0 +1,345 @@
+"""Launcher of a local Argilla for a small team on one machine: SQLite, Redis, the osmem search emulator.
+
+The server is a service with its own virtualenv (`.venv-argilla/` in the repo root, made on demand):
+argilla-server's dependencies (click < 8.2 among them) do not fit the main environment. Three processes,
+all bound to 127.0.0.1 and all recorded by pid in the server home so `stop` ends exactly what `start`
+started:
+
+- `redis-server` (Debian package; Argilla pings it at start-up and queues jobs in it),
+- `osmem-server`, the OpenSearch emulator binary shipped in the `osmem-server` wheel (in memory: the
+  index is rebuilt from the database whenever the emulator is started fresh),
+- `server_main.py` under the server venv: migrates the database, ensures the owner user, serves
+  `argilla_server:app` with uvicorn using the `osmem-opensearch` engine of `osmem_engine.py`.
+
+The owner's URL, username, password and API key are written to `<home>/owner.json` (mode 0600); the
+CLI prints that file's location, never the key. `curate label serve/stop` and the test fixture use
+this module alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from curate.atomic import write_json
+from curate.errors import ExternalServiceError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# In a checkout: beside the code (both git-ignored). Installed as a package: the user's cache.
+_BASE = REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.home() / ".cache" / "curate"
+DEFAULT_HOME = _BASE / ".argilla"
+DEFAULT_VENV = _BASE / ".venv-argilla"
+SERVER_REQUIREMENTS = ["argilla-server==2.8.0", "osmem-server==0.1.6"]
+ENGINE_NAME = "osmem-opensearch"
+OWNER_FILE = "owner.json"
+STATE_FILE = "server.json"
+HERE = Path(__file__).resolve().parent
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    url: str
+    home: Path
+    owner_file: Path  # URL, username, password and API key of the owner (mode 0600)
+
+    @property
+    def api_key(self) -> str:
+        return json.loads(self.owner_file.read_text())["api_key"]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def server_venv() -> Path:
+    return Path(os.environ.get("CURATE_ARGILLA_VENV", DEFAULT_VENV))
+
+
+def server_home(home: str | Path | None = None) -> Path:
+    return Path(home or os.environ.get("CURATE_ARGILLA_HOME") or DEFAULT_HOME).resolve()
+
+
+def ensure_server_venv(venv: Path | None = None, progress: Progress = _quiet) -> Path:
+    """Create the server's virtualenv and install argilla-server + osmem-server if not done yet.
+
+    A marker file written last tells a complete install from one interrupted half way."""
+    venv = Path(venv or server_venv())
+    marker = venv / ".curate-argilla-ready"
+    python = venv / "bin" / "python"
+    if marker.exists() and marker.read_text().split() == SERVER_REQUIREMENTS and python.exists():
+        return python
+    progress(f"creating the Argilla server environment in {venv} (first time: about 100 s)")
+    base_python = getattr(sys, "_base_executable", None) or shutil.which("python3") or sys.executable
+    commands = [
+        [base_python, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *SERVER_REQUIREMENTS],
+    ]
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+            raise ExternalServiceError(f"installing the Argilla server environment failed: {tail}")
+    marker.write_text(" ".join(SERVER_REQUIREMENTS) + "\n")
+    return python
+
+
+def ensure_redis(progress: Progress = _quiet) -> str:
+    """Path of `redis-server`; installs Debian's package when missing and we are root."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        progress("installing redis-server with apt-get")
+        install = ["apt-get", "install", "-y", "-qq", "redis-server"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(install, capture_output=True, env=env).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
+            subprocess.run(install, capture_output=True, env=env)
+        found = shutil.which("redis-server")
+        if found:
+            return found
+    raise ExternalServiceError("redis-server not found: install it (Debian: apt-get install -y redis-server)")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _pid_alive(pid: int | None, expect: str) -> bool:
+    """True when `pid` runs and its command line mentions `expect` (a recycled pid is not ours)."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except (OSError, IndexError):
+        status = "?"
+    return expect in cmdline and status != "Z"
+
+
+def _read_state(home: Path) -> dict:
+    try:
+        return json.loads((home / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _spawn(command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        # A new session: the service outlives the `curate label serve` that started it.
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _wait_port(port: int, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _port_open(port):
+            return
+        time.sleep(0.1)
+    raise ExternalServiceError(f"{what} did not start on port {port} within {timeout:.0f} s (log: {log})")
+
+
+def _start_redis(home: Path, state: dict, progress: Progress) -> None:
+    if _pid_alive(state.get("redis_pid"), "redis-server") and _port_open(state["redis_port"]):
+        return
+    binary = ensure_redis(progress)
+    port = free_port()
+    pidfile = home / "redis.pid"
+    pidfile.unlink(missing_ok=True)
+    log = home / "logs" / "redis.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--pidfile", str(pidfile),
+        "--dir", str(home), "--save", "", "--appendonly", "no", "--logfile", str(log),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ExternalServiceError(f"redis-server failed to start: {result.stderr.strip() or result.stdout.strip()}")
+    _wait_port(port, 20, "redis-server", log)
+    deadline = time.monotonic() + 5
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state.update(redis_port=port, redis_pid=int(pidfile.read_text().strip()))
+
+
+def _start_osmem(home: Path, python: Path, state: dict) -> bool:
+    """Start the search emulator; True when it was started fresh (its index is then empty)."""
+    if _pid_alive(state.get("osmem_pid"), "osmem-server") and _port_open(state["osmem_port"]):
+        return False
+    binary = subprocess.run(
+        [str(python), "-c", "import osmem_server; print(osmem_server.resolve_binary())"], capture_output=True, text=True
+    )
+    if binary.returncode != 0:
+        raise ExternalServiceError(f"osmem-server binary not found in {python.parent.parent}: {binary.stderr.strip()}")
+    port = free_port()
+    log = home / "logs" / "osmem.log"
+    process = _spawn([binary.stdout.strip(), "--addr", f"127.0.0.1:{port}", "--no-stdin-watch", "--no-ja"], log)
+    _wait_port(port, 30, "osmem-server", log)
+    state.update(osmem_port=port, osmem_pid=process.pid)
+    return True
+
+
+def _owner(home: Path) -> dict:
+    owner_file = home / OWNER_FILE
+    try:
+        return json.loads(owner_file.read_text())
+    except (OSError, ValueError):
+        owner = {
+            "username": "owner",
+            "password": secrets.token_urlsafe(12),
+            "api_key": "owner.apikey." + secrets.token_urlsafe(24),
+        }
+        write_json(owner_file, owner)
+        owner_file.chmod(0o600)
+        return owner
+
+
+def wait_ready(url: str, api_key: str, timeout: float = 120.0, process_pid: int | None = None, log: Path | None = None) -> None:
+    """Poll `/api/v1/me` with the API key until it answers 200 (`/api/v1/status` may answer 422)."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(f"{url}/api/v1/me", headers={"X-Argilla-Api-Key": api_key}, timeout=3)
+            if response.status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if process_pid is not None and not _pid_alive(process_pid, "server_main.py"):
+            raise ExternalServiceError(f"the Argilla server exited during start-up: {_log_tail(log)}")
+        time.sleep(0.25)
+    raise ExternalServiceError(f"the Argilla server at {url} was not ready within {timeout:.0f} s (log: {log})")
+
+
+def _log_tail(log: Path | None, lines: int = 3) -> str:
+    if log is None or not log.exists():
+        return "(no log)"
+    text = log.read_text(errors="replace").strip().splitlines()
+    return " | ".join(text[-lines:]) + f" (log: {log})"
+
+
+def start_server(
+    home: str | Path | None = None, port: int | None = None, timeout: float = 180.0, progress: Progress = _quiet
+) -> ServerInfo:
+    """Start (or find already running) the local Argilla in `home`; returns once it answers."""
+    home = server_home(home)
+    home.mkdir(parents=True, exist_ok=True)
+    state = _read_state(home)
+    owner = _owner(home)
+    if _pid_alive(state.get("argilla_pid"), "server_main.py") and _port_open(state.get("argilla_port", 0)):
+        url = f"http://127.0.0.1:{state['argilla_port']}"
+        wait_ready(url, owner["api_key"], timeout)
+        return ServerInfo(url=url, home=home, owner_file=home / OWNER_FILE)
+
+    python = ensure_server_venv(progress=progress)
+    progress("starting redis-server")
+    _start_redis(home, state, progress)
+    progress("starting the osmem search emulator")
+    fresh_index = _start_osmem(home, python, state)
+    write_json(home / STATE_FILE, state)
+
+    port = port or state.get("argilla_port") or free_port()
+    if _port_open(port):
+        raise ExternalServiceError(f"port {port} is already in use; choose another with --port")
+    env = {
+        **os.environ,
+        "ARGILLA_HOME_PATH": str(home),
+        "ARGILLA_DATABASE_URL": f"sqlite+aiosqlite:///{home / 'argilla.db'}",
+        "ARGILLA_ELASTICSEARCH": f"http://127.0.0.1:{state['osmem_port']}",
+        "ARGILLA_SEARCH_ENGINE": ENGINE_NAME,
+        "ARGILLA_REDIS_URL": f"redis://127.0.0.1:{state['redis_port']}/0",
+        "ARGILLA_ENABLE_TELEMETRY": "0",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "CURATE_ARGILLA_OWNER": owner["username"],
+        "CURATE_ARGILLA_OWNER_PASSWORD": owner["password"],
+        "CURATE_ARGILLA_OWNER_KEY": owner["api_key"],
+    }
+    env.pop("PYTHONPATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    command = [str(python), str(HERE / "server_main.py"), "--port", str(port)]
+    if fresh_index and (home / "argilla.db").exists():
+        command.append("--reindex")
+    progress(f"starting Argilla on port {port}")
+    log = home / "logs" / "argilla.log"
+    process = _spawn(command, log, env)
+    state.update(argilla_port=port, argilla_pid=process.pid)
+    write_json(home / STATE_FILE, state)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, owner["api_key"], timeout, process_pid=process.pid, log=log)
+    info = ServerInfo(url=url, home=home, owner_file=home / OWNER_FILE)
+    write_json(home / OWNER_FILE, {**owner, "url": url})
+    (home / OWNER_FILE).chmod(0o600)
+    return info
+
+
+def _terminate(pid: int | None, expect: str, grace: float = 10.0) -> bool:
+    if not _pid_alive(pid, expect):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _pid_alive(pid, expect):
+        time.sleep(0.05)
+    if _pid_alive(pid, expect):
+        os.kill(pid, signal.SIGKILL)
+        while _pid_alive(pid, expect):
+            time.sleep(0.05)
+    # Reap it when it is our own child (a test that started it in this process).
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return True
+
+
+def stop_server(home: str | Path | None = None, services: bool = True) -> list[str]:
+    """Stop what `start_server` started in `home` (only the Argilla process when services=False:
+    Redis and the search index then stay, as when only the web server is restarted)."""
+    home = server_home(home)
+    state = _read_state(home)
+    stopped = []
+    if _terminate(state.get("argilla_pid"), "server_main.py"):
+        stopped.append("argilla")
+    if services:
+        if _terminate(state.get("osmem_pid"), "osmem-server"):
+            stopped.append("osmem-server")
+        if _terminate(state.get("redis_pid"), "redis-server"):
+            stopped.append("redis-server")
+    return stopped
+
+
+def server_processes(home: str | Path | None = None) -> dict[str, bool]:
+    home = server_home(home)
+    state = _read_state(home)
+    return {
+        "argilla": _pid_alive(state.get("argilla_pid"), "server_main.py"),
+        "osmem-server": _pid_alive(state.get("osmem_pid"), "osmem-server"),
+        "redis-server": _pid_alive(state.get("redis_pid"), "redis-server"),
+    }
