@@ -1,0 +1,51 @@
+"""Sequence packing for training: planner (host), packing kernel (Triton + torch oracle), attention
+guard rails, packed loss, and packed DPO.
+
+Typical SFT use::
+
+    plan = plan_packing(lengths, max_seq_len=2048)
+    packing_canary(model)                       # once, at training start
+    for rows in plan.batches(rows_per_batch):
+        batch = pack_batch(tokens, target_mask, sample_offsets, rows, pad_id=tok.pad_token_id)
+        out = model(**batch.model_inputs(model.config._attn_implementation))
+        loss_sum, n = packed_causal_lm_loss(out.logits, batch.labels)
+"""
+
+from .attention import PackedAttentionError, check_packed_forward_kwargs, packed_forward, packing_canary
+from .dpo import (
+    DpoPackPlan,
+    PackedDpoBatch,
+    dpo_block_attention_mask,
+    dpo_mask_mod,
+    pack_dpo_batch,
+    packed_dpo_logps,
+    plan_dpo_packing,
+)
+from .kernel import IGNORE_INDEX, PackedBatch, pack_batch, pack_batch_reference, triton_available
+from .loss import packed_causal_lm_loss
+from .planner import PackingError, PackPlan, best_fit_decreasing, first_fit_python, plan_packing
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DpoPackPlan",
+    "PackPlan",
+    "PackedAttentionError",
+    "PackedBatch",
+    "PackedDpoBatch",
+    "PackingError",
+    "best_fit_decreasing",
+    "check_packed_forward_kwargs",
+    "dpo_block_attention_mask",
+    "dpo_mask_mod",
+    "first_fit_python",
+    "pack_batch",
+    "pack_batch_reference",
+    "pack_dpo_batch",
+    "packed_causal_lm_loss",
+    "packed_dpo_logps",
+    "packed_forward",
+    "packing_canary",
+    "plan_dpo_packing",
+    "plan_packing",
+    "triton_available",
+]
