@@ -1,0 +1,118 @@
+"""`curate dedup INPUT... --out DIR`: exact and MinHash near-dedup of raw files or a stage's output.
+
+Runs the `dedup` stage alone (ingest first, unless the input is already a canonical data.parquet) into
+a run directory: `DIR/dedup/data.parquet` (kept rows, with `dup_cluster`), `DIR/dedup/dropped.parquet`
+(reason, duplicate_of, jaccard_estimated, jaccard_verified), `DIR/dedup/index/` (the index a later run
+can dedup against with `--index`), and `DIR/manifest.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from curate.display import console, live_run_events, print_summary
+from curate.errors import ConfigError
+from curate.runner import run_single_stage
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "dedup",
+        help="remove exact and MinHash near duplicates (standalone dedup stage)",
+        description=__doc__,
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="raw files or a canonical data.parquet")
+    parser.add_argument("--out", type=Path, required=True, help="run directory to write")
+    parser.add_argument("--config", type=Path, help="YAML file with the dedup stage config (flags override it)")
+    parser.add_argument("--format", default="auto", help="input format (default: auto-detect)")
+    parser.add_argument("--index", dest="index_path", help="a saved dedup index folder to dedup against")
+    parser.add_argument("--threshold", type=float, help="Jaccard threshold for near duplicates (default 0.7)")
+    parser.add_argument("--num-perm", type=int, help="MinHash permutations (default 128)")
+    parser.add_argument("--bands", type=int, help="LSH bands (with --rows; default: optimal for threshold)")
+    parser.add_argument("--rows", type=int, help="LSH rows per band (with --bands)")
+    parser.add_argument("--shingle", choices=["char", "word"], help="shingle unit (default char)")
+    parser.add_argument("--ngram", type=int, help="shingle length in units (default 5)")
+    parser.add_argument("--hash", choices=["xxh32", "sha1"], help="shingle hash (default xxh32)")
+    parser.add_argument("--key", choices=["conversation", "prompt"], help="what is compared (default conversation)")
+    parser.add_argument(
+        "--keep", choices=["longest_response", "highest_score", "earliest_source"], help="which duplicate survives"
+    )
+    parser.add_argument("--score-column", help="column for --keep highest_score")
+    parser.add_argument("--no-exact", dest="exact", action="store_false", default=None, help="skip exact dedup")
+    parser.add_argument("--no-near", dest="near", action="store_false", default=None, help="skip near dedup")
+    parser.add_argument(
+        "--no-verify", dest="verify", action="store_false", default=None, help="trust MinHash estimates, skip exact Jaccard"
+    )
+    parser.add_argument("--force", action="store_true", help="recompute even if cached")
+    parser.add_argument("--quiet", action="store_true", help="no live display")
+    parser.set_defaults(handler=handle)
+
+
+FLAG_FIELDS = (
+    "index_path",
+    "threshold",
+    "num_perm",
+    "bands",
+    "rows",
+    "shingle",
+    "ngram",
+    "hash",
+    "key",
+    "keep",
+    "score_column",
+    "exact",
+    "near",
+    "verify",
+)
+
+
+def _load_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of dedup config fields, got {type(loaded).__name__}")
+    # Accept either the bare config or a stage entry ({type: dedup, config: {...}}).
+    if set(loaded) <= {"name", "type", "config"} and isinstance(loaded.get("config"), dict):
+        loaded = loaded["config"]
+    return dict(loaded)
+
+
+def handle(args) -> int:
+    config = _load_config(args.config)
+    for name in FLAG_FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            config[name] = value
+    if config.get("index_path"):
+        config["index_path"] = str(Path(config["index_path"]).expanduser().resolve())
+    with live_run_events(enabled=not args.quiet) as events:
+        result = run_single_stage("dedup", config, args.inputs, args.out, input_format=args.format, force=args.force, events=events)
+    print_summary(result.manifest)
+    stage = next((s for s in result.manifest["stages"] if s.get("type") == "dedup"), None)
+    report = (stage or {}).get("report") or {}
+    if report.get("largest_clusters"):
+        table = Table(title="largest duplicate clusters")
+        table.add_column("size", justify="right")
+        table.add_column("dup_cluster")
+        table.add_column("example")
+        for cluster in report["largest_clusters"]:
+            example = " ".join(cluster["example"].split())
+            table.add_row(str(cluster["size"]), cluster["dup_cluster"], example[:80])
+        console.print(table)
+    if report.get("index", {}).get("path"):
+        console.print(f"index: {report['index']['path']}")
+    return 0
