@@ -1,0 +1,168 @@
+"""The `train` command line: `train sft | dpo | eval | merge`, YAML config with flags on top.
+
+User errors (bad config, missing split, unloadable model) are one-line messages without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from train.errors import TrainError
+
+console = Console(highlight=False)
+error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Flags that are shortcuts for config keys (everything else: --set key.sub=value).
+SHORTCUTS = {
+    "model": "model.path",
+    "data": "data.split_dir",
+    "output_dir": "output_dir",
+    "max_steps": "optim.max_steps",
+    "lr": "optim.lr",
+    "max_seq_len": "data.max_seq_len",
+    "seed": "seed",
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (see configs/demo_sft.yaml)")
+    parser.add_argument("--model", help="base model: HF folder, .gguf file, or 'smollm2-135m-instruct'")
+    parser.add_argument("--data", help="split directory from `curate split` (train-*.parquet, validation-*.parquet)")
+    parser.add_argument("--output-dir", help="where checkpoints, adapter, metrics.jsonl and loss.png go")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps")
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--max-seq-len", type=int, help="packed row length in tokens")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. --set lora.r=8 (repeatable)")
+
+
+def _config_from_args(args):
+    from train.config import load_config, parse_override
+
+    overrides = {SHORTCUTS[name]: getattr(args, name) for name in SHORTCUTS if getattr(args, name, None) is not None}
+    for item in args.set:
+        key, value = parse_override(item)
+        overrides[key] = value
+    if args.config is None and ("model.path" not in overrides or "data.split_dir" not in overrides):
+        raise TrainError("give --config FILE, or at least --model and --data")
+    return load_config(args.config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train", description="Train LoRA adapters (SFT, DPO) on curated splits; evaluate and merge them.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mode, text in (("sft", "supervised fine-tuning on the sft/ split (loss on assistant tokens only)"), ("dpo", "DPO on the pref/ split (reference = base with the adapter disabled)")):
+        p = sub.add_parser(mode, help=text, description=f"Train a LoRA adapter: {text}. Resumes from the newest checkpoint in output_dir. Run data-parallel with `torchrun --nproc-per-node N -m train.cli {mode} ...`.")
+        _add_config_args(p)
+        p.add_argument("--no-resume", action="store_true", help="start over, deleting checkpoints in output_dir")
+        p.add_argument("--resume-from", help="resume from this checkpoint folder instead of the newest")
+        p.add_argument("--stop-at-step", type=int, help="checkpoint and stop at this step (the schedule still targets max_steps)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(handler=lambda a, m=mode: cmd_train(a, m))
+    p = sub.add_parser("eval", help="base vs adapter validation loss (and a general set), generated samples side by side", description="Compare the base model and the adapter on the validation split (and eval.general_set, to see forgetting), with a few generated samples side by side.")
+    _add_config_args(p)
+    p.add_argument("--adapter", help="adapter folder (default: <output_dir>/adapter)")
+    p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    p.set_defaults(handler=cmd_eval)
+    p = sub.add_parser("merge", help="merge the adapter into the base and write a safetensors model folder", description="Fold the LoRA adapter into the base weights; the output folder loads with AutoModelForCausalLM.from_pretrained.")
+    _add_config_args(p)
+    p.add_argument("--adapter", help="adapter folder (default: <output_dir>/adapter)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.set_defaults(handler=cmd_merge)
+    return parser
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def cmd_train(args, mode: str) -> int:
+    from train.loop import train
+
+    config = _config_from_args(args)
+    if args.no_progress:
+        config.progress = False
+    resume = "never" if args.no_resume else (args.resume_from or "auto")
+    result = train(config, mode=mode, resume=resume, stop_at_step=args.stop_at_step, console=console)
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    table = Table(title=f"train {mode}", show_header=False)
+    table.add_row("steps", str(result.steps) + (" (stopped early)" if result.stopped_early else ""))
+    if result.resumed_from is not None:
+        table.add_row("resumed from step", str(result.resumed_from))
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    if losses:
+        table.add_row("train loss first → last", f"{losses[0]:.4f} → {losses[-1]:.4f}")
+    for key, value in result.final.items():
+        table.add_row(key.replace("_", " "), _fmt(value))
+    if (result.steps >= config.optim.max_steps or result.stopped_early) and result.adapter_dir.is_dir():
+        table.add_row("adapter", str(result.adapter_dir))
+    table.add_row("metrics", str(result.output_dir / "metrics.jsonl"))
+    console.print(table)
+    if mode == "sft" and "base_loss" in result.final:
+        console.print(f"validation loss: base {result.final['base_loss']:.4f} → adapter {result.final['adapter_loss']:.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from train.evaluate import run_eval
+
+    config = _config_from_args(args)
+    adapter = Path(args.adapter or Path(config.output_dir) / "adapter")
+    result = run_eval(config, adapter, console)
+    table = Table(title="base vs adapter")
+    table.add_column("set")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for section in ("validation", "general"):
+        for key, value in (result.get(section) or {}).items():
+            table.add_row(section, key, _fmt(value))
+    console.print(table)
+    if result.get("samples"):
+        samples = Table(title="samples", show_lines=True)
+        for column in ("prompt", "base", "adapter"):
+            samples.add_column(column, overflow="fold")
+        for row in result["samples"]:
+            samples.add_row(row["prompt"], row["base"], row["adapter"])
+        console.print(samples)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from train.merge import merge_adapter
+
+    config = _config_from_args(args)
+    adapter = Path(args.adapter or Path(config.output_dir) / "adapter")
+    out = merge_adapter(config.model, adapter, args.out)
+    console.print(f"merged model written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except TrainError as error:
+        error_console.print(f"[bold red]error:[/] {error}")
+        return error.exit_code
+    except KeyboardInterrupt:
+        error_console.print("[bold red]interrupted[/] (rerun the same command to resume from the last checkpoint)")
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,211 @@
+"""Read a split directory from `curate split`, render each conversation with the model's chat
+template, tokenize in batch, and mark which tokens are training targets.
+
+A split directory holds `train-*.parquet` and `validation-*.parquet` with the canonical columns: SFT rows
+carry `messages`, preference rows carry `prompt`, `chosen`, `rejected`. Nothing else from curate/ is read.
+
+Targets are found without a template-specific parser: the text of assistant turn i spans from the end of
+`render(messages[:i], add_generation_prompt=True)` to the end of `render(messages[:i+1])`, so the
+template's own end-of-turn token (e.g. `<|im_end|>`) is learned and every prompt token is masked. A
+template that is not prefix-consistent (later turns rewrite earlier text) is reported, not guessed at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from train.errors import DataError
+
+SPLITS = ("train", "validation")
+
+
+def split_files(split_dir: str | Path, split: str) -> list[Path]:
+    split_dir = Path(split_dir)
+    if split_dir.is_file() and split_dir.suffix == ".parquet":
+        return [split_dir]
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: split directory not found (run `curate split` first)")
+    return sorted(split_dir.glob(f"{split}-*.parquet")) + sorted(split_dir.glob(f"{split}.parquet"))
+
+
+def read_split(split_dir: str | Path, split: str, columns: list[str], kind: str | None, limit: int | None = None) -> pl.DataFrame:
+    """Rows of one split with `columns`; `kind` ('sft'/'preference') keeps only that kind if a `kind` column exists."""
+    files = split_files(split_dir, split)
+    if not files:
+        if split == "train":
+            raise DataError(f"{split_dir}: no {split}-*.parquet files")
+        return pl.DataFrame({c: [] for c in columns})
+    frame = pl.scan_parquet(files)
+    names = frame.collect_schema().names()
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(f"{files[0]}: missing column(s) {missing}; expected canonical {kind or ''} records")
+    if kind is not None and "kind" in names:
+        frame = frame.filter(pl.col("kind") == kind)
+    frame = frame.select(columns)
+    if limit is not None:
+        frame = frame.head(limit)
+    return frame.collect()
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _as_messages(value) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _encode(tokenizer, texts: list[str]):
+    """Batch tokenization with the Rust `tokenizers` backend: ids and char offsets, no special tokens
+    added (the chat template already wrote them)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise DataError(f"tokenizer {type(tokenizer).__name__} has no fast (tokenizers) backend")
+    return backend.encode_batch(texts, add_special_tokens=False)
+
+
+@dataclass
+class SftData:
+    """All samples of one split, flat: `tokens`/`target_mask` concatenated, `offsets[i]` where sample i
+    starts, `lengths[i]` its token count."""
+
+    tokens: torch.Tensor
+    target_mask: torch.Tensor
+    offsets: torch.Tensor
+    lengths: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def labels_of(self, i: int) -> list[int]:
+        """The HF labels of sample i before packing: token id where a target, -100 elsewhere."""
+        a, n = int(self.offsets[i]), int(self.lengths[i])
+        ids, mask = self.tokens[a : a + n], self.target_mask[a : a + n]
+        return torch.where(mask, ids, torch.full_like(ids, -100)).tolist()
+
+
+def assistant_char_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character spans of its assistant turns."""
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise DataError(
+                f"{where}: the chat template is not prefix-consistent at turn {i}; cannot locate assistant tokens"
+            )
+        if len(through) > len(before):
+            spans.append((len(before), len(through)))
+    return full, spans
+
+
+def tokenize_sft(tokenizer, frame: pl.DataFrame, where: str = "data") -> SftData:
+    """Render + tokenize every `messages` conversation; target_mask is True only on assistant tokens."""
+    texts, span_starts, span_ends, span_conv = [], [], [], []
+    for i, messages in enumerate(frame.get_column("messages").to_list()):
+        if not messages:
+            raise DataError(f"{where}: row {i}: empty messages")
+        text, spans = assistant_char_spans(tokenizer, _as_messages(messages), f"{where}: row {i}")
+        texts.append(text)
+        for a, b in spans:
+            span_starts.append(a)
+            span_ends.append(b)
+            span_conv.append(i)
+    encodings = _encode(tokenizer, texts)
+    lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+    ids = np.fromiter((t for e in encodings for t in e.ids), np.int64, int(lengths.sum()))
+    tok_start = np.fromiter((o[0] for e in encodings for o in e.offsets), np.int64, int(lengths.sum()))
+    # Global character coordinates: conversation i's text starts at char_base[i]; a token is a target
+    # when its first character falls inside an assistant span (odd interval of the sorted boundaries).
+    char_len = np.fromiter((len(t) + 1 for t in texts), np.int64, len(texts))
+    char_base = np.concatenate([[0], np.cumsum(char_len)[:-1]])
+    tok_conv = np.repeat(np.arange(len(texts)), lengths)
+    global_start = char_base[tok_conv] + tok_start
+    conv = np.asarray(span_conv, np.int64)
+    bounds = np.stack(
+        [char_base[conv] + np.asarray(span_starts, np.int64), char_base[conv] + np.asarray(span_ends, np.int64)], 1
+    ).reshape(-1)
+    target = (np.searchsorted(bounds, global_start, side="right") % 2) == 1
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return SftData(
+        tokens=torch.from_numpy(ids),
+        target_mask=torch.from_numpy(target),
+        offsets=torch.from_numpy(offsets),
+        lengths=lengths,
+    )
+
+
+@dataclass
+class DpoData:
+    """Preference pairs, flat: prompt, chosen and rejected token runs all live in `tokens`."""
+
+    tokens: torch.Tensor
+    prompt_offsets: torch.Tensor
+    chosen_offsets: torch.Tensor
+    rejected_offsets: torch.Tensor
+    prompt_lens: np.ndarray
+    chosen_lens: np.ndarray
+    rejected_lens: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.prompt_lens.shape[0])
+
+
+def tokenize_dpo(tokenizer, frame: pl.DataFrame, where: str = "data") -> DpoData:
+    """Prompt rendered with the generation prompt; each response is the text the template adds for it."""
+    prompts, chosen, rejected = [], [], []
+    for i, (prompt, good, bad) in enumerate(
+        zip(frame.get_column("prompt").to_list(), frame.get_column("chosen").to_list(), frame.get_column("rejected").to_list())
+    ):
+        if not prompt or not good or not bad:
+            raise DataError(f"{where}: row {i}: preference rows need prompt, chosen and rejected")
+        p = _as_messages(prompt)
+        prompt_text = _render(tokenizer, p, add_generation_prompt=True)
+        responses = []
+        for response in (good, bad):
+            full = _render(tokenizer, p + _as_messages(response), add_generation_prompt=False)
+            if not full.startswith(prompt_text):
+                raise DataError(f"{where}: row {i}: the chat template is not prefix-consistent")
+            responses.append(full[len(prompt_text) :])
+        prompts.append(prompt_text)
+        chosen.append(responses[0])
+        rejected.append(responses[1])
+    n = len(prompts)
+    encodings = _encode(tokenizer, prompts + chosen + rejected)
+    lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+    ids = np.fromiter((t for e in encodings for t in e.ids), np.int64, int(lengths.sum()))
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return DpoData(
+        tokens=torch.from_numpy(ids),
+        prompt_offsets=torch.from_numpy(offsets[:n].copy()),
+        chosen_offsets=torch.from_numpy(offsets[n : 2 * n].copy()),
+        rejected_offsets=torch.from_numpy(offsets[2 * n :].copy()),
+        prompt_lens=lengths[:n].copy(),
+        chosen_lens=lengths[n : 2 * n].copy(),
+        rejected_lens=lengths[2 * n :].copy(),
+    )
+
+
+def load_sft_split(tokenizer, split_dir, split: str, limit: int | None = None) -> SftData | None:
+    frame = read_split(split_dir, split, ["messages"], "sft", limit)
+    if frame.height == 0:
+        return None
+    return tokenize_sft(tokenizer, frame, where=f"{split_dir}/{split}")
+
+
+def load_dpo_split(tokenizer, split_dir, split: str, limit: int | None = None) -> DpoData | None:
+    frame = read_split(split_dir, split, ["prompt", "chosen", "rejected"], "preference", limit)
+    if frame.height == 0:
+        return None
+    return tokenize_dpo(tokenizer, frame, where=f"{split_dir}/{split}")
