@@ -89,9 +89,11 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     dpo: DpoConfig = DpoConfig()
     progress: bool = True
-    threads: int | Literal["auto"] = Field(
-        "auto",
-        description="CPU threads for torch; 'auto' = cores not already busy (oversubscribed threads spin: 5-10x slower)",
+    threads: int | Literal["all", "auto"] = Field(
+        "all",
+        description="CPU threads for torch: 'all' cores (split between local DDP processes), a number, or 'auto' = "
+        "the cores not already busy, for shared machines where oversubscribed threads spin 5-10x slower. 'auto' "
+        "depends on the load at start, so results are only bit-reproducible with 'all' or a number.",
     )
 
 

@@ -191,7 +191,8 @@ def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False):
 
 
 def set_cpu_threads(threads, processes_per_machine: int = 1) -> int:
-    """Set torch's intra-op threads. 'auto' takes the cores that are not already busy (1-minute load
+    """Set torch's intra-op threads. 'all' takes every core (split between the processes of one
+    machine); 'auto' takes the cores that are not already busy (1-minute load
     average), split between the processes of one machine: on a shared box, OpenMP threads that
     compete for cores spin and run 5-10x slower than fewer threads that each own one."""
     import os
@@ -200,6 +201,8 @@ def set_cpu_threads(threads, processes_per_machine: int = 1) -> int:
     if threads == "auto":
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         threads = max(1, min(cores, cores - int(round(busy)))) // max(1, processes_per_machine)
+    elif threads == "all":
+        threads = cores // max(1, processes_per_machine)
     threads = max(1, int(threads))
     torch.set_num_threads(threads)
     return threads
