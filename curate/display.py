@@ -12,7 +12,7 @@ from rich.table import Table
 
 from curate.runner import RunEvents
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 @contextmanager
