@@ -1,0 +1,334 @@
+"""Benchmark: tag + filter (curate's Polars expressions, batch lingua, batch tokenizers) against a per-row
+Python implementation of the same heuristics, in the same run.
+
+Corpus: the canonical records of sample_data/raw (support conversations of every kind, with the planted
+junk) tiled to `--records` rows (≥ 200k by default). Tiling keeps the text distribution of the sample;
+the scores' cost does not depend on rows being distinct.
+
+Ours: `tag` stage (per-role Gopher/FineWeb scores, repetition, instruction checks, lingua language id
+in parallel batch, token counts with a `tokenizers` BPE in batch) then `filter` stage with default
+thresholds, timed end to end on the in-memory frame (no parquet I/O: that is the runner's, not the
+stage's, cost).
+
+Baseline: one Python function per row computing the same scores (str.split, re, Counter, lingua's
+single-text `compute_language_confidence_values`, `Tokenizer.encode` per text) and the same thresholds.
+It runs on a prefix of `--baseline-records` rows and its rate is extrapolated linearly to the full size
+(per-row cost is constant); the output says so. The keep/drop decisions of both are compared on that
+prefix (agreement printed) as a cross-check that the two compute the same thing.
+
+Each method runs in its own spawned process, so peak RSS (ru_maxrss) is its own.
+
+    .venv/bin/python bench/filters.py                          # 200k records, baseline on 20k
+    .venv/bin/python bench/filters.py --no-language --no-tokenizer   # the Polars heuristics alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import resource
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+
+REPO = Path(__file__).resolve().parent.parent
+LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "nl", "pl", "ru", "zh", "ja")
+
+
+def build_corpus(records: int) -> pl.DataFrame:
+    from curate.ingest import read_canonical
+
+    raw = sorted(p for p in (REPO / "sample_data" / "raw").iterdir() if not p.name.endswith(".csv"))
+    frame, _ = read_canonical(raw)
+    repeats = -(-records // frame.height)
+    return pl.concat([frame] * repeats).head(records)
+
+
+def train_tokenizer(path: Path, frame: pl.DataFrame) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = frame.head(3000).select(
+        pl.col("messages").list.eval(pl.element().struct.field("content")).list.join("\n")
+    ).to_series().drop_nulls().to_list()
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4000, special_tokens=["[UNK]"]))
+    tokenizer.save(str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- ours
+
+
+def run_ours(frame: pl.DataFrame, tokenizer: str, language: bool) -> dict:
+    from curate.stage import StageContext, get_stage
+
+    ctx = StageContext(name="bench", run_dir=Path("."), stage_dir=Path("."), pipeline_dir=Path("."))
+    tag, filt = get_stage("tag"), get_stage("filter")
+    tag_config = tag.config_model.model_validate(
+        {"tokenizer": tokenizer or None, "language": {"candidates": list(LANGUAGES)} if language else None}
+    )
+    filter_config = filt.config_model.model_validate({} if language else {"languages": None})
+    cpu_started = cpu_seconds()
+    started = time.perf_counter()
+    tagged = tag.run(frame.lazy(), tag_config, ctx).kept.collect()
+    tag_seconds = time.perf_counter() - started
+    output = filt.run(tagged.lazy(), filter_config, ctx)
+    kept = output.kept.collect()
+    dropped = output.dropped.collect()
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "tag_seconds": tag_seconds,
+        "kept": kept.height,
+        "dropped": dropped.height,
+        "decisions": dropped.select("id", pl.col("source").struct.field("row"), pl.col("source").struct.field("file"), "reason"),
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_seconds": cpu_seconds() - cpu_started,
+    }
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -------------------------------------------------------------------------------- per-row baseline
+
+STOP = re.compile(r"(?i)\b(?:the|be|to|of|and|that|have|with)\b")
+WORD = re.compile(r"[\w']+")
+TERMINAL = re.compile(r"(?:[.!?…)>\]}\"'”’*>`~]|[^\w\s\d.,;:!?])$")
+CODE = re.compile(r"(?:^\$ |^```|\s--?\w|\w\s?=\s?\S|::|[{};]$|\(\)$)")
+SIGN_OFF = re.compile(
+    r"(?i)(?:^|\n)[^\n]{0,20}\b(?:regards|best|thanks|thank you|many thanks|cheers|sincerely|warmly|take care|"
+    r"all the best|kind regards|best wishes)[,!.]?\n[^\n]{1,60}(?:\n[^\n]{1,60})?$"
+)
+
+
+def text_scores_py(text: str, prefix: str) -> dict:
+    words = text.split()
+    n = len(words)
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    ratio = lambda a, b: a / b if b else 0.0  # noqa: E731
+    return {
+        f"{prefix}_word_count": n,
+        f"{prefix}_mean_word_length": ratio(sum(len(w) for w in words), n),
+        f"{prefix}_symbol_word_ratio": ratio(text.count("#") + text.count("...") + text.count("…"), n),
+        f"{prefix}_non_alpha_word_ratio": ratio(sum(not any(c.isalpha() for c in w) for w in words), n),
+        f"{prefix}_stop_word_count": len(STOP.findall(text)),
+        f"{prefix}_line_count": len(lines),
+        f"{prefix}_bullet_line_ratio": ratio(sum(line[0] in "•‣-*·" for line in lines), len(lines)),
+        f"{prefix}_ellipsis_line_ratio": ratio(sum(line.endswith(("...", "…")) for line in lines), len(lines)),
+        f"{prefix}_dup_line_fraction": ratio(len(lines) - len(set(lines)), len(lines)),
+        f"{prefix}_dup_paragraph_fraction": ratio(len(paragraphs) - len(set(paragraphs)), len(paragraphs)),
+        f"{prefix}_line_punct_ratio": ratio(sum(line.endswith(tuple(".!?\"')”’…")) for line in lines), len(lines)),
+        f"{prefix}_short_line_ratio": ratio(sum(len(line) < 30 for line in lines), len(lines)),
+    }
+
+
+def repetition_py(text: str) -> dict:
+    words = text.split()
+    lowered = [w.lower() for w in words]
+    total = sum(len(w) for w in words)
+    scores = {}
+    for n in (2, 3, 4):
+        grams = [tuple(lowered[i : i + n]) for i in range(len(words) - n + 1)]
+        counts = Counter(grams)
+        best = 0
+        if counts:
+            top_count = max(counts.values())
+            if top_count >= 2:
+                best = top_count * max(sum(len(w) for w in g) for g, c in counts.items() if c == top_count)
+        scores[f"assistant_top_{n}gram_char_frac"] = best / total if total else 0.0
+    for n in range(5, 11):
+        seen, covered = set(), [False] * len(words)
+        for i in range(len(words) - n + 1):
+            gram = tuple(lowered[i : i + n])
+            if gram in seen:
+                for j in range(i, i + n):
+                    covered[j] = True
+            seen.add(gram)
+        chars = sum(len(w) for w, c in zip(words, covered) if c)
+        scores[f"assistant_dup_{n}gram_char_frac"] = chars / total if total else 0.0
+    return scores
+
+
+def row_decision_py(row: dict, phrases: list[str], detector, tokenizer, config) -> str | None:
+    if row["kind"] == "sft":
+        messages = row["messages"]
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        assistants = [m["content"] for m in messages if m["role"] == "assistant"]
+        roles = [m["role"] for m in messages]
+        non_system = [r for r in roles if r != "system"]
+        if any(r is None for r in roles):
+            structure = "unknown_role"
+        elif any(not m["content"] for m in messages):
+            structure = "empty_message"
+        elif "system" in roles[1:]:
+            structure = "system_not_first"
+        elif not non_system or non_system[0] != "user":
+            structure = "does_not_start_with_user"
+        elif any(a == b for a, b in zip(non_system, non_system[1:])):
+            structure = "roles_not_alternating"
+        elif non_system[-1] != "assistant":
+            structure = "does_not_end_with_assistant"
+        else:
+            structure = None
+        all_contents = [m["content"] for m in messages]
+    else:
+        users = [m["content"] for m in row["prompt"] if m["role"] == "user"]
+        assistants = [m["content"] for m in row["chosen"]]
+        structure = "chosen_equals_rejected" if row["chosen"][0]["content"] == row["rejected"][0]["content"] else None
+        all_contents = [m["content"] for m in row["prompt"] + row["chosen"] + row["rejected"]]
+    user_text, assistant_text = "\n\n".join(users), "\n\n".join(assistants)
+    last_user, last_assistant = (users or [""])[-1], (assistants or [""])[-1]
+    scores = {**text_scores_py(user_text, "user"), **text_scores_py(assistant_text, "assistant"), **repetition_py(assistant_text)}
+    u, a = set(WORD.findall(last_user.lower())), set(WORD.findall(last_assistant.lower()))
+    containment = len(u & a) / len(a) if a else 0.0
+    lowered = assistant_text.lower().replace("’", "'")
+    refusal = next((p for p in phrases if p in lowered), None)
+    stripped = last_assistant.strip()
+    last_line = stripped.split("\n")[-1].strip()
+    truncated = (
+        bool(last_line) and not TERMINAL.search(last_line) and not CODE.search(last_line) and not SIGN_OFF.search(stripped)
+    )
+    lang = None
+    if detector is not None:
+        values = detector.compute_language_confidence_values((user_text + "\n" + assistant_text)[:200])
+        lang = values[0].language.iso_code_639_1.name.lower() if values and values[0].value > 0 else None
+    tokens = 0
+    if tokenizer is not None:
+        # the same per-content counts the tag stage keeps (row total; assistant total)
+        counts = [len(tokenizer.encode(text, add_special_tokens=False)) for text in all_contents]
+        # chat: all turns; preference: prompt + the longer of chosen and rejected (contents in that order)
+        tokens = sum(counts) if row["kind"] == "sft" else sum(counts[:-2]) + max(counts[-2:])
+        sum(len(tokenizer.encode(text, add_special_tokens=False)) for text in assistants)
+    checks = [
+        ("drop_turn_structure_errors", structure is not None),
+        ("min_last_assistant_words", len(last_assistant.split()) < config.min_last_assistant_words),
+        ("min_user_words", scores["user_word_count"] < config.min_user_words),
+        ("languages", detector is not None and lang is not None and lang not in config.languages),
+        ("drop_refusals", refusal is not None),
+        ("drop_truncated", truncated),
+        ("max_response_echo_containment", containment > config.max_response_echo_containment and len(last_assistant.split()) >= 5),
+        ("max_token_count", tokens > config.max_token_count),
+        ("max_assistant_words", scores["assistant_word_count"] > config.max_assistant_words),
+        ("min_assistant_mean_word_length", scores["assistant_mean_word_length"] < config.min_assistant_mean_word_length),
+        ("max_assistant_mean_word_length", scores["assistant_mean_word_length"] > config.max_assistant_mean_word_length),
+        ("max_assistant_symbol_word_ratio", scores["assistant_symbol_word_ratio"] > config.max_assistant_symbol_word_ratio),
+        ("max_assistant_non_alpha_word_ratio", scores["assistant_non_alpha_word_ratio"] > config.max_assistant_non_alpha_word_ratio),
+        ("max_assistant_ellipsis_line_ratio", scores["assistant_ellipsis_line_ratio"] > config.max_assistant_ellipsis_line_ratio),
+        ("max_assistant_dup_line_fraction", scores["assistant_dup_line_fraction"] > config.max_assistant_dup_line_fraction),
+        ("max_assistant_dup_paragraph_fraction", scores["assistant_dup_paragraph_fraction"] > config.max_assistant_dup_paragraph_fraction),
+        *[(f"max_assistant_top_{n}gram_char_frac", scores[f"assistant_top_{n}gram_char_frac"] > v) for n, v in config.max_assistant_top_ngram_char_frac.items()],
+        *[(f"max_assistant_dup_{n}gram_char_frac", scores[f"assistant_dup_{n}gram_char_frac"] > v) for n, v in config.max_assistant_dup_ngram_char_frac.items()],
+    ]
+    return next((name for name, failed in checks if failed), None)
+
+
+def run_baseline(frame: pl.DataFrame, tokenizer_path: str, language: bool) -> dict:
+    from tokenizers import Tokenizer
+
+    from curate.filters.instruction import DEFAULT_REFUSAL_PHRASES
+    from curate.filters.language import language_detector
+    from curate.filters.thresholds import FilterConfig
+
+    tokenizer = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
+    detector = language_detector(LANGUAGES, False) if language else None
+    config = FilterConfig()
+    rows = frame.to_dicts()  # conversion outside the timed loop: the baseline gets Python objects for free
+    cpu_started = cpu_seconds()
+    started = time.perf_counter()
+    reasons = [row_decision_py(row, list(DEFAULT_REFUSAL_PHRASES), detector, tokenizer, config) for row in rows]
+    seconds = time.perf_counter() - started
+    decisions = frame.select("id", pl.col("source").struct.field("row"), pl.col("source").struct.field("file")).with_columns(
+        pl.Series("reason", reasons, dtype=pl.String)
+    )
+    return {
+        "seconds": seconds,
+        "dropped": sum(r is not None for r in reasons),
+        "decisions": decisions.filter(pl.col("reason").is_not_null()),
+        "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_seconds": cpu_seconds() - cpu_started,
+    }
+
+
+def _worker(name: str, corpus_path: str, tokenizer: str, language: bool, queue) -> None:
+    frame = pl.read_parquet(corpus_path)
+    result = (run_ours if name == "ours" else run_baseline)(frame, tokenizer, language)
+    result["decisions"] = result["decisions"].to_dicts()
+    queue.put(result)
+
+
+def in_process(name: str, corpus_path: str, tokenizer: str, language: bool) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_worker, args=(name, corpus_path, tokenizer, language, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--baseline-records", type=int, default=20_000)
+    parser.add_argument("--no-language", action="store_true", help="leave language identification out of both")
+    parser.add_argument("--no-tokenizer", action="store_true", help="leave token counting out of both")
+    args = parser.parse_args()
+    language = not args.no_language
+    with tempfile.TemporaryDirectory() as folder:
+        corpus = build_corpus(args.records)
+        corpus_path = str(Path(folder) / "corpus.parquet")
+        corpus.write_parquet(corpus_path)
+        baseline_n = min(args.baseline_records, args.records)
+        baseline_path = str(Path(folder) / "baseline.parquet")
+        corpus.head(baseline_n).write_parquet(baseline_path)
+        tokenizer = "" if args.no_tokenizer else str(train_tokenizer(Path(folder) / "tokenizer.json", corpus))
+        print(
+            f"corpus: {corpus.height:,} canonical records (sample_data/raw tiled), language id "
+            f"{'on (lingua, ' + str(len(LANGUAGES)) + ' candidates)' if language else 'off'}, "
+            f"{'no tokenizer' if args.no_tokenizer else 'byte-level BPE tokenizer (4k vocab, trained on the corpus)'}"
+        )
+        base = in_process("baseline", baseline_path, tokenizer, language)
+        base_rate = baseline_n / base["seconds"]
+        extrapolated = args.records / base_rate
+        note = f", extrapolated to {args.records:,}: {extrapolated:.1f}s" if baseline_n < args.records else ""
+        print(
+            f"baseline per-row Python on {baseline_n:,} records: {base['seconds']:.2f}s "
+            f"({base_rate:,.0f} records/s{note}; {baseline_n / base['cpu_seconds']:,.0f} records per CPU-second), "
+            f"dropped {base['dropped']:,}, peak RSS {base['rss_mib']:,.0f} MiB"
+        )
+        ours = in_process("ours", corpus_path, tokenizer, language)
+        rate = args.records / ours["seconds"]
+        print(
+            f"ours tag+filter on {args.records:,} records: {ours['seconds']:.2f}s (tag {ours['tag_seconds']:.2f}s), "
+            f"{rate:,.0f} records/s ({args.records / ours['cpu_seconds']:,.0f} records per CPU-second), kept {ours['kept']:,}, "
+            f"dropped {ours['dropped']:,}, peak RSS {ours['rss_mib']:,.0f} MiB"
+        )
+        # Cross-check on the baseline's prefix: same rows dropped, same first reason?
+        key = lambda d: (d["file"], d["row"], d["id"])  # noqa: E731
+        prefix = {key(d) for d in corpus.head(baseline_n).select("id", pl.col("source").struct.field("row"), pl.col("source").struct.field("file")).to_dicts()}
+        ours_prefix = {key(d): d["reason"] for d in ours["decisions"] if key(d) in prefix}
+        base_prefix = {key(d): d["reason"] for d in base["decisions"]}
+        same_drop = len(prefix) - len(set(ours_prefix) ^ set(base_prefix))
+        same_reason = sum(ours_prefix.get(k) == base_prefix.get(k) for k in prefix)
+        print(
+            f"agreement on the {baseline_n:,}-record prefix: keep/drop {same_drop / len(prefix):.2%}, "
+            f"first reason {same_reason / len(prefix):.2%}"
+        )
+        load = os.getloadavg()[0]
+        print(f"machine: {os.cpu_count()} cores, load average {load:.1f} at the end (other work on the box slows both)")
+        cpu_ratio = (args.records / ours["cpu_seconds"]) / (baseline_n / base["cpu_seconds"])
+        print(f"speedup: {rate / base_rate:.1f}× more records/s than the per-row Python baseline ({cpu_ratio:.1f}× per CPU-second)")
+
+
+if __name__ == "__main__":
+    main()
