@@ -134,7 +134,7 @@ def test_dpo_precomputed_reference_matches_live_reference(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------------- resume
 def test_resume_equals_straight_run_exactly(tiny, tmp_path):
-    straight = train(_config(tiny, "sft", tmp_path / "a", optim__max_steps=8, lora__dropout=0.1), "sft")
+    train(_config(tiny, "sft", tmp_path / "a", optim__max_steps=8, lora__dropout=0.1), "sft")
     half = _config(tiny, "sft", tmp_path / "b", optim__max_steps=8, lora__dropout=0.1)
     first = train(half, "sft", stop_at_step=4)
     assert first.steps == 4 and not (tmp_path / "b" / "adapter").exists()

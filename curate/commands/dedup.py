@@ -12,8 +12,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from curate.cli_support import apply_overrides, load_stage_config
 from curate.display import console, live_run_events, print_summary
-from curate.errors import ConfigError
 from curate.runner import run_single_stage
 
 
@@ -68,35 +68,8 @@ FLAG_FIELDS = (
 )
 
 
-def _load_config(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of dedup config fields, got {type(loaded).__name__}")
-    # Accept either the bare config or a stage entry ({type: dedup, config: {...}}).
-    if set(loaded) <= {"name", "type", "config"} and isinstance(loaded.get("config"), dict):
-        loaded = loaded["config"]
-    return dict(loaded)
-
-
 def handle(args) -> int:
-    config = _load_config(args.config)
-    for name in FLAG_FIELDS:
-        value = getattr(args, name)
-        if value is not None:
-            config[name] = value
+    config = apply_overrides(load_stage_config(args.config, "dedup"), args, FLAG_FIELDS)
     if config.get("index_path"):
         config["index_path"] = str(Path(config["index_path"]).expanduser().resolve())
     with live_run_events(enabled=not args.quiet) as events:

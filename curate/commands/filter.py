@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
+from curate.cli_support import parse_columns, read_yaml_mapping
 from curate.display import console, live_run_events, print_summary
 from curate.errors import ConfigError
 from curate.formats import FORMATS
@@ -46,16 +45,7 @@ def register(subparsers) -> None:
 def load_sections(path: Path | None) -> dict:
     if path is None:
         return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where}: not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    data = read_yaml_mapping(path, f"sections {', '.join(SECTIONS)}")
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown section {unknown[0]!r}; expected {', '.join(SECTIONS)}")
@@ -63,16 +53,6 @@ def load_sections(path: Path | None) -> dict:
         if section is not None and not isinstance(section, dict):
             raise ConfigError(f"{path}: section {name!r} must be a mapping")
     return {name: dict(section or {}) for name, section in data.items()}
-
-
-def parse_columns(items: list[str]) -> dict[str, str]:
-    columns = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--column {item!r}: expected ROLE=NAME, e.g. prompt=customer_message")
-        role, name = item.split("=", 1)
-        columns[role.strip()] = name.strip()
-    return columns
 
 
 def build_pipeline(inputs: list[str], input_format: str, sections: dict, columns: dict | None = None) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from curate.cli_support import parse_columns
 from curate.display import console, live_run_events, print_summary
-from curate.errors import ConfigError
 from curate.formats import FORMATS
 from curate.runner import run_pipeline
 
@@ -33,12 +33,7 @@ def register(subparsers) -> None:
 
 
 def handle(args) -> int:
-    columns = {}
-    for item in args.column:
-        if "=" not in item:
-            raise ConfigError(f"--column {item!r}: expected ROLE=NAME, e.g. prompt=customer_message")
-        role, name = item.split("=", 1)
-        columns[role.strip()] = name.strip()
+    columns = parse_columns(args.column)
     pipeline = {
         "name": "ingest",
         # Paths stay as typed: `source.file` is then relative to where the command runs.

@@ -23,7 +23,6 @@ import math
 import re
 
 import polars as pl
-import polars_hash as plh
 
 from schemas import CANONICAL_SCHEMA
 

@@ -1,0 +1,59 @@
+"""Small pieces the `curate` verbs share: reading a YAML config file and applying flag overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from curate.errors import ConfigError
+
+
+def read_yaml_mapping(path: Path, expected: str) -> dict:
+    """A YAML file holding a mapping (empty file → {}); problems are one-line ConfigErrors."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {expected}, got {type(data).__name__}")
+    return data
+
+
+def load_stage_config(path: Path | None, stage_type: str) -> dict:
+    """A stage's config from a file holding either the bare config or a pipeline stage entry
+    (`{type: dedup, config: {...}}`)."""
+    if path is None:
+        return {}
+    loaded = read_yaml_mapping(path, f"{stage_type} config fields")
+    if set(loaded) <= {"name", "type", "config"} and isinstance(loaded.get("config"), dict):
+        loaded = loaded["config"]
+    return dict(loaded)
+
+
+def apply_overrides(config: dict, args, fields) -> dict:
+    """Flags given on the command line win over the config file."""
+    for name in fields:
+        value = getattr(args, name)
+        if value is not None:
+            config[name] = value
+    return config
+
+
+def parse_columns(items: list[str]) -> dict[str, str]:
+    """`--column ROLE=NAME` flags → the `columns:` mapping of an input."""
+    columns = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--column {item!r}: expected ROLE=NAME, e.g. prompt=customer_message")
+        role, name = item.split("=", 1)
+        columns[role.strip()] = name.strip()
+    return columns
