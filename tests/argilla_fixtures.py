@@ -30,8 +30,8 @@ def argilla_server(tmp_path_factory):
     from curate.label.server import start_server, stop_server
 
     home = tmp_path_factory.mktemp("argilla-home")
-    info = start_server(home, timeout=240)
-    try:
+    try:  # a start that fails half way still stops what it started (Redis, osmem)
+        info = start_server(home, timeout=240)
         yield ArgillaTestServer(url=info.url, api_key=info.api_key, home=home)
     finally:
         stop_server(home)

@@ -1,8 +1,9 @@
 """Headless-browser check of the Argilla web UI (run by tests/test_label_argilla.py with the server venv's
 Python, which has `websockets`): sign in through the form as a person would, open a dataset's
-annotation page, print what the page shows as JSON and save a screenshot.
+annotation page, wait until it shows every EXPECTED_TEXT (the record and the dataset's name render
+separately), print what the page shows as JSON and save a screenshot.
 
-    python argilla_ui_check.py URL USERNAME PASSWORD DATASET_ID SCREENSHOT.png EXPECTED_TEXT
+    python argilla_ui_check.py URL USERNAME PASSWORD DATASET_ID SCREENSHOT.png EXPECTED_TEXT...
 
 Drives Debian's chromium over the Chrome DevTools Protocol; no other browser tooling is needed.
 """
@@ -49,7 +50,7 @@ class Page:
         result = await self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
         return result.get("result", {}).get("value")
 
-    async def wait_for(self, expression: str, timeout: float = 30.0):
+    async def wait_for(self, expression: str, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = await self.evaluate(expression)
@@ -67,7 +68,7 @@ SET_INPUT = """(() => {{
 }})()"""
 
 
-async def check(url: str, username: str, password: str, dataset_id: str, screenshot: str, expected: str) -> dict:
+async def check(url: str, username: str, password: str, dataset_id: str, screenshot: str, *expected: str) -> dict:
     port = free_port()
     profile = tempfile.mkdtemp(prefix="argilla-ui-")
     browser = subprocess.Popen(
@@ -100,9 +101,8 @@ async def check(url: str, username: str, password: str, dataset_id: str, screens
             await page.evaluate("document.querySelector('button[type=submit]').click(), true")
             await page.wait_for("!location.pathname.startsWith('/sign-in')")
             await page.send("Page.navigate", url=f"{url}/dataset/{dataset_id}/annotation-mode")
-            text = await page.wait_for(
-                f"document.body.innerText.includes({json.dumps(expected)}) && document.body.innerText", timeout=45
-            )
+            shows_all = " && ".join(f"document.body.innerText.includes({json.dumps(item)})" for item in expected)
+            text = await page.wait_for(f"{shows_all} && document.body.innerText", timeout=90)
             shot = await page.send("Page.captureScreenshot", format="png")
             with open(screenshot, "wb") as handle:
                 handle.write(base64.b64decode(shot["data"]))
@@ -117,4 +117,4 @@ async def check(url: str, username: str, password: str, dataset_id: str, screens
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(check(*sys.argv[1:7]))))
+    print(json.dumps(asyncio.run(check(*sys.argv[1:]))))

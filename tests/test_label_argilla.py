@@ -243,9 +243,12 @@ def test_server_restarted_in_the_middle_of_a_push(argilla_server, tmp_path):
 def test_serve_and_stop_rebuild_the_search_index(tmp_path, capsys, monkeypatch):
     """`curate label serve` on its own home; after stop + serve the emulator's index is rebuilt from
     the database, so an annotator's queue (a search) still holds the records."""
+    from curate.label.server import server_processes
+
     home = tmp_path / "home"
     try:
         assert main(["label", "serve", "--home", str(home)]) == 0
+        assert server_processes(home) == {"argilla": True, "osmem-server": True, "redis-server": True}
         out = capsys.readouterr().out
         owner = json.loads((home / "owner.json").read_text())
         assert owner["url"] in out and str(home / "owner.json") in out and owner["api_key"] not in out
@@ -264,7 +267,8 @@ def test_serve_and_stop_rebuild_the_search_index(tmp_path, capsys, monkeypatch):
         annotator = create_annotators(server, "curate", 1, prefix="served")[0]
         assert len(annotator.pending_queue(annotator.dataset_id("served-sft"))) == 6
         assert main(["label", "stop", "--home", str(home)]) == 0
-        assert "redis-server" in capsys.readouterr().out
+        assert "argilla, osmem-server, redis-server" in capsys.readouterr().out
+        assert server_processes(home) == {"argilla": False, "osmem-server": False, "redis-server": False}
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{server.url}/api/v1/me", timeout=5)
         assert main(["label", "serve", "--home", str(home)]) == 0
@@ -274,6 +278,22 @@ def test_serve_and_stop_rebuild_the_search_index(tmp_path, capsys, monkeypatch):
         assert len(queue) == 6
         annotator.submit(queue[0]["id"], {"quality": 4, "decision": "keep"})
         assert len(annotator.pending_queue(annotator.dataset_id("served-sft"))) == 5
+    finally:
+        main(["label", "stop", "--home", str(home)])
+
+
+def test_serve_names_why_the_server_could_not_start(tmp_path, capsys):
+    """The one-line error gives the exit status and the exception of this start, not the log's tail."""
+    home = tmp_path / "home"
+    (home / "logs").mkdir(parents=True)
+    (home / "logs" / "argilla.log").write_text("INFO an earlier run\nsys:1: SAWarning: an earlier run's noise\n")
+    (home / "argilla.db").mkdir()  # the database path is taken by a directory
+    try:
+        assert main(["label", "serve", "--home", str(home)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: the Argilla server exited during start-up (exit code 1: ")
+        assert "OperationalError" in err and "unable to open database file" in err and "earlier run" not in err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
     finally:
         main(["label", "stop", "--home", str(home)])
 
@@ -290,14 +310,16 @@ def test_web_ui_shows_a_pushed_dataset(argilla_server, tmp_path):
     dataset_id = report["datasets"]["ui-sft"]["dataset_id"]
     owner = json.loads((argilla_server.home / "owner.json").read_text())
     screenshot = tmp_path / "annotation.png"
+    expected = ("ui-sft", "my router keeps rebooting", "Hold the reset button for ten seconds.",
+                "Quality of the assistant's replies", "Keep for training?")  # fmt: skip
     result = subprocess.run(
         [str(server_venv() / "bin" / "python"), str(Path(__file__).with_name("argilla_ui_check.py")), argilla_server.url,
-         owner["username"], owner["password"], dataset_id, str(screenshot), "Hold the reset button for ten seconds."],
-        capture_output=True, text=True, timeout=120,
+         owner["username"], owner["password"], dataset_id, str(screenshot), *expected],
+        capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     page = json.loads(result.stdout)
     assert page["path"] == f"/dataset/{dataset_id}/annotation-mode"
-    for shown in ("ui-sft", "my router keeps rebooting", "Quality of the assistant's replies", "Keep for training?"):
+    for shown in expected:
         assert shown in page["text"]
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000

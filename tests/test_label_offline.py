@@ -279,3 +279,60 @@ def test_retries_back_off_on_connection_errors_and_5xx_only():
 
     with pytest.raises(ExternalServiceError, match="after 2 retries"):
         with_retries(down, "sending", connection, max_retries=2, base_delay=0.001)
+
+
+# The launcher's start-up checks (curate/label/server.py), on plain Python processes: no Argilla needed.
+
+
+def test_a_service_still_in_exec_is_not_taken_for_one_that_exited(tmp_path):
+    """Popen returns before the kernel has finished exec (the child's /proc cmdline is still empty):
+    the start-up check once read that as 'the Argilla server exited during start-up'."""
+    import sys
+
+    from curate.errors import ExternalServiceError
+    from curate.label.server import free_port, spawn_service, wait_ready
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: never ready
+    for _ in range(10):
+        started = spawn_service([sys.executable, "-c", "import time; time.sleep(60)", "server_main.py"], tmp_path / "s.log")
+        try:
+            with pytest.raises(ExternalServiceError, match="was not ready within"):
+                wait_ready(url, "key", timeout=0.2, started=started)
+        finally:
+            started.process.kill()
+            started.process.wait()
+
+
+@pytest.mark.parametrize(
+    ("script", "cause"),
+    [
+        (
+            (
+                "import sys; print('INFO migrating'); print('sys:1: SAWarning: not in session', file=sys.stderr); "
+                "raise RuntimeError('database is locked')"
+            ),
+            "exit code 1: RuntimeError: database is locked",
+        ),
+        ("import socket; s = socket.socket(); s.bind(('127.0.0.1', PORT))", "exit code 1: OSError: [Errno 98] Address already in use"),
+        ("import sys; print('ERROR: bind failed'); print('shutting down'); sys.exit(3)", "exit code 3: ERROR: bind failed"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL: it wrote nothing to its log"),
+    ],
+    ids=["traceback", "port-in-use", "error-line", "killed"],
+)
+def test_a_service_that_exits_during_start_up_is_reported_with_its_cause(tmp_path, script, cause):
+    import socket
+    import sys
+
+    from curate.errors import ExternalServiceError
+    from curate.label.server import free_port, spawn_service, wait_ready
+
+    log = tmp_path / "service.log"
+    log.write_text("Traceback (most recent call last):\n  File 'x'\nValueError: an earlier run\nINFO an earlier run's last line\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        started = spawn_service([sys.executable, "-c", script.replace("PORT", str(busy.getsockname()[1]))], log)
+        with pytest.raises(ExternalServiceError) as caught:
+            wait_ready(f"http://127.0.0.1:{free_port()}", "key", timeout=60, started=started)
+    message = str(caught.value)
+    assert message == f"the Argilla server exited during start-up ({cause} (log: {log}))"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -113,10 +114,14 @@ def ensure_redis(progress: Progress = _quiet) -> str:
     raise ExternalServiceError("redis-server not found: install it (Debian: apt-get install -y redis-server)")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(avoid: tuple[int, ...] = ()) -> int:
+    """A port nothing listens on now (the kernel's choice), other than those in `avoid`."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def _port_open(port: int) -> bool:
@@ -126,7 +131,11 @@ def _port_open(port: int) -> bool:
 
 
 def _pid_alive(pid: int | None, expect: str) -> bool:
-    """True when `pid` runs and its command line mentions `expect` (a recycled pid is not ours)."""
+    """True when `pid` runs and its command line mentions `expect` (a recycled pid is not ours).
+
+    For pids read back from the state file. Not for a process just started: Popen returns before the
+    kernel has finished exec (its /proc cmdline is empty for a while, long on a busy machine), so a
+    process we spawned is watched through its Popen (`poll()`), which also gives its exit status."""
     if not pid:
         return False
     try:
@@ -147,45 +156,106 @@ def _read_state(home: Path) -> dict:
         return {}
 
 
-def _spawn(command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+@dataclass
+class ServiceProcess:
+    """A service process started by `spawn_service`, with where its own output starts in its log (logs
+    are appended to across restarts; an error names a line of this run, never of an earlier one)."""
+
+    process: subprocess.Popen
+    log: Path
+    log_offset: int
+
+    def exited(self) -> bool:
+        return self.process.poll() is not None
+
+    def exit_cause(self) -> str:
+        """One line: how the process ended and the line of its output that says why."""
+        code = self.process.returncode
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit code {code}"
+        return f"{how}: {_log_reason(self.log, self.log_offset)} (log: {self.log})"
+
+
+def spawn_service(command: list[str], log: Path, env: dict | None = None) -> ServiceProcess:
+    """Start `command` in a session of its own, stdout and stderr appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    offset = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as handle:
         # A new session: the service outlives the `curate label serve` that started it.
-        return subprocess.Popen(
+        process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+    return ServiceProcess(process, log, offset)
 
 
-def _wait_port(port: int, timeout: float, what: str, log: Path) -> None:
+_ERROR_LINE = re.compile(r"error|exception|fatal|fail|abort|denied|cannot|can't|unable", re.IGNORECASE)
+
+
+def _clip(line: str, limit: int = 300) -> str:
+    line = " ".join(line.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _log_reason(log: Path, offset: int = 0) -> str:
+    """The line of a service's log (from `offset`: its own run) that names why it stopped: the exception
+    of the last traceback, else a line saying 'address already in use', else the last line that reads
+    like an error, else the last line."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return "no log"
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "it wrote nothing to its log"
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if tracebacks:
+        after = lines[tracebacks[-1] + 1 :]
+        exception = next((line for line in after if not line[0].isspace()), None)
+        if exception:
+            return _clip(exception)
+    for line in reversed(lines):
+        if "address already in use" in line.lower():
+            return _clip(line)
+    for line in reversed(lines):
+        if _ERROR_LINE.search(line) and "warning" not in line.lower():
+            return _clip(line)
+    return _clip(lines[-1])
+
+
+def _wait_port(port: int, timeout: float, what: str, started: ServiceProcess) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if started.exited():  # first: an exit for 'address already in use' means the port is someone else's
+            raise ExternalServiceError(f"{what} exited during start-up ({started.exit_cause()})")
         if _port_open(port):
             return
         time.sleep(0.1)
-    raise ExternalServiceError(f"{what} did not start on port {port} within {timeout:.0f} s (log: {log})")
+    raise ExternalServiceError(f"{what} did not start on port {port} within {timeout:.0f} s (log: {started.log})")
 
 
 def _start_redis(home: Path, state: dict, progress: Progress) -> None:
     if _pid_alive(state.get("redis_pid"), "redis-server") and _port_open(state["redis_port"]):
         return
     binary = ensure_redis(progress)
-    port = free_port()
-    pidfile = home / "redis.pid"
-    pidfile.unlink(missing_ok=True)
-    log = home / "logs" / "redis.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    command = [
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--pidfile", str(pidfile),
-        "--dir", str(home), "--save", "", "--appendonly", "no", "--logfile", str(log),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ExternalServiceError(f"redis-server failed to start: {result.stderr.strip() or result.stdout.strip()}")
-    _wait_port(port, 20, "redis-server", log)
-    deadline = time.monotonic() + 5
-    while not pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    state.update(redis_port=port, redis_pid=int(pidfile.read_text().strip()))
+    port = free_port(avoid=_ports(state))
+    # In the foreground of its own session, like the other two: the pid is the Popen's (a daemonized
+    # redis writes its pidfile after it listens, so reading the pidfile raced with it).
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home), "--save", "", "--appendonly", "no"]
+    started = spawn_service(command, home / "logs" / "redis.log")
+    _wait_port(port, 60, "redis-server", started)
+    state.update(redis_port=port, redis_pid=started.process.pid)
+
+
+def _ports(state: dict) -> tuple[int, ...]:
+    """Ports the state file remembers (a restarted Argilla takes its old port again)."""
+    return tuple(state[key] for key in ("redis_port", "osmem_port", "argilla_port") if state.get(key))
 
 
 def _start_osmem(home: Path, python: Path, state: dict) -> bool:
@@ -197,11 +267,11 @@ def _start_osmem(home: Path, python: Path, state: dict) -> bool:
     )
     if binary.returncode != 0:
         raise ExternalServiceError(f"osmem-server binary not found in {python.parent.parent}: {binary.stderr.strip()}")
-    port = free_port()
-    log = home / "logs" / "osmem.log"
-    process = _spawn([binary.stdout.strip(), "--addr", f"127.0.0.1:{port}", "--no-stdin-watch", "--no-ja"], log)
-    _wait_port(port, 30, "osmem-server", log)
-    state.update(osmem_port=port, osmem_pid=process.pid)
+    port = free_port(avoid=_ports(state))
+    command = [binary.stdout.strip(), "--addr", f"127.0.0.1:{port}", "--no-stdin-watch", "--no-ja"]
+    started = spawn_service(command, home / "logs" / "osmem.log")
+    _wait_port(port, 60, "osmem-server", started)
+    state.update(osmem_port=port, osmem_pid=started.process.pid)
     return True
 
 
@@ -220,29 +290,25 @@ def _owner(home: Path) -> dict:
         return owner
 
 
-def wait_ready(url: str, api_key: str, timeout: float = 120.0, process_pid: int | None = None, log: Path | None = None) -> None:
-    """Poll `/api/v1/me` with the API key until it answers 200 (`/api/v1/status` may answer 422)."""
+def wait_ready(url: str, api_key: str, timeout: float = 120.0, started: ServiceProcess | None = None) -> None:
+    """Poll `/api/v1/me` with the API key until it answers 200 (`/api/v1/status` may answer 422).
+
+    With `started` (the process this call spawned), its exit ends the wait with the cause."""
     import requests
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            response = requests.get(f"{url}/api/v1/me", headers={"X-Argilla-Api-Key": api_key}, timeout=3)
+            response = requests.get(f"{url}/api/v1/me", headers={"X-Argilla-Api-Key": api_key}, timeout=5)
             if response.status_code == 200:
                 return
         except requests.RequestException:
             pass
-        if process_pid is not None and not _pid_alive(process_pid, "server_main.py"):
-            raise ExternalServiceError(f"the Argilla server exited during start-up: {_log_tail(log)}")
+        if started is not None and started.exited():
+            raise ExternalServiceError(f"the Argilla server exited during start-up ({started.exit_cause()})")
         time.sleep(0.25)
-    raise ExternalServiceError(f"the Argilla server at {url} was not ready within {timeout:.0f} s (log: {log})")
-
-
-def _log_tail(log: Path | None, lines: int = 3) -> str:
-    if log is None or not log.exists():
-        return "(no log)"
-    text = log.read_text(errors="replace").strip().splitlines()
-    return " | ".join(text[-lines:]) + f" (log: {log})"
+    where = f" (log: {started.log})" if started is not None else ""
+    raise ExternalServiceError(f"the Argilla server at {url} was not ready within {timeout:.0f} s{where}")
 
 
 def start_server(
@@ -261,12 +327,17 @@ def start_server(
     python = ensure_server_venv(progress=progress)
     progress("starting redis-server")
     _start_redis(home, state, progress)
+    write_json(home / STATE_FILE, state)  # each pid recorded at once: `stop` ends it even if a later step fails
     progress("starting the osmem search emulator")
     fresh_index = _start_osmem(home, python, state)
     write_json(home / STATE_FILE, state)
 
-    port = port or state.get("argilla_port") or free_port()
-    if _port_open(port):
+    if port is None:
+        # The port of the last run (a stable URL) unless something else listens there now.
+        port = state.get("argilla_port")
+        if not port or _port_open(port):
+            port = free_port(avoid=_ports(state))
+    elif _port_open(port):
         raise ExternalServiceError(f"port {port} is already in use; choose another with --port")
     env = {
         **os.environ,
@@ -288,12 +359,16 @@ def start_server(
     if fresh_index and (home / "argilla.db").exists():
         command.append("--reindex")
     progress(f"starting Argilla on port {port}")
-    log = home / "logs" / "argilla.log"
-    process = _spawn(command, log, env)
-    state.update(argilla_port=port, argilla_pid=process.pid)
+    started = spawn_service(command, home / "logs" / "argilla.log", env)
+    state.update(argilla_port=port, argilla_pid=started.process.pid)
     write_json(home / STATE_FILE, state)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, owner["api_key"], timeout, process_pid=process.pid, log=log)
+    try:
+        wait_ready(url, owner["api_key"], timeout, started=started)
+    except ExternalServiceError:
+        # Not ready in time: a failed `serve` leaves no web server behind (Redis and osmem stay, recorded).
+        _terminate(started.process.pid, "server_main.py")
+        raise
     info = ServerInfo(url=url, home=home, owner_file=home / OWNER_FILE)
     write_json(home / OWNER_FILE, {**owner, "url": url})
     (home / OWNER_FILE).chmod(0o600)
