@@ -19,7 +19,6 @@ from split_helpers import planted_frame, sft_records
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
-needs_sample = pytest.mark.skipif(not (SAMPLE / "planted.json").exists(), reason="sample_data/ not generated")
 
 
 def _clusters_per_split(rows: pl.DataFrame, cluster: pl.Expr) -> pl.DataFrame:
@@ -211,7 +210,6 @@ def test_incremental_merged_clusters_are_reported_and_old_rows_stay(tmp_path):
     assert rows.select("id", "split").sort("id").equals(old_rows.select("id", "split").sort("id"))
 
 
-@needs_sample
 def test_planted_near_duplicates_never_cross_splits(tmp_path):
     """Planted near/exact duplicates (sample_data/planted.json) end up in one split with their
     originals; the same data split by row id instead does leak, so the test can tell."""
@@ -247,7 +245,6 @@ def test_planted_near_duplicates_never_cross_splits(tmp_path):
     assert any(where_by_id[a] != where_by_id[b] for a, b in found)
 
 
-@needs_sample
 def test_pipeline_with_dedup_and_split_writes_datasets_cards_and_report(tmp_path):
     pipeline = {
         "name": "split-test",
