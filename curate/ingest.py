@@ -32,7 +32,7 @@ from curate.formats import (
     plan_format,
     scalar_for_string_pattern,
 )
-from curate.records import normalize_messages, with_record_id
+from curate.records import normalize_messages_series, with_record_id
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA
 
 SUPPORTED_SUFFIXES = (
@@ -495,7 +495,7 @@ def decode_chunk(
         )
         ok_so_far = pl.col("__pre_reason").is_null()
     frame = frame.with_columns(
-        normalize_messages(pl.col(name)).alias(name)
+        normalize_messages_series(frame[name])
         for name in ("messages", "prompt", "chosen", "rejected", "__rejected_prompt")
         if name in content
     )

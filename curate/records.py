@@ -56,6 +56,32 @@ def normalize_messages(messages: pl.Expr) -> pl.Expr:
     )
 
 
+# Text that normalize_text would change: anything but printable ASCII and newlines (non-ASCII needs
+# NFC, tabs/CR/NBSP/zero-width need rewriting), double spaces, spaces around or runs of newlines, and
+# leading/trailing whitespace. Most support text matches none of it.
+_NEEDS_NORMALIZING = r"[^\x20-\x7e\n]|  |\n\n\n| \n|\n |^[ \n]|[ \n]$"
+
+
+def normalize_messages_series(messages: pl.Series) -> pl.Series:
+    """`normalize_messages` for a materialized column, about 8x faster on typical data: the messages are
+    exploded once and only the contents that need it go through NFC and the regex passes (gather,
+    normalize, scatter back). Gives exactly what `normalize_messages` gives (tested)."""
+    frame = pl.DataFrame({"m": messages}).with_row_index("__row")
+    flat = frame.explode("m", empty_as_null=True).unnest("m")
+    content = flat["content"]
+    todo = content.str.contains(_NEEDS_NORMALIZING).fill_null(False).arg_true()
+    if len(todo):
+        fixed = pl.select(normalize_text(pl.lit(content.gather(todo)))).to_series()
+        content = content.scatter(todo, fixed)
+    flat = flat.with_columns(content=content).with_columns(normalize_role(pl.col("role")).alias("role"))
+    rebuilt = flat.group_by("__row", maintain_order=True).agg(pl.struct("role", "content").alias("m"))["m"]
+    # Explode turned null and empty lists into one null element each: give them back unchanged.
+    untouched = messages.is_null() | (messages.list.len() == 0)
+    return pl.select(
+        pl.when(pl.lit(untouched)).then(pl.lit(messages)).otherwise(pl.lit(rebuilt.cast(messages.dtype)))
+    ).to_series().alias(messages.name)
+
+
 def _serialize_messages(messages: pl.Expr) -> pl.Expr:
     # Unit/record separators cannot occur in normalized text, so the serialization is unambiguous.
     return messages.list.eval(
@@ -127,6 +153,7 @@ __all__ = [
     "canonical_frame",
     "content_key",
     "normalize_messages",
+    "normalize_messages_series",
     "normalize_role",
     "normalize_text",
     "record_id",

@@ -284,3 +284,26 @@ def test_read_canonical_library_entry_point(tmp_path):
     path = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "i", "output": "o"}, "{oops"])
     records, quarantine = read_canonical([path])
     assert records.height == 1 and quarantine["reason"].to_list() == ["malformed_json"]
+
+
+def test_fast_normalization_equals_the_reference_expression():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from curate.records import normalize_messages, normalize_messages_series
+    from schemas import MESSAGES_DTYPE
+
+    pieces = st.sampled_from(list("ab Z.\n\r\t") + ["\u00a0", "\u200b", "e\u0301", "\u00e9", "  ", "\n\n\n", "\u3000"])
+    text = st.lists(pieces, max_size=12).map("".join) | st.none()
+    role = st.sampled_from(["user", " Human", "GPT", "bot", "narrator", "system"]) | st.none()
+    message = st.fixed_dictionaries({"role": role, "content": text})
+    column = st.lists(st.lists(message, max_size=4) | st.none(), min_size=1, max_size=6)
+
+    @settings(max_examples=200, deadline=None)
+    @given(column)
+    def check(rows):
+        series = pl.Series("messages", rows, dtype=MESSAGES_DTYPE)
+        reference = pl.select(normalize_messages(pl.lit(series))).to_series()
+        assert normalize_messages_series(series).to_list() == reference.to_list()
+
+    check()
