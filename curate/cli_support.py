@@ -7,6 +7,23 @@ from pathlib import Path
 import yaml
 
 from curate.errors import ConfigError
+from curate.formats import FORMATS
+
+
+def add_input_arguments(parser, inputs_help: str, config_help: str | None = None) -> None:
+    """The arguments every data verb shares: inputs, --out, [--config], --format and --column."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help)
+    parser.add_argument("--out", type=Path, required=True, help="run directory to write")
+    if config_help:
+        parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="raw format (default: detect)")
+    parser.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="ROLE=NAME",
+        help="field name for a role in the raw inputs, e.g. --column prompt=customer_message --column response=agent_reply",
+    )
 
 
 def read_yaml_mapping(path: Path, expected: str) -> dict:

@@ -358,16 +358,16 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fmix32(values: np.ndarray) -> np.ndarray:
-    s1, m1, s2, m2, s3 = _FMIX32
-    values = values ^ (values >> s1)
-    values = values * m1
-    values = values ^ (values >> s2)
-    values = values * m2
-    return values ^ (values >> s3)
+    return _fmix(values, _FMIX32)
 
 
 def fmix64(values: np.ndarray) -> np.ndarray:
-    s1, m1, s2, m2, s3 = _FMIX64
+    return _fmix(values, _FMIX64)
+
+
+def _fmix(values: np.ndarray, constants) -> np.ndarray:
+    """MurmurHash3's finalizer (shift-xor, multiply, twice, shift-xor) with 32- or 64-bit constants."""
+    s1, m1, s2, m2, s3 = constants
     values = values ^ (values >> s1)
     values = values * m1
     values = values ^ (values >> s2)

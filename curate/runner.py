@@ -495,25 +495,42 @@ def load_manifest(run_dir: str | Path) -> dict:
         raise RunStateError(f"{path}: not valid JSON (line {error.lineno}); rerun `curate run` to rewrite it") from None
 
 
-def run_single_stage(
-    stage_type: str,
-    config: dict | None,
+def run_stages(
+    stages: list[tuple[str, dict | None]],
     inputs: list[str | Path],
     out_dir: str | Path,
     input_format: str = "auto",
+    columns: dict[str, str] | None = None,
     force: bool = False,
     events: RunEvents | None = None,
     seed: int = 0,
+    base_dir: Path | None = None,
 ) -> RunResult:
-    """Ingest `inputs` (raw files, or a stage's canonical data.parquet) and run one stage on them into
-    `out_dir`: what the standalone verbs (`curate dedup`, `curate filter`, ...) do."""
+    """Ingest `inputs` (raw files, or a stage's canonical data.parquet) and run the given (type, config)
+    stages on them into `out_dir`: what the standalone verbs (`curate dedup`, `curate filter`, ...) do.
+
+    Relative paths inside the stage configs resolve against `base_dir` (default: the working folder);
+    input paths are taken relative to the working folder either way."""
+    base = Path(base_dir).resolve() if base_dir else Path.cwd()
+    if base != Path.cwd():
+        inputs = [Path(p).resolve() for p in inputs]
     pipeline = {
-        "name": stage_type.replace(":", "_").replace(".", "_"),
+        "name": stages[-1][0].replace(":", "_").replace(".", "_") if stages else "ingest",
         "seed": seed,
-        "inputs": [{"path": str(p), "format": input_format} for p in inputs],
-        "stages": [{"name": stage_type.split(":")[-1].replace(".", "_"), "type": stage_type, "config": config or {}}],
+        "inputs": [{"path": str(p), "format": input_format, "columns": dict(columns or {})} for p in inputs],
+        "stages": [
+            {"name": stage_type.split(":")[-1].replace(".", "_"), "type": stage_type, "config": config or {}}
+            for stage_type, config in stages
+        ],
     }
-    return run_pipeline(pipeline, run_dir=out_dir, force=force, events=events, base_dir=Path.cwd())
+    return run_pipeline(pipeline, run_dir=out_dir, force=force, events=events, base_dir=base)
+
+
+def run_single_stage(
+    stage_type: str, config: dict | None, inputs: list[str | Path], out_dir: str | Path, **options
+) -> RunResult:
+    """`run_stages` with one stage."""
+    return run_stages([(stage_type, config)], inputs, out_dir, **options)
 
 
 def clean_run_dir(run_dir: Path) -> None:

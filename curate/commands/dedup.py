@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from curate.cli_support import apply_overrides, load_stage_config
+from curate.cli_support import add_input_arguments, apply_overrides, load_stage_config, parse_columns
 from curate.display import console, live_run_events, print_summary
 from curate.runner import run_single_stage
 
@@ -23,10 +23,7 @@ def register(subparsers) -> None:
         help="remove exact and MinHash near duplicates (standalone dedup stage)",
         description=__doc__,
     )
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="raw files or a canonical data.parquet")
-    parser.add_argument("--out", type=Path, required=True, help="run directory to write")
-    parser.add_argument("--config", type=Path, help="YAML file with the dedup stage config (flags override it)")
-    parser.add_argument("--format", default="auto", help="input format (default: auto-detect)")
+    add_input_arguments(parser, "raw files or a canonical data.parquet", "YAML file with the dedup stage config (flags override it)")
     parser.add_argument("--index", dest="index_path", help="a saved dedup index folder to dedup against")
     parser.add_argument("--threshold", type=float, help="Jaccard threshold for near duplicates (default 0.7)")
     parser.add_argument("--num-perm", type=int, help="MinHash permutations (default 128)")
@@ -73,7 +70,7 @@ def handle(args) -> int:
     if config.get("index_path"):
         config["index_path"] = str(Path(config["index_path"]).expanduser().resolve())
     with live_run_events(enabled=not args.quiet) as events:
-        result = run_single_stage("dedup", config, args.inputs, args.out, input_format=args.format, force=args.force, events=events)
+        result = run_single_stage("dedup", config, args.inputs, args.out, input_format=args.format, columns=parse_columns(args.column), force=args.force, events=events)
     print_summary(result.manifest)
     stage = next((s for s in result.manifest["stages"] if s.get("type") == "dedup"), None)
     report = (stage or {}).get("report") or {}

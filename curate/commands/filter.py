@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curate.cli_support import parse_columns, read_yaml_mapping
+from curate.cli_support import add_input_arguments, parse_columns, read_yaml_mapping
 from curate.display import console, live_run_events, print_summary
 from curate.errors import ConfigError
-from curate.formats import FORMATS
-from curate.runner import run_pipeline
+from curate.runner import run_stages
 
 SECTIONS = ("pii", "decontaminate", "tag", "filter")
 
@@ -24,16 +23,10 @@ def register(subparsers) -> None:
         help="score rows (tag) and drop those failing quality/language/safety thresholds (filter)",
         description=__doc__,
     )
-    parser.add_argument("inputs", nargs="+", help="raw files, or a canonical data.parquet from an earlier run")
-    parser.add_argument("--out", type=Path, required=True, help="run directory to write")
-    parser.add_argument("--config", type=Path, help="YAML with tag:/filter: (and optional pii:/decontaminate:) sections")
-    parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="raw format (default: detect)")
-    parser.add_argument(
-        "--column",
-        action="append",
-        default=[],
-        metavar="ROLE=NAME",
-        help="field name for a role in the raw inputs, e.g. --column prompt=customer_message (as in `curate ingest`)",
+    add_input_arguments(
+        parser,
+        "raw files, or a canonical data.parquet from an earlier run",
+        "YAML with tag:/filter: (and optional pii:/decontaminate:) sections",
     )
     parser.add_argument("--tokenizer", help="tokenizer.json for token counts (overrides tag.tokenizer)")
     parser.add_argument("--languages", help="comma-separated keep-list, e.g. en,de (overrides filter.languages)")
@@ -55,19 +48,9 @@ def load_sections(path: Path | None) -> dict:
     return {name: dict(section or {}) for name, section in data.items()}
 
 
-def build_pipeline(inputs: list[str], input_format: str, sections: dict, columns: dict | None = None) -> dict:
-    stages = [
-        {"name": name, "type": name, "config": sections.get(name, {})}
-        for name in SECTIONS
-        if name in ("tag", "filter") or name in sections
-    ]
-    return {
-        "name": "filter",
-        "inputs": [
-            {"path": str(Path(p).resolve()), "format": input_format, "columns": dict(columns or {})} for p in inputs
-        ],
-        "stages": stages,
-    }
+def stages_from(sections: dict) -> list[tuple[str, dict]]:
+    """tag and filter always; pii and decontaminate when the config has their sections, before tag."""
+    return [(name, sections.get(name, {})) for name in SECTIONS if name in ("tag", "filter") or name in sections]
 
 
 def handle(args) -> int:
@@ -76,10 +59,17 @@ def handle(args) -> int:
         sections.setdefault("tag", {})["tokenizer"] = str(Path(args.tokenizer).resolve())
     if args.languages:
         sections.setdefault("filter", {})["languages"] = [c.strip() for c in args.languages.split(",") if c.strip()]
-    base_dir = args.config.parent.resolve() if args.config else Path.cwd()
-    pipeline = build_pipeline(args.inputs, args.format, sections, parse_columns(args.column))
     with live_run_events(enabled=not args.quiet) as events:
-        result = run_pipeline(pipeline, run_dir=args.out, force=args.force, events=events, base_dir=base_dir)
+        result = run_stages(
+            stages_from(sections),
+            args.inputs,
+            args.out,
+            input_format=args.format,
+            columns=parse_columns(args.column),
+            force=args.force,
+            events=events,
+            base_dir=args.config.parent if args.config else None,  # eval files etc. relative to the config
+        )
     print_summary(result.manifest)
     console.print(f"kept: {result.run_dir / 'filter' / 'data.parquet'}")
     console.print(f"dropped: {result.run_dir / 'filter' / 'dropped.parquet'}")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curate.cli_support import parse_columns
+from curate.cli_support import add_input_arguments, parse_columns
 from curate.display import console, live_run_events, print_summary
-from curate.formats import FORMATS
 from curate.runner import run_pipeline
 
 
@@ -17,16 +16,7 @@ def register(subparsers) -> None:
         description="Read raw conversational data into canonical records. Rows that cannot be read go to "
         "OUT/quarantine.parquet with file, row, reason and the raw text.",
     )
-    parser.add_argument("inputs", nargs="+", help="files, folders or quoted globs")
-    parser.add_argument("--out", type=Path, required=True, help="run directory to write")
-    parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="raw format (default: detect)")
-    parser.add_argument(
-        "--column",
-        action="append",
-        default=[],
-        metavar="ROLE=NAME",
-        help="field name for a role, e.g. --column prompt=customer_message --column response=agent_reply",
-    )
+    add_input_arguments(parser, "files, folders or quoted globs")
     parser.add_argument("--max-row-bytes", type=int, default=200_000)
     parser.add_argument("--force", action="store_true")
     parser.set_defaults(handler=handle)

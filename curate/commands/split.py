@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from curate.cli_support import apply_overrides, load_stage_config
+from curate.cli_support import add_input_arguments, apply_overrides, load_stage_config, parse_columns
 from curate.display import console, live_run_events, print_summary
 from curate.errors import ConfigError
 from curate.runner import run_single_stage
@@ -25,10 +25,7 @@ def register(subparsers) -> None:
         help="split into sft/ and pref/ train/validation/test sets, keeping near-duplicate clusters together",
         description=__doc__,
     )
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="raw files or a canonical data.parquet")
-    parser.add_argument("--out", type=Path, required=True, help="run directory to write")
-    parser.add_argument("--config", type=Path, help="YAML file with the split stage config (flags override it)")
-    parser.add_argument("--format", default="auto", help="input format (default: auto-detect)")
+    add_input_arguments(parser, "raw files or a canonical data.parquet", "YAML file with the split stage config (flags override it)")
     parser.add_argument("--train", type=float, help="train fraction (default 0.9)")
     parser.add_argument("--validation", type=float, help="validation fraction (default 0.05)")
     parser.add_argument("--test", type=float, help="test fraction (default 0.05)")
@@ -76,7 +73,7 @@ def handle(args) -> int:
     if config.get("previous_splits"):
         config["previous_splits"] = str(Path(config["previous_splits"]).expanduser().resolve())
     with live_run_events(enabled=not args.quiet) as events:
-        result = run_single_stage("split", config, args.inputs, args.out, input_format=args.format, force=args.force, events=events)
+        result = run_single_stage("split", config, args.inputs, args.out, input_format=args.format, columns=parse_columns(args.column), force=args.force, events=events)
     print_summary(result.manifest)
     stage = next((s for s in result.manifest["stages"] if s.get("type") == "split"), None)
     folders = ((stage or {}).get("report") or {}).get("folders") or {}
