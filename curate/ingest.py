@@ -10,20 +10,28 @@ Containers: JSONL (plain, .gz, .zst), JSON arrays, CSV, Parquet, folders saved b
 
 from __future__ import annotations
 
-import glob
-import gzip
+import contextlib
+import hashlib
 import io
+import itertools
 import json
 import os
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import zstandard
 
 from curate.errors import InputFileError
 from curate.formats import (
+    DEFAULT_COLUMNS,
     FORMATS,
     FormatPlan,
     canonical_columns_from,
@@ -67,6 +75,7 @@ class FileReport:
     quarantined: int = 0
     blank_lines: int = 0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    sha256: str | None = None  # of the bytes the rows were read from
 
 
 @dataclass
@@ -82,18 +91,20 @@ class IngestBatch:
 def expand_inputs(specs: list[InputSpec], base_dir: Path) -> list[tuple[Path, str, InputSpec]]:
     """Resolve paths, folders and globs into (absolute path, display name, spec), in a stable order.
 
-    The display name is relative to `base_dir` where possible, so `source.file` (and so the outputs)
-    do not depend on where the project is checked out."""
+    Each file is read once: a file reached twice (two specs, or symlinks to it) keeps its first
+    place. The display name is relative to `base_dir` where possible, so `source.file` (and so the
+    outputs) do not depend on where the project is checked out."""
     resolved: list[tuple[Path, str, InputSpec]] = []
+    seen: set[str] = set()
     for spec in specs:
         pattern = Path(spec.path).expanduser()
         absolute = pattern if pattern.is_absolute() else base_dir / pattern
         if any(char in spec.path for char in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(str(absolute), recursive=True))
-            matches = [m for m in matches if m.is_file() or _is_datasets_dir(m)]
+            matches = [m for m in _glob(absolute) if m.is_file() or _is_datasets_dir(m)]
             if not matches:
                 raise InputFileError(f"{spec.path}: the glob matches no files")
         elif absolute.is_dir() and not _is_datasets_dir(absolute):
+            # rglob does not descend into symlinked folders: a link back up would loop.
             matches = sorted(p for p in absolute.rglob("*") if p.is_file() and _supported(p))
             if not matches:
                 raise InputFileError(f"{spec.path}: the folder holds no supported files ({', '.join(SUPPORTED_SUFFIXES)})")
@@ -102,8 +113,26 @@ def expand_inputs(specs: list[InputSpec], base_dir: Path) -> list[tuple[Path, st
         else:
             raise InputFileError(f"{spec.path}: no such file or folder")
         for match in matches:
-            resolved.append((match, _display_name(match, base_dir), spec))
+            real = os.path.realpath(match)
+            if real not in seen:
+                seen.add(real)
+                resolved.append((match, _display_name(match, base_dir), spec))
     return resolved
+
+
+def _glob(absolute: Path) -> list[Path]:
+    """Sorted matches of a glob. `**` does not descend into symlinked folders (glob.glob does, and a
+    link back up repeats the tree until the path is too long); hidden names match only explicitly."""
+    parts = absolute.parts
+    first_magic = next(index for index, part in enumerate(parts) if any(char in part for char in "*?["))
+    root, pattern = Path(*parts[:first_magic]), parts[first_magic:]
+    explicit_hidden = any(part.startswith(".") for part in pattern)
+    matches = [
+        match
+        for match in root.glob(str(Path(*pattern)))
+        if explicit_hidden or not any(part.startswith(".") for part in match.relative_to(root).parts)
+    ]
+    return sorted(matches)
 
 
 def _supported(path: Path) -> bool:
@@ -122,7 +151,145 @@ def _display_name(path: Path, base_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Containers: each yields chunks of (row number, raw JSON text per row, utf8_ok)
+# Bytes: JSONL, JSON and CSV files (plain, .gz, .zst) are read through InputBytes, which hashes the file
+# as it reads it (the manifest's sha256 then describes the very bytes the rows came from), fails a
+# truncated or corrupt archive, and drops a leading UTF-8 byte order mark.
+
+RAW_READ_BYTES = 1 << 20
+# Compressed input is fed in small pieces: each piece's output is held at once, and a highly
+# compressible piece expands a thousandfold.
+DECOMPRESS_FEED_BYTES = 64 << 10
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class InputBytes:
+    """The decompressed bytes of one raw file, read from start to end in one pass."""
+
+    def __init__(self, path: Path, display: str):
+        self.path, self.display = path, display
+        self.sha256: str | None = None  # of the file as stored, set once it has been read to its end
+        name = path.name.lower()
+        self.codec = "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else None
+
+    def blocks(self) -> Iterator[bytes]:
+        digest = hashlib.sha256()
+        try:
+            handle = open(self.path, "rb")
+        except OSError as error:
+            raise InputFileError(f"{self.display}: cannot open ({error.strerror or error})") from None
+        with handle:
+            blocks = _hashed_blocks(handle, digest, self.display)
+            if self.codec is not None:
+                blocks = _decompressed_blocks(blocks, self.codec, self.display)
+            yield from _without_bom(blocks)
+        self.sha256 = digest.hexdigest()
+
+    def read_all(self) -> bytes:
+        return b"".join(self.blocks())
+
+    def head(self, size: int) -> bytes:
+        """The first `size` bytes, without reading (or checking) the rest."""
+        data = b""
+        blocks = self.blocks()
+        for block in blocks:
+            data += block
+            if len(data) >= size:
+                break
+        blocks.close()
+        return data[:size]
+
+
+def _hashed_blocks(handle, digest, display: str) -> Iterator[bytes]:
+    while True:
+        try:
+            block = handle.read(RAW_READ_BYTES)
+        except OSError as error:
+            raise InputFileError(f"{display}: cannot read ({error.strerror or error})") from None
+        if not block:
+            return
+        digest.update(block)
+        yield block
+
+
+def _new_decompressor(codec: str):
+    if codec == "gzip":
+        return zlib.decompressobj(wbits=31)  # gzip header and trailer: CRC-32 and length are checked
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+def _decompressed_blocks(blocks: Iterator[bytes], codec: str, display: str) -> Iterator[bytes]:
+    """Decompress gzip members / zstd frames one after the other. A file that ends inside one is
+    truncated: stream readers (zstandard's stream_reader) return that as a clean end of data."""
+    unit = "member" if codec == "gzip" else "frame"
+    decompressor, started, complete = _new_decompressor(codec), False, 0
+    for block in blocks:
+        for offset in range(0, len(block), DECOMPRESS_FEED_BYTES):
+            data = block[offset : offset + DECOMPRESS_FEED_BYTES]
+            while data:
+                if codec == "gzip" and not started:
+                    data = data.lstrip(b"\0")  # gzip allows zero padding after a member
+                    if not data:
+                        break
+                try:
+                    out = decompressor.decompress(data)
+                except (zlib.error, zstandard.ZstdError) as error:
+                    raise InputFileError(f"{display}: corrupt {codec} data after {complete} complete {unit}(s) ({error})") from None
+                started = True
+                if out:
+                    yield out
+                if not decompressor.eof:
+                    break
+                complete += 1
+                data = decompressor.unused_data  # the next member/frame starts right here
+                decompressor, started = _new_decompressor(codec), False
+    if started:
+        raise InputFileError(f"{display}: truncated {codec} data (the file ends inside a {unit}); the file is incomplete")
+    if complete == 0:
+        raise InputFileError(f"{display}: empty {codec} file: not even one complete {unit}")
+
+
+def _without_bom(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    head = b""
+    for block in blocks:
+        head += block
+        if len(head) >= len(UTF8_BOM) or not UTF8_BOM.startswith(head):
+            break
+    head = head[len(UTF8_BOM) :] if head.startswith(UTF8_BOM) else head
+    if head:
+        yield head
+    yield from blocks
+
+
+def _coalesced(blocks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """Join small blocks (decompressor output comes in pieces) into blocks of at least `size` bytes."""
+    pending: list[bytes] = []
+    held = 0
+    for block in blocks:
+        pending.append(block)
+        held += len(block)
+        if held >= size:
+            yield b"".join(pending)
+            pending, held = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+def path_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents) in sorted order."""
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(child.relative_to(path)).encode())
+            digest.update(path_sha256(child).encode())
+        return digest.hexdigest()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(RAW_READ_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text containers (JSONL, JSON array): chunks of (row number, raw JSON text per row, utf8_ok)
 
 
 @dataclass
@@ -131,18 +298,7 @@ class RawChunk:
     blank_lines: int = 0
 
 
-def _open_binary(path: Path):
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".zst"):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-    return open(path, "rb")
-
-
-def _container_of(path: Path) -> str:
+def _container_of(path: Path, display: str) -> str:
     if path.is_dir():
         return "datasets"
     name = path.name.lower()
@@ -155,45 +311,30 @@ def _container_of(path: Path) -> str:
         return "csv"
     if name.endswith(".json"):
         # A .json file may hold one array, or one object per line.
-        with _open_binary(path) as handle:
-            head = handle.read(4096).lstrip()
+        head = InputBytes(path, display).head(4096).lstrip()
         return "json_array" if head.startswith(b"[") else "jsonl"
     return "jsonl"
 
 
-def _jsonl_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[RawChunk]:
+def _jsonl_chunks(source: InputBytes, chunk_rows: int) -> Iterator[RawChunk]:
     """Stream a JSONL file in blocks split at newlines; memory stays bounded by the block size."""
     line_offset = 0
     pending = b""
-    try:
-        handle = _open_binary(path)
-    except OSError as error:
-        raise InputFileError(f"{display}: cannot open ({error.strerror or error})") from None
-    with handle:
-        while True:
-            try:
-                block = handle.read(READ_BLOCK_BYTES)
-            except (OSError, EOFError, gzip.BadGzipFile) as error:
-                raise InputFileError(f"{display}: cannot decompress/read after line {line_offset} ({error})") from None
-            except Exception as error:  # zstandard raises its own ZstdError
-                raise InputFileError(f"{display}: cannot decompress/read after line {line_offset} ({error})") from None
-            if not block:
-                break
-            data = pending + block
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                pending = data
-                continue
-            pending = data[cut + 1 :]
-            for chunk in _lines_to_chunks(data[: cut + 1], line_offset, chunk_rows, final=False):
-                line_offset += chunk.rows.height + chunk.blank_lines
-                yield chunk
-        if pending:
-            for chunk in _lines_to_chunks(pending, line_offset, chunk_rows, final=True):
-                yield chunk
+    for block in _coalesced(source.blocks(), READ_BLOCK_BYTES):
+        data = pending + block
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            pending = data
+            continue
+        pending = data[cut + 1 :]
+        for chunk in _lines_to_chunks(data[: cut + 1], line_offset, chunk_rows):
+            line_offset += chunk.rows.height + chunk.blank_lines
+            yield chunk
+    if pending:
+        yield from _lines_to_chunks(pending, line_offset, chunk_rows)
 
 
-def _lines_to_chunks(data: bytes, line_offset: int, chunk_rows: int, final: bool) -> Iterator[RawChunk]:
+def _lines_to_chunks(data: bytes, line_offset: int, chunk_rows: int) -> Iterator[RawChunk]:
     # bytes.split and bytes.decode run in C: no Python work per line on the hot path.
     if data.endswith(b"\n"):
         data = data[:-1]
@@ -221,6 +362,225 @@ def _lines_to_chunks(data: bytes, line_offset: int, chunk_rows: int, final: bool
         )
 
 
+def _json_array_chunks(source: InputBytes, chunk_rows: int) -> Iterator[RawChunk]:
+    # A JSON array is parsed whole (it has no line structure to stream); each element's own text is
+    # then decoded exactly like a JSONL line.
+    data = source.read_all()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputFileError(f"{source.display}: not UTF-8 at byte {error.start}; a JSON array must be valid UTF-8 as a whole") from None
+    elements = _json_array_elements(text, source.display)
+    first_row = 1
+    while piece := list(itertools.islice(elements, chunk_rows)):
+        yield RawChunk(
+            rows=pl.DataFrame(
+                {
+                    "__row": pl.Series(np.arange(first_row, first_row + len(piece), dtype=np.int64)),
+                    "__raw": pl.Series(piece, dtype=pl.String),
+                    "__utf8_ok": pl.Series([True] * len(piece), dtype=pl.Boolean),
+                }
+            )
+        )
+        first_row += len(piece)
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+
+
+def _json_array_elements(text: str, display: str) -> Iterator[str]:
+    """The text of each element of a top-level JSON array, found by the C scanner element by element."""
+    decoder = json.JSONDecoder()
+    position = _JSON_SPACE.match(text).end()
+    if not text.startswith("[", position):
+        raise InputFileError(f"{display}: expected a JSON array of records or one JSON object per line")
+    position = _JSON_SPACE.match(text, position + 1).end()
+    if text.startswith("]", position):
+        position += 1
+    else:
+        while True:
+            try:
+                end = decoder.raw_decode(text, position)[1]
+            except RecursionError:
+                end = _end_of_nested_value(text, position)  # too deep for the scanner: a quarantined row
+            except json.JSONDecodeError as error:
+                raise InputFileError(f"{display}: not a valid JSON array (line {error.lineno}, column {error.colno}: {error.msg})") from None
+            yield text[position:end]
+            position = _JSON_SPACE.match(text, end).end()
+            if text.startswith(",", position):
+                position = _JSON_SPACE.match(text, position + 1).end()
+            elif text.startswith("]", position):
+                position += 1
+                break
+            else:
+                line = text.count("\n", 0, position) + 1
+                raise InputFileError(f"{display}: not a valid JSON array (line {line}: expected ',' or ']' after an element)")
+    if text[position:].strip():
+        raise InputFileError(f"{display}: not a valid JSON array (text after the closing ']')")
+
+
+def _end_of_nested_value(text: str, start: int) -> int:
+    """End of the array/object at `start`, by bracket depth (strings skipped): no recursion."""
+    depth = 0
+    for match in _JSON_STRING_OR_BRACKET.finditer(text, start):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+        if depth == 0:
+            return match.end()
+    return len(text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Typed containers (CSV, Parquet, datasets folders): column names are known before any row is read, so
+# only the columns a format needs are read and turned into JSON text (an unused image column is never
+# touched); values of types JSON cannot carry become {"unsupported_type": ...}, a wrong_type row.
+
+
+@dataclass
+class TypedSource:
+    names: list[str]
+    # (columns, rows per batch, json_safe) -> frames; json_safe replaces types JSON cannot carry.
+    batches: Callable[[list[str], int, bool], Iterator[pl.DataFrame]]
+    # sha256 of the bytes the rows came from, once every batch has been read.
+    sha256: Callable[[], str]
+
+
+ARROW_ERRORS = (pa.ArrowException, OSError, ValueError)
+ARROW_STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _csv_source(path: Path, display: str) -> TypedSource:
+    source = InputBytes(path, display)
+    data = source.read_all()
+    try:
+        # Every cell is text (CSV has no other type); an empty cell is null, a quoted "" the empty string.
+        frame = pl.read_csv(io.BytesIO(data), infer_schema=False, encoding="utf8")
+    except (pl.exceptions.PolarsError, UnicodeDecodeError) as error:
+        raise InputFileError(f"{display}: not readable as CSV ({_first_line(error)})") from None
+
+    def batches(columns: list[str], rows: int, json_safe: bool = True) -> Iterator[pl.DataFrame]:
+        for start in range(0, frame.height, rows):
+            yield frame.select(columns).slice(start, rows)
+
+    return TypedSource(frame.columns, batches, lambda: source.sha256)
+
+
+def _parquet_source(path: Path, display: str) -> TypedSource:
+    try:
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        names = parquet.schema_arrow.names
+    except ARROW_ERRORS as error:
+        raise InputFileError(f"{display}: not readable as Parquet ({_first_line(error)})") from None
+
+    def batches(columns: list[str], rows: int, json_safe: bool = True) -> Iterator[pl.DataFrame]:
+        try:
+            for table in _rebatched(parquet.iter_batches(batch_size=rows, columns=columns), rows):
+                yield _arrow_to_polars(table, json_safe)
+        except ARROW_ERRORS as error:
+            raise InputFileError(f"{display}: corrupt Parquet data ({_first_line(error)})") from None
+
+    # Parquet is read by random access, not in one pass: the file is hashed again once read.
+    return TypedSource(names, batches, lambda: path_sha256(path))
+
+
+def _datasets_source(path: Path, display: str) -> TypedSource:
+    """A folder written by `datasets.save_to_disk` (Arrow IPC stream files), or a DatasetDict of them."""
+    arrow_files = sorted(path.rglob("*.arrow"))
+    if not arrow_files:
+        raise InputFileError(f"{display}: a datasets folder without .arrow files")
+    names: list[str] = []
+    for arrow_file in arrow_files:
+        with _arrow_stream(arrow_file, f"{display}/{arrow_file.relative_to(path)}") as reader:
+            names += [name for name in reader.schema.names if name not in names]
+
+    def batches(columns: list[str], rows: int, json_safe: bool = True) -> Iterator[pl.DataFrame]:
+        for arrow_file in arrow_files:
+            where = f"{display}/{arrow_file.relative_to(path)}"
+            with _arrow_stream(arrow_file, where) as reader:
+                present = [name for name in columns if name in reader.schema.names] or reader.schema.names[:1]
+                try:
+                    for table in _rebatched((batch.select(present) for batch in reader), rows):
+                        yield _arrow_to_polars(table, json_safe)
+                except ARROW_ERRORS as error:
+                    raise InputFileError(f"{where}: corrupt Arrow data ({_first_line(error)})") from None
+
+    return TypedSource(names, batches, lambda: path_sha256(path))
+
+
+@contextlib.contextmanager
+def _arrow_stream(arrow_file: Path, where: str):
+    try:
+        with open(arrow_file, "rb") as handle:
+            # A stream cut at a batch boundary reads as complete: its end-of-stream marker tells.
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(size - len(ARROW_STREAM_END), 0))
+            if handle.read() != ARROW_STREAM_END:
+                raise InputFileError(f"{where}: truncated Arrow stream (no end-of-stream marker)")
+            handle.seek(0)
+            try:
+                reader = pa.ipc.open_stream(handle)
+            except ARROW_ERRORS as error:
+                raise InputFileError(f"{where}: not an Arrow IPC stream ({_first_line(error)})") from None
+            yield reader
+    except OSError as error:
+        raise InputFileError(f"{where}: cannot read ({error.strerror or error})") from None
+
+
+def _rebatched(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += batch.num_rows
+        if held >= rows:
+            yield pa.Table.from_batches(pending)
+            pending, held = [], 0
+    if pending:
+        yield pa.Table.from_batches(pending)
+
+
+def _json_native(kind: pa.DataType) -> bool:
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return True
+    if pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_null(kind):
+        return True
+    if pa.types.is_floating(kind):
+        return not pa.types.is_float16(kind)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _json_native(kind.value_type)
+    if pa.types.is_struct(kind):
+        return all(_json_native(kind.field(index).type) for index in range(kind.num_fields))
+    return False
+
+
+def _arrow_to_polars(table: pa.Table, json_safe: bool) -> pl.DataFrame:
+    if not json_safe:
+        return pl.from_arrow(table)
+    unsupported: dict[str, str] = {}
+    columns = []
+    for name, column in zip(table.column_names, table.columns):
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        if not _json_native(column.type):
+            unsupported[name] = str(column.type)
+            column = pc.is_valid(column)
+        columns.append(column)
+    frame = pl.from_arrow(pa.table(columns, names=table.column_names))
+    return frame.with_columns(
+        pl.when(pl.col(name)).then(pl.struct(pl.lit(kind).alias("unsupported_type"))).alias(name)
+        for name, kind in unsupported.items()
+    )
+
+
 def _frame_to_json_rows(frame: pl.DataFrame, first_row: int = 1) -> pl.DataFrame:
     """Rows of a typed table → JSON text per row (vectorized), so formats decode every container alike."""
     return frame.select(
@@ -230,92 +590,11 @@ def _frame_to_json_rows(frame: pl.DataFrame, first_row: int = 1) -> pl.DataFrame
     )
 
 
-def _json_array_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[RawChunk]:
-    with _open_binary(path) as handle:
-        data = handle.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InputFileError(f"{display}: not UTF-8 at byte {error.start}; a JSON array must be valid UTF-8 as a whole") from None
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputFileError(f"{display}: not a valid JSON array (line {error.lineno}, column {error.colno}: {error.msg})") from None
-    if not isinstance(items, list):
-        raise InputFileError(f"{display}: expected a JSON array of records, got {type(items).__name__}")
-    # A JSON array is parsed whole (it has no line structure to stream); each element is re-encoded
-    # with the C encoder so malformed elements are diagnosed exactly like JSONL lines.
-    for start in range(0, len(items), chunk_rows):
-        piece = items[start : start + chunk_rows]
-        raw = [json.dumps(item, ensure_ascii=False) for item in piece]
-        yield RawChunk(
-            rows=pl.DataFrame(
-                {
-                    "__row": pl.Series(np.arange(start + 1, start + 1 + len(piece), dtype=np.int64)),
-                    "__raw": raw,
-                    "__utf8_ok": pl.Series([True] * len(piece), dtype=pl.Boolean),
-                }
-            )
-        )
-
-
-def _csv_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[RawChunk]:
-    with _open_binary(path) as handle:
-        data = handle.read()
-    try:
-        frame = pl.read_csv(io.BytesIO(data), infer_schema=False, encoding="utf8")
-    except (pl.exceptions.PolarsError, UnicodeDecodeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputFileError(f"{display}: not readable as CSV ({first_line})") from None
-    for start in range(0, frame.height, chunk_rows):
-        yield RawChunk(rows=_frame_to_json_rows(frame.slice(start, chunk_rows), first_row=start + 1))
-
-
-def _parquet_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[RawChunk]:
-    try:
-        lazy = pl.scan_parquet(path)
-        height = lazy.select(pl.len()).collect().item()
-    except pl.exceptions.PolarsError as error:
-        raise InputFileError(f"{display}: not readable as Parquet ({str(error).splitlines()[0]})") from None
-    for start in range(0, height, chunk_rows):
-        piece = lazy.slice(start, chunk_rows).collect()
-        yield RawChunk(rows=_frame_to_json_rows(piece, first_row=start + 1))
-
-
-def _datasets_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[RawChunk]:
-    """A folder written by `datasets.save_to_disk` (Arrow IPC stream files), or a DatasetDict of them."""
-    arrow_files = sorted(path.rglob("*.arrow"))
-    if not arrow_files:
-        raise InputFileError(f"{display}: a datasets folder without .arrow files")
-    row = 1
-    for arrow_file in arrow_files:
-        try:
-            frame = pl.read_ipc_stream(arrow_file)
-        except pl.exceptions.PolarsError as error:
-            raise InputFileError(f"{display}: cannot read {arrow_file.name} ({str(error).splitlines()[0]})") from None
-        for start in range(0, frame.height, chunk_rows):
-            piece = frame.slice(start, chunk_rows)
-            yield RawChunk(rows=_frame_to_json_rows(piece, first_row=row))
-            row += piece.height
-
-
-CONTAINERS = {
-    "jsonl": _jsonl_chunks,
-    "json_array": _json_array_chunks,
-    "csv": _csv_chunks,
-    "parquet": _parquet_chunks,
-    "datasets": _datasets_chunks,
+TYPED_SOURCES: dict[str, Callable[[Path, str], TypedSource]] = {
+    "csv": _csv_source,
+    "parquet": _parquet_source,
+    "datasets": _datasets_source,
 }
-
-
-def _is_canonical_parquet(path: Path) -> bool:
-    if not path.name.endswith(".parquet"):
-        return False
-    try:
-        names = set(pl.read_parquet_schema(path))
-    except Exception:
-        return False
-    return set(CANONICAL_SCHEMA) <= names
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,6 +696,19 @@ def decode_chunk(
     chunk: pl.DataFrame, plan: FormatPlan, display: str, options: IngestOptions
 ) -> IngestBatch:
     """Turn one chunk of raw rows into canonical records and quarantine entries."""
+    frame = _decoded_content(chunk, plan, options)
+    frame = frame.with_columns(
+        pl.lit(plan.kind).alias("kind"),
+        pl.struct(
+            pl.lit(display).alias("file"), pl.col("__row").alias("row"), pl.lit(plan.format).alias("format")
+        ).alias("source"),
+    )
+    return _checked_batch(frame, display, options, kinds=(plan.kind,), check_nested=plan.format != "transcript")
+
+
+def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptions) -> pl.DataFrame:
+    """Raw rows → canonical content columns, with __pre_reason/__pre_field/__pre_detail for rows that
+    fail before any content check (bytes, JSON, types, missing fields)."""
     raw = chunk.with_columns(pl.col("__raw").str.len_bytes().alias("__bytes"))
     too_large = raw["__bytes"] > options.max_row_bytes
     utf8_bad = ~raw["__utf8_ok"]
@@ -459,75 +751,84 @@ def decode_chunk(
         pl.Series("__pre_field", pre_field.tolist(), dtype=pl.String),
         pl.Series("__pre_detail", pre_detail.tolist(), dtype=pl.String),
     )
-
     # Missing required fields (a JSON null or an absent key decode to null).
     missing_conditions = [
         (spec.name, pl.col("__rec").struct.field(spec.name).is_null()) for spec in plan.fields if spec.required
     ]
-    missing_field = _first_true(missing_conditions) if missing_conditions else pl.lit(None, dtype=pl.String)
-    frame = frame.with_columns(
-        pl.when(pl.col("__pre_reason").is_null() & missing_field.is_not_null())
-        .then(pl.lit("missing_field"))
-        .otherwise(pl.col("__pre_reason"))
-        .alias("__pre_reason"),
-        pl.when(pl.col("__pre_reason").is_null()).then(missing_field).otherwise(pl.col("__pre_field")).alias("__pre_field"),
-        pl.when(pl.col("__pre_reason").is_null() & missing_field.is_not_null())
-        .then(pl.lit("required field is missing or null"))
-        .otherwise(pl.col("__pre_detail"))
-        .alias("__pre_detail"),
-    )
-
+    frame = _with_pre_problem(frame, _first_true(missing_conditions) if missing_conditions else None,
+                              "missing_field", pl.lit("required field is missing or null"))  # fmt: skip
     ok_so_far = pl.col("__pre_reason").is_null()
     content = canonical_columns_from(plan)
-    frame = frame.with_columns(
+    return frame.with_columns(
         *[pl.when(ok_so_far).then(expr).otherwise(pl.lit(None, dtype=expr_dtype(name))).alias(name)
           for name, expr in content.items()]
-    )  # fmt: skip
-    # A message without a role or content key decodes to nulls: name it before normalization turns
-    # unknown roles into nulls too.
-    if plan.format != "transcript":
-        nested = [_nested_missing(name) for name in ("messages", "prompt", "chosen", "rejected") if name in content]
-        nested_field = pl.coalesce([field_name for _, field_name in nested])
-        frame = frame.with_columns(
-            pl.when(ok_so_far & nested_field.is_not_null()).then(pl.lit("missing_field")).otherwise(pl.col("__pre_reason")).alias("__pre_reason"),
-            pl.when(ok_so_far & nested_field.is_not_null()).then(nested_field).otherwise(pl.col("__pre_field")).alias("__pre_field"),
-            pl.when(ok_so_far & nested_field.is_not_null()).then(pl.lit("message has no role or content")).otherwise(pl.col("__pre_detail")).alias("__pre_detail"),
-        )
-        ok_so_far = pl.col("__pre_reason").is_null()
-    frame = frame.with_columns(
-        normalize_messages_series(frame[name])
-        for name in ("messages", "prompt", "chosen", "rejected", "__rejected_prompt")
-        if name in content
+    ).drop("__rec", "__bytes", "__utf8_ok")  # fmt: skip
+
+
+def _with_pre_problem(frame: pl.DataFrame, field_name: pl.Expr | None, reason: str, detail: pl.Expr) -> pl.DataFrame:
+    """Record `reason` on rows without an earlier problem where `field_name` (the field at fault) is set."""
+    if field_name is None:
+        return frame
+    hit = pl.col("__pre_reason").is_null() & field_name.is_not_null()
+    return frame.with_columns(
+        pl.when(hit).then(pl.lit(reason)).otherwise(pl.col("__pre_reason")).alias("__pre_reason"),
+        pl.when(hit).then(field_name).otherwise(pl.col("__pre_field")).alias("__pre_field"),
+        pl.when(hit).then(detail).otherwise(pl.col("__pre_detail")).alias("__pre_detail"),
     )
 
-    checks: list[tuple[str, pl.Expr, pl.Expr]] = []
-    if plan.kind == "sft":
-        checks += _messages_problems("messages", "conversation")
-        details = {"broken_turn_order": pl.format("roles: {}", _role_details("messages"))}
-    else:
-        checks += _messages_problems("prompt", "prompt")
-        checks += _messages_problems("chosen", "reply")
-        checks += _messages_problems("rejected", "reply")
-        if "__rejected_prompt" in content:
-            checks.append(
-                (
-                    "transcript_prompt_mismatch",
-                    pl.col("prompt") != pl.col("__rejected_prompt"),
-                    pl.lit("chosen/rejected"),
-                )
-            )
-        details = {"broken_turn_order": pl.lit("prompt must end with a user turn; chosen/rejected one assistant turn")}
-    # Order matters: the first failing check names the row's reason.
-    ordered = sorted(checks, key=lambda item: ["unknown_role", "empty_content", "broken_turn_order", "transcript_prompt_mismatch"].index(item[0]))
-    reason = _first_true([(label, condition) for label, condition, _ in ordered])
-    where = pl.lit(None, dtype=pl.String)
-    for label, condition, field_description in reversed(ordered):
+
+CONTENT_COLUMNS = ("messages", "prompt", "chosen", "rejected")
+CHECK_ORDER = ("unknown_role", "empty_content", "broken_turn_order", "transcript_prompt_mismatch")
+CHECK_DETAILS = {
+    "unknown_role": "role is not one of user/assistant/system (or an alias)",
+    "empty_content": "message content is empty after whitespace normalization",
+    "transcript_prompt_mismatch": "chosen and rejected transcripts differ before the last assistant turn",
+}
+
+
+def _content_checks(kinds: tuple[str, ...], transcript_pair: bool) -> list[tuple[str, pl.Expr, pl.Expr, pl.Expr]]:
+    """(reason, condition, field, detail) per content check, each applying to rows of its own kind; in
+    the order in which the first failing check names a row's reason."""
+    checks = []
+    if "sft" in kinds:
+        order_detail = pl.format("roles: {}", _role_details("messages"))
+        for label, condition, where in _messages_problems("messages", "conversation"):
+            detail = order_detail if label == "broken_turn_order" else pl.lit(CHECK_DETAILS[label])
+            checks.append((label, (pl.col("kind") == "sft") & condition, where, detail))
+    if "preference" in kinds:
+        order_detail = pl.lit("prompt must end with a user turn; chosen/rejected one assistant turn")
+        problems = [*_messages_problems("prompt", "prompt"), *_messages_problems("chosen", "reply"), *_messages_problems("rejected", "reply")]
+        if transcript_pair:
+            problems.append(("transcript_prompt_mismatch", pl.col("prompt") != pl.col("__rejected_prompt"), pl.lit("chosen/rejected")))
+        for label, condition, where in problems:
+            detail = order_detail if label == "broken_turn_order" else pl.lit(CHECK_DETAILS[label])
+            checks.append((label, (pl.col("kind") == "preference") & condition, where, detail))
+    return sorted(checks, key=lambda check: CHECK_ORDER.index(check[0]))
+
+
+def _checked_batch(
+    frame: pl.DataFrame, display: str, options: IngestOptions, kinds: tuple[str, ...], check_nested: bool
+) -> IngestBatch:
+    """Normalize content and run the content checks; split rows into records and quarantine.
+
+    `frame` holds __row, __raw, __pre_reason/__pre_field/__pre_detail, kind, the content columns,
+    source, and (canonical inputs) extra columns that are kept as they are."""
+    if check_nested:
+        # A message without a role or content decodes to nulls: name it before normalization turns
+        # unknown roles into nulls too.
+        nested = [_nested_missing(name) for name in CONTENT_COLUMNS]
+        frame = _with_pre_problem(frame, pl.coalesce([where for _, where in nested]), "missing_field",
+                                  pl.lit("message has no role or content"))  # fmt: skip
+    present = [name for name in (*CONTENT_COLUMNS, "__rejected_prompt") if name in frame.columns]
+    frame = frame.with_columns(normalize_messages_series(frame[name]) for name in present)
+
+    checks = _content_checks(kinds, transcript_pair="__rejected_prompt" in frame.columns)
+    reason = _first_true([(label, condition) for label, condition, _, _ in checks])
+    where = detail = pl.lit(None, dtype=pl.String)
+    for _, condition, field_description, description in reversed(checks):
         where = pl.when(condition).then(field_description).otherwise(where)
-    detail = pl.when(reason == "broken_turn_order").then(details["broken_turn_order"]).otherwise(
-        pl.when(reason == "unknown_role").then(pl.lit("role is not one of user/assistant/system (or an alias)"))
-        .when(reason == "empty_content").then(pl.lit("message content is empty after whitespace normalization"))
-        .when(reason == "transcript_prompt_mismatch").then(pl.lit("chosen and rejected transcripts differ before the last assistant turn"))
-    )  # fmt: skip
+        detail = pl.when(condition).then(description).otherwise(detail)
+    ok_so_far = pl.col("__pre_reason").is_null()
     frame = frame.with_columns(
         pl.when(ok_so_far).then(reason).otherwise(pl.col("__pre_reason")).alias("__reason"),
         pl.when(ok_so_far).then(where).otherwise(pl.col("__pre_field")).alias("__field"),
@@ -542,24 +843,51 @@ def decode_chunk(
         pl.col("__detail").fill_null("").alias("detail"),
         pl.col("__raw").str.slice(0, options.quarantine_raw_chars).alias("raw"),
     )
-    records = frame.filter(pl.col("__reason").is_null()).select(
-        pl.lit(plan.kind).alias("kind"),
-        pl.col("messages"),
-        pl.col("prompt"),
-        pl.col("chosen"),
-        pl.col("rejected"),
-        pl.struct(
-            pl.lit(display).alias("file"), pl.col("__row").alias("row"), pl.lit(plan.format).alias("format")
-        ).alias("source"),
-    )
+    extra = [name for name in frame.columns if not name.startswith("__") and name not in CANONICAL_SCHEMA]
+    records = frame.filter(pl.col("__reason").is_null()).select("kind", *CONTENT_COLUMNS, "source", *extra)
     records = with_record_id(records).select(
-        *[pl.col(name).cast(dtype) for name, dtype in CANONICAL_SCHEMA.items()]
+        *[pl.col(name).cast(dtype) for name, dtype in CANONICAL_SCHEMA.items()], *extra
     )
     return IngestBatch(records=records, quarantine=quarantine.cast(QUARANTINE_SCHEMA))
 
 
 def expr_dtype(name: str) -> pl.DataType:
     return CANONICAL_SCHEMA.get(name, CANONICAL_SCHEMA["prompt"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Canonical Parquet (a stage's data.parquet fed back in): validated like any other input. Ids are
+# recomputed from the content (an id is a hash of it), kinds, roles, turn order and content checked.
+
+
+def _canonical_batch(frame: pl.DataFrame, first_row: int, display: str, options: IngestOptions) -> IngestBatch:
+    for name, dtype in CANONICAL_SCHEMA.items():
+        if frame.schema[name] != dtype:
+            raise InputFileError(f"{display}: column {name!r} is {frame.schema[name]}, the canonical schema has {dtype}")
+    is_sft, is_preference = pl.col("kind") == "sft", pl.col("kind") == "preference"
+    frame = frame.with_columns(
+        (pl.int_range(pl.len(), dtype=pl.Int64) + first_row).alias("__row"),
+        pl.struct(*CANONICAL_SCHEMA).struct.json_encode().alias("__raw"),
+        *[pl.lit(None, dtype=pl.String).alias(name) for name in ("__pre_reason", "__pre_field", "__pre_detail")],
+    )
+    frame = _with_pre_problem(frame, pl.when(pl.col("kind").is_null()).then(pl.lit("kind")), "missing_field", pl.lit("required field is missing or null"))
+    frame = _with_pre_problem(
+        frame, pl.when(~is_sft & ~is_preference).then(pl.lit("kind")), "wrong_type",
+        pl.format("kind {} is neither sft nor preference", pl.col("kind")),
+    )  # fmt: skip
+    required = [(name, is_sft & pl.col(name).is_null()) for name in ("messages",)]
+    required += [(name, is_preference & pl.col(name).is_null()) for name in ("prompt", "chosen", "rejected")]
+    frame = _with_pre_problem(frame, _first_true(required), "missing_field", pl.lit("required field is missing or null"))
+    foreign = [(name, is_sft & pl.col(name).is_not_null()) for name in ("prompt", "chosen", "rejected")]
+    foreign += [("messages", is_preference & pl.col("messages").is_not_null())]
+    frame = _with_pre_problem(frame, _first_true(foreign), "wrong_type", pl.format("a {} record carries this field", pl.col("kind")))
+    frame = frame.with_columns(
+        pl.coalesce(
+            "source",
+            pl.struct(pl.lit(display).alias("file"), pl.col("__row").alias("row"), pl.lit(CANONICAL_FORMAT).alias("format")),
+        ).alias("source")
+    )
+    return _checked_batch(frame, display, options, kinds=("sft", "preference"), check_nested=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -578,50 +906,83 @@ def _sample_rows(chunk: pl.DataFrame, limit: int = 200) -> list[dict]:
     return sample
 
 
-def ingest_file(
-    path: Path, display: str, spec: InputSpec, options: IngestOptions
-) -> Iterator[tuple[IngestBatch, FileReport]]:
-    """Yield (batch, running report) per chunk of one raw file."""
-    if spec.format not in ("auto", *FORMATS):
-        raise InputFileError(f"{display}: unknown format {spec.format!r}; expected auto or one of {', '.join(FORMATS)}")
-    if not os.access(path, os.R_OK):
-        raise InputFileError(f"{display}: not readable (permission denied)")
-    if path.is_file() and _is_canonical_parquet(path):
-        frame = pl.read_parquet(path)
-        report = FileReport(file=display, format=CANONICAL_FORMAT, rows=frame.height, kept=frame.height)
-        yield IngestBatch(records=frame, quarantine=pl.DataFrame(schema=QUARANTINE_SCHEMA)), report
-        return
-    container = _container_of(path)
-    chunks = CONTAINERS[container](path, display, options.chunk_rows)
+def _plan_for(sample: list[dict], keys: list[str], spec: InputSpec, display: str) -> FormatPlan:
+    fmt = spec.format
+    if fmt == "auto":
+        fmt = detect_format(sample, spec.columns)
+        if fmt is None:
+            raise InputFileError(
+                f"{display}: cannot detect the record format from fields {sorted(keys)[:12]}; set `format:` "
+                f"(one of {', '.join(FORMATS)}) and `columns:` for this input"
+            )
+    return plan_format(fmt, sample, spec.columns)
+
+
+def _text_batches(path: Path, display: str, container: str, spec: InputSpec, options: IngestOptions, report: FileReport) -> Iterator[IngestBatch]:
+    source = InputBytes(path, display)
+    chunks = _jsonl_chunks if container == "jsonl" else _json_array_chunks
     plan: FormatPlan | None = None
-    report = FileReport(file=display, format=spec.format)
-    for chunk in chunks:
+    for chunk in chunks(source, options.chunk_rows):
         report.blank_lines += chunk.blank_lines
         if chunk.rows.height == 0:
             continue
         if plan is None:
             sample = _sample_rows(chunk.rows)
-            fmt = spec.format
-            if fmt == "auto":
-                fmt = detect_format(sample, spec.columns)
-                if fmt is None:
-                    keys = sorted({key for row in sample for key in row})[:12]
-                    raise InputFileError(
-                        f"{display}: cannot detect the record format from fields {keys}; set `format:` "
-                        f"(one of {', '.join(FORMATS)}) and `columns:` for this input"
-                    )
-            plan = plan_format(fmt, sample, spec.columns)
-            report.format = fmt
-        batch = decode_chunk(chunk.rows, plan, display, options)
-        report.rows += chunk.rows.height
+            plan = _plan_for(sample, list({key for row in sample for key in row}), spec, display)
+            report.format = plan.format
+        yield decode_chunk(chunk.rows, plan, display, options)
+    report.sha256 = source.sha256
+
+
+def _typed_batches(path: Path, display: str, container: str, spec: InputSpec, options: IngestOptions, report: FileReport) -> Iterator[IngestBatch]:
+    source = TYPED_SOURCES[container](path, display)
+    first_row = 1
+    if container == "parquet" and set(CANONICAL_SCHEMA) <= set(source.names):
+        report.format = CANONICAL_FORMAT
+        for frame in source.batches(source.names, options.chunk_rows, False):
+            yield _canonical_batch(frame, first_row, display, options)
+            first_row += frame.height
+    else:
+        # Only the columns some format could use are sampled, only those the format uses are read.
+        wanted = {*(name for names in DEFAULT_COLUMNS.values() for name in names.values()), *spec.columns.values()}
+        sample_columns = [name for name in source.names if name in wanted] or source.names[:1]
+        head = next(source.batches(sample_columns, 200, True), None)
+        if head is None or head.height == 0:
+            report.sha256 = source.sha256()
+            return  # no rows: an empty file
+        sample = head.head(200).to_dicts()
+        plan = _plan_for(sample, source.names, spec, display)
+        report.format = plan.format
+        fields = {field_spec.name for field_spec in plan.fields}
+        columns = [name for name in source.names if name in fields] or source.names[:1]
+        for frame in source.batches(columns, options.chunk_rows, True):
+            yield decode_chunk(_frame_to_json_rows(frame, first_row), plan, display, options)
+            first_row += frame.height
+    report.sha256 = source.sha256()
+
+
+def ingest_file(
+    path: Path, display: str, spec: InputSpec, options: IngestOptions
+) -> Iterator[tuple[IngestBatch, FileReport]]:
+    """Yield (batch, running report) per chunk of one raw file. The last report carries the sha256 of
+    the bytes the rows were read from."""
+    if spec.format not in ("auto", *FORMATS):
+        raise InputFileError(f"{display}: unknown format {spec.format!r}; expected auto or one of {', '.join(FORMATS)}")
+    if not os.access(path, os.R_OK):
+        raise InputFileError(f"{display}: not readable (permission denied)")
+    container = _container_of(path, display)
+    report = FileReport(file=display, format=spec.format)
+    read = _typed_batches if container in TYPED_SOURCES else _text_batches
+    for batch in read(path, display, container, spec, options, report):
+        report.rows += batch.records.height + batch.quarantine.height
         report.kept += batch.records.height
         report.quarantined += batch.quarantine.height
         for reason, count in batch.quarantine.group_by("reason").len().iter_rows():
             report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + count
         yield batch, report
-    if plan is None and report.blank_lines == 0:
+    if report.rows == 0 and report.blank_lines == 0 and report.format == "auto":
         # An empty file is not an error, but the manifest says so.
-        report.format = spec.format if spec.format != "auto" else "empty"
+        report.format = "empty"
     yield IngestBatch(records=pl.DataFrame(schema=CANONICAL_SCHEMA), quarantine=pl.DataFrame(schema=QUARANTINE_SCHEMA)), report
 
 

@@ -31,8 +31,8 @@ import yaml
 
 import curate
 from curate.atomic import atomic_path, write_json, write_parquet
-from curate.errors import ConfigError, RunStateError
-from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file
+from curate.errors import ConfigError, InputFileError, RunStateError
+from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file, path_sha256
 from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, load_schema
 
@@ -161,16 +161,7 @@ def _sha256_text(text: str) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    if path.is_dir():
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(child.relative_to(path)).encode())
-            digest.update(file_sha256(child).encode())
-        return digest.hexdigest()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return path_sha256(path)  # one definition: ingest compares it with the bytes it read
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +241,9 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
                     batch.quarantine.write_parquet(part)
                     quarantine_parts.append(part)
                 events.stage_progress(INGEST_STAGE, f"{display}: {report.rows:,} rows")
+            if last_report.sha256 != input_records[file_index]["sha256"]:
+                # The fingerprint above and the rows just read must describe the same bytes.
+                raise InputFileError(f"{display}: changed while being read; rerun")
             reports.append(last_report)
         records = (
             # diagonal: parts from canonical Parquet inputs may carry score columns the others lack.
