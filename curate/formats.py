@@ -155,7 +155,9 @@ def scalar_for_string_pattern(plan: FormatPlan) -> str | None:
     if not keys:
         return None
     alternatives = "|".join(re.escape(json.dumps(key)) for key in sorted(set(keys)))
-    return rf'(?:{alternatives})\s*:\s*(?:-?[0-9]|true|false|\[|\{{)'
+    # A key spelled with escapes ("cont\\u0065nt") is the same key to the decoder: check those rows too.
+    escaped_key = r'"(?:[^"\\]|\\.)*\\u[0-9a-fA-F]{4}(?:[^"\\]|\\.)*"'
+    return rf'(?:{alternatives}|{escaped_key})\s*:\s*(?:-?[0-9]|true|false|\[|\{{)'
 
 
 def diagnose_row(raw: str, plan: FormatPlan) -> tuple[str, str, str] | None:

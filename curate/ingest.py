@@ -435,14 +435,15 @@ def _end_of_nested_value(text: str, start: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Typed containers (CSV, Parquet, datasets folders): column names are known before any row is read, so
-# only the columns a format needs are read and turned into JSON text (an unused image column is never
-# touched); values of types JSON cannot carry become {"unsupported_type": ...}, a wrong_type row.
+# Typed containers (CSV, Parquet, datasets folders): column names and types are known before any row is
+# read, so a column JSON cannot carry (image bytes, dates) is read only when the format needs it, and
+# then its values become {"unsupported_type": ...}: a wrong_type row, never a crash or a stringified value.
 
 
 @dataclass
 class TypedSource:
     names: list[str]
+    json_native: set[str]  # the columns whose type JSON carries as it is
     # (columns, rows per batch, json_safe) -> frames; json_safe replaces types JSON cannot carry.
     batches: Callable[[list[str], int, bool], Iterator[pl.DataFrame]]
     # sha256 of the bytes the rows came from, once every batch has been read.
@@ -471,13 +472,13 @@ def _csv_source(path: Path, display: str) -> TypedSource:
         for start in range(0, frame.height, rows):
             yield frame.select(columns).slice(start, rows)
 
-    return TypedSource(frame.columns, batches, lambda: source.sha256)
+    return TypedSource(frame.columns, set(frame.columns), batches, lambda: source.sha256)
 
 
 def _parquet_source(path: Path, display: str) -> TypedSource:
     try:
         parquet = pq.ParquetFile(path, page_checksum_verification=True)
-        names = parquet.schema_arrow.names
+        schema = parquet.schema_arrow
     except ARROW_ERRORS as error:
         raise InputFileError(f"{display}: not readable as Parquet ({_first_line(error)})") from None
 
@@ -489,7 +490,7 @@ def _parquet_source(path: Path, display: str) -> TypedSource:
             raise InputFileError(f"{display}: corrupt Parquet data ({_first_line(error)})") from None
 
     # Parquet is read by random access, not in one pass: the file is hashed again once read.
-    return TypedSource(names, batches, lambda: path_sha256(path))
+    return TypedSource(schema.names, _json_native_names(schema), batches, lambda: path_sha256(path))
 
 
 def _datasets_source(path: Path, display: str) -> TypedSource:
@@ -498,9 +499,11 @@ def _datasets_source(path: Path, display: str) -> TypedSource:
     if not arrow_files:
         raise InputFileError(f"{display}: a datasets folder without .arrow files")
     names: list[str] = []
+    json_native: set[str] = set()
     for arrow_file in arrow_files:
         with _arrow_stream(arrow_file, f"{display}/{arrow_file.relative_to(path)}") as reader:
             names += [name for name in reader.schema.names if name not in names]
+            json_native |= _json_native_names(reader.schema)
 
     def batches(columns: list[str], rows: int, json_safe: bool = True) -> Iterator[pl.DataFrame]:
         for arrow_file in arrow_files:
@@ -513,7 +516,7 @@ def _datasets_source(path: Path, display: str) -> TypedSource:
                 except ARROW_ERRORS as error:
                     raise InputFileError(f"{where}: corrupt Arrow data ({_first_line(error)})") from None
 
-    return TypedSource(names, batches, lambda: path_sha256(path))
+    return TypedSource(names, json_native, batches, lambda: path_sha256(path))
 
 
 @contextlib.contextmanager
@@ -560,6 +563,14 @@ def _json_native(kind: pa.DataType) -> bool:
     if pa.types.is_struct(kind):
         return all(_json_native(kind.field(index).type) for index in range(kind.num_fields))
     return False
+
+
+def _json_native_names(schema: pa.Schema) -> set[str]:
+    return {
+        field.name
+        for field in schema
+        if _json_native(field.type.value_type if pa.types.is_dictionary(field.type) else field.type)
+    }
 
 
 def _arrow_to_polars(table: pa.Table, json_safe: bool) -> pl.DataFrame:
@@ -953,8 +964,10 @@ def _typed_batches(path: Path, display: str, container: str, spec: InputSpec, op
         sample = head.head(200).to_dicts()
         plan = _plan_for(sample, source.names, spec, display)
         report.format = plan.format
+        # Columns JSON carries are read too, so a quarantined row shows the whole record as the file
+        # holds it; others (image bytes) only when the format needs them.
         fields = {field_spec.name for field_spec in plan.fields}
-        columns = [name for name in source.names if name in fields] or source.names[:1]
+        columns = [name for name in source.names if name in fields or name in source.json_native] or source.names[:1]
         for frame in source.batches(columns, options.chunk_rows, True):
             yield decode_chunk(_frame_to_json_rows(frame, first_row), plan, display, options)
             first_row += frame.height
