@@ -233,7 +233,7 @@ def _decompressed_blocks(blocks: Iterator[bytes], codec: str, display: str) -> I
                 try:
                     out = decompressor.decompress(data)
                 except (zlib.error, zstandard.ZstdError) as error:
-                    raise InputFileError(f"{display}: corrupt {codec} data after {complete} complete {unit}(s) ({error})") from None
+                    raise InputFileError(f"{display}: corrupt {codec} data ({error})") from None
                 started = True
                 if out:
                     yield out
@@ -808,9 +808,14 @@ def _content_checks(kinds: tuple[str, ...], transcript_pair: bool) -> list[tuple
             checks.append((label, (pl.col("kind") == "sft") & condition, where, detail))
     if "preference" in kinds:
         order_detail = pl.lit("prompt must end with a user turn; chosen/rejected one assistant turn")
-        problems = [*_messages_problems("prompt", "prompt"), *_messages_problems("chosen", "reply"), *_messages_problems("rejected", "reply")]
+        problems = [
+            *_messages_problems("prompt", "prompt"),
+            *_messages_problems("chosen", "reply"),
+            *_messages_problems("rejected", "reply"),
+        ]
         if transcript_pair:
-            problems.append(("transcript_prompt_mismatch", pl.col("prompt") != pl.col("__rejected_prompt"), pl.lit("chosen/rejected")))
+            mismatch = pl.col("prompt") != pl.col("__rejected_prompt")
+            problems.append(("transcript_prompt_mismatch", mismatch, pl.lit("chosen/rejected")))
         for label, condition, where in problems:
             detail = order_detail if label == "broken_turn_order" else pl.lit(CHECK_DETAILS[label])
             checks.append((label, (pl.col("kind") == "preference") & condition, where, detail))
@@ -881,17 +886,19 @@ def _canonical_batch(frame: pl.DataFrame, first_row: int, display: str, options:
         pl.struct(*CANONICAL_SCHEMA).struct.json_encode().alias("__raw"),
         *[pl.lit(None, dtype=pl.String).alias(name) for name in ("__pre_reason", "__pre_field", "__pre_detail")],
     )
-    frame = _with_pre_problem(frame, pl.when(pl.col("kind").is_null()).then(pl.lit("kind")), "missing_field", pl.lit("required field is missing or null"))
+    missing = pl.lit("required field is missing or null")
+    frame = _with_pre_problem(frame, pl.when(pl.col("kind").is_null()).then(pl.lit("kind")), "missing_field", missing)
     frame = _with_pre_problem(
         frame, pl.when(~is_sft & ~is_preference).then(pl.lit("kind")), "wrong_type",
         pl.format("kind {} is neither sft nor preference", pl.col("kind")),
     )  # fmt: skip
     required = [(name, is_sft & pl.col(name).is_null()) for name in ("messages",)]
     required += [(name, is_preference & pl.col(name).is_null()) for name in ("prompt", "chosen", "rejected")]
-    frame = _with_pre_problem(frame, _first_true(required), "missing_field", pl.lit("required field is missing or null"))
+    frame = _with_pre_problem(frame, _first_true(required), "missing_field", missing)
     foreign = [(name, is_sft & pl.col(name).is_not_null()) for name in ("prompt", "chosen", "rejected")]
     foreign += [("messages", is_preference & pl.col("messages").is_not_null())]
-    frame = _with_pre_problem(frame, _first_true(foreign), "wrong_type", pl.format("a {} record carries this field", pl.col("kind")))
+    carries = pl.format("a {} record carries this field", pl.col("kind"))
+    frame = _with_pre_problem(frame, _first_true(foreign), "wrong_type", carries)
     frame = frame.with_columns(
         pl.coalesce(
             "source",
@@ -929,7 +936,9 @@ def _plan_for(sample: list[dict], keys: list[str], spec: InputSpec, display: str
     return plan_format(fmt, sample, spec.columns)
 
 
-def _text_batches(path: Path, display: str, container: str, spec: InputSpec, options: IngestOptions, report: FileReport) -> Iterator[IngestBatch]:
+def _text_batches(
+    path: Path, display: str, container: str, spec: InputSpec, options: IngestOptions, report: FileReport
+) -> Iterator[IngestBatch]:
     source = InputBytes(path, display)
     chunks = _jsonl_chunks if container == "jsonl" else _json_array_chunks
     plan: FormatPlan | None = None
@@ -945,7 +954,9 @@ def _text_batches(path: Path, display: str, container: str, spec: InputSpec, opt
     report.sha256 = source.sha256
 
 
-def _typed_batches(path: Path, display: str, container: str, spec: InputSpec, options: IngestOptions, report: FileReport) -> Iterator[IngestBatch]:
+def _typed_batches(
+    path: Path, display: str, container: str, spec: InputSpec, options: IngestOptions, report: FileReport
+) -> Iterator[IngestBatch]:
     source = TYPED_SOURCES[container](path, display)
     first_row = 1
     if container == "parquet" and set(CANONICAL_SCHEMA) <= set(source.names):
@@ -954,11 +965,12 @@ def _typed_batches(path: Path, display: str, container: str, spec: InputSpec, op
             yield _canonical_batch(frame, first_row, display, options)
             first_row += frame.height
     else:
-        # Only the columns some format could use are sampled, only those the format uses are read.
+        # Format detection samples the first rows of the columns some format could use.
         wanted = {*(name for names in DEFAULT_COLUMNS.values() for name in names.values()), *spec.columns.values()}
         sample_columns = [name for name in source.names if name in wanted] or source.names[:1]
-        head = next(source.batches(sample_columns, 200, True), None)
-        if head is None or head.height == 0:
+        with contextlib.closing(source.batches(sample_columns, 200, True)) as heads:
+            head = next((frame for frame in heads if frame.height), None)
+        if head is None:
             report.sha256 = source.sha256()
             return  # no rows: an empty file
         sample = head.head(200).to_dicts()

@@ -40,7 +40,7 @@ def _iter_rows(path: Path):
         for index, row in enumerate(frame.iter_rows(named=True), start=1):
             yield index, {key: value for key, value in row.items() if value is not None}
         return
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte order mark is not content
     if text.lstrip().startswith("["):
         for index, row in enumerate(json.loads(text), start=1):
             yield index, row
@@ -51,6 +51,8 @@ def _iter_rows(path: Path):
                 yield index, json.loads(line)
             except json.JSONDecodeError as error:
                 yield index, SchemaValidationError(f"{path}: line {index}: not valid JSON ({error.msg})")
+            except RecursionError:
+                yield index, SchemaValidationError(f"{path}: line {index}: JSON nested too deeply")
 
 
 def validate_file(path: str | Path, schema: str = "auto", max_errors: int = 20) -> ValidationResult:
@@ -86,7 +88,7 @@ def validate_file(path: str | Path, schema: str = "auto", max_errors: int = 20) 
                 if len(errors) < max_errors:
                     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in problem.absolute_path).lstrip(".")
                     errors.append(f"{path}: row {index}: {where or '(record)'}: {problem.message}")
-    except (UnicodeDecodeError, json.JSONDecodeError, pl.exceptions.PolarsError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, pl.exceptions.PolarsError, RecursionError) as error:
         raise SchemaValidationError(f"{path}: cannot read ({type(error).__name__}: {str(error).splitlines()[0]})") from None
     return ValidationResult(rows=rows, invalid=invalid, first_errors=errors)
 

@@ -400,3 +400,13 @@ def test_json_array_elements_decode_exactly_like_jsonl_lines(tmp_path):
     assert code == 0 and quarantine.height == 0
     files = records["source"].struct.field("file")
     assert records.filter(files == "a.json")["id"].to_list() == records.filter(files == "l.jsonl")["id"].to_list()
+
+
+def test_validate_reads_a_bom_and_reports_deep_nesting_in_one_line(tmp_path, capsys):
+    record = canonical_frame([{"prompt": "Refund?", "chosen": "Yes.", "rejected": "No."}]).to_dicts()[0]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl_bytes([record]))
+    assert main(["validate", "bom.jsonl"]) == 0
+    (tmp_path / "deep.json").write_text("[" + "[" * 10_000 + "]" * 10_000 + "]")
+    assert main(["validate", "deep.json"]) == 2
+    err = capsys.readouterr().err
+    assert "deep.json" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
