@@ -574,6 +574,9 @@ def _json_native_names(schema: pa.Schema) -> set[str]:
 
 
 def _arrow_to_polars(table: pa.Table, json_safe: bool) -> pl.DataFrame:
+    # Arrow readers trust offsets and lengths as stored; a damaged file can hold invalid arrays that
+    # crash the conversion outright. Full validation turns them into an ArrowInvalid for this file.
+    table.validate(full=True)
     if not json_safe:
         return pl.from_arrow(table)
     unsupported: dict[str, str] = {}

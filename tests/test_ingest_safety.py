@@ -164,6 +164,31 @@ def test_truncated_arrow_stream_in_a_datasets_folder_fails(tmp_path, capsys):
         assert_one_line_error(capsys, code, out, "ds/", arrow_file.name)
 
 
+def test_arrow_arrays_with_impossible_offsets_fail_the_file_not_the_process(tmp_path, repo_root):
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = pa.py_buffer(np.array([0, 5, 1 << 30, 12], dtype=np.int32).tobytes())
+    damaged = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"hello world!")])
+    batch = pa.record_batch([damaged, pa.array(["a", "b", "c"])], names=["instruction", "output"])
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "state.json").write_text("{}")
+    with pa.OSFile(str(tmp_path / "ds" / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+    # In a child process: reading such arrays unchecked crashes the interpreter (SIGSEGV).
+    done = subprocess.run(
+        [sys.executable, "-m", "curate.cli", "ingest", "ds", "--out", "run"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(repo_root)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith("error: ds/data-00000-of-00001.arrow: corrupt Arrow data")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 # ------------------------------------------------------------------------------- canonical pass-through
 
 
