@@ -140,8 +140,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, b
             raise TrainConfigError(f"{path}: the top level must be a mapping")
         tree.update(loaded)
     for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(tree, dotted, value)
+        _set_dotted(tree, dotted, value)  # `--set optim.max_grad_norm=null` means null
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:

@@ -153,13 +153,14 @@ def _clip_and_measure(params: list, max_grad_norm: float | None) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def _stop_if_not_finite(step: int, loss: float, grad_norm: float, last_checkpoint: int | None) -> None:
+def _stop_if_not_finite(step: int, loss: float, grad_norm: float, last_checkpoint: int | None, opt) -> None:
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
     kept = f"checkpoint step-{last_checkpoint:06d} is the last saved" if last_checkpoint else "nothing was saved"
+    clip = "" if opt.max_grad_norm is not None else " or set optim.max_grad_norm"
     raise TrainingDivergedError(
         f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopped before the update ({kept}); "
-        "lower optim.lr or set optim.max_grad_norm"
+        f"lower optim.lr (now {opt.lr}){clip}"
     )
 
 
@@ -389,7 +390,7 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
             totals = ddp.all_sum(sums.tolist())
             denominator = step_targets if mode == "sft" else step_pairs
             grad_norm = _clip_and_measure(params, opt.max_grad_norm)
-            _stop_if_not_finite(step + 1, totals[0] / max(1, denominator), grad_norm, last_ckpt_step)
+            _stop_if_not_finite(step + 1, totals[0] / max(1, denominator), grad_norm, last_ckpt_step, opt)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
