@@ -19,7 +19,7 @@ from train.cli import _config_from_args, build_parser, main
 from train.loop import run_fingerprint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import make_tiny_model, sft_conversations, write_sft_split  # noqa: E402
+from train_helpers import make_tiny_model, pref_pairs, sft_conversations, write_pref_split, write_sft_split  # noqa: E402
 
 # Hand-written single-turn conversations in three shapes: one that fits in 40 tokens, one whose answer
 # is cut at 40 tokens, one whose prompt alone is longer than 40 tokens.
@@ -50,6 +50,7 @@ def tiny(tmp_path_factory):
         "model": make_tiny_model(root / "model"),
         "sft": write_sft_split(root / "sft", sft_conversations(12), sft_conversations(4, offset=100)),
         "shapes": write_sft_split(root / "shapes", [SHORT, CUT_ANSWER, LONG_PROMPT], [SHORT]),
+        "pref": write_pref_split(root / "pref", pref_pairs(6), pref_pairs(2, offset=100)),
     }
 
 
@@ -286,3 +287,31 @@ def test_prompts_longer_than_max_seq_len_everywhere_refuse_the_run(tiny, tmp_pat
         "raise data.max_seq_len"
     )
     assert not out.exists()
+
+
+def test_dpo_truncation_counts_response_tokens(tiny, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    render = lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    lengths = []
+    for pair in pref_pairs(6):
+        prompt = render(pair["prompt"], True)
+        responses = [render(pair["prompt"] + pair[side], False)[len(prompt) :] for side in ("chosen", "rejected")]
+        lengths.append((count(prompt), *map(count, responses)))
+    max_seq_len = 78
+    cut = sum(p + c + r > max_seq_len for p, c, r in lengths)
+    targets = sum(c + r for _, c, r in lengths)
+    assert 0 < cut < len(lengths)
+    out = tmp_path / "run"
+    assert main([*_argv(tiny, out, split="pref", steps=1, verb="dpo"), "--max-seq-len", str(max_seq_len)]) == 0
+    stats = json.loads((out / "train_config.json").read_text())["data_stats"]["train"]
+    assert stats["samples"] == 6 and stats["samples_cut"] == cut and stats["target_tokens"] == targets
+    assert 0 < stats["target_tokens_removed"] and stats["target_tokens_removed"] + stats["target_tokens_left"] == targets
+    warning = capsys.readouterr().err.strip().splitlines()[0]
+    assert warning == (
+        f"warning: {tiny['pref']}/train: data.max_seq_len=78 truncates {cut} of 6 samples, removing "
+        f"{stats['target_tokens_removed']} of {targets} target tokens ({stats['samples_losing_targets']} samples lose "
+        f"targets, {stats['target_tokens_left']} target tokens left)"
+    )
