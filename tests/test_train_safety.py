@@ -315,3 +315,37 @@ def test_dpo_truncation_counts_response_tokens(tiny, tmp_path, capsys):
         f"{stats['target_tokens_removed']} of {targets} target tokens ({stats['samples_losing_targets']} samples lose "
         f"targets, {stats['target_tokens_left']} target tokens left)"
     )
+
+
+def test_a_pickled_or_truncated_adapter_is_refused_in_one_line(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_argv(tiny, out, steps=1)) == 0
+    pickled, truncated = tmp_path / "pickled", tmp_path / "truncated"
+    shutil.copytree(out / "adapter", pickled)
+    shutil.copytree(out / "adapter", truncated)
+    sentinel = tmp_path / "code-ran"
+    (pickled / "adapter_model.safetensors").unlink()
+    torch.save({"payload": _CreatesFileWhenUnpickled(sentinel)}, pickled / "adapter_model.bin")
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main([*_argv(tiny, out, verb="eval"), "--adapter", str(pickled)]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        f"error: {pickled}: no adapter_model.safetensors (pickled adapter_model.bin is not loaded)"
+    )
+    assert not sentinel.exists()
+    assert main([*_argv(tiny, out, verb="merge"), "--adapter", str(truncated), "--out", str(tmp_path / "merged")]) == 2
+    assert _one_line(capsys.readouterr().err).startswith(f"error: {truncated}: cannot load adapter: ")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_base_weights_are_read_from_safetensors_only(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["model"], model)
+    # The same weights as a (tensor-only) pickle: still a file we would have to unpickle.
+    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    assert main([*_argv(tiny, tmp_path / "run", steps=1), "--model", str(model)]) == 2
+    assert _one_line(capsys.readouterr().err).startswith(f"error: {model}: cannot load model: ")
