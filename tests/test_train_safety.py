@@ -349,3 +349,33 @@ def test_base_weights_are_read_from_safetensors_only(tiny, tmp_path, capsys):
     (model / "model.safetensors").unlink()
     assert main([*_argv(tiny, tmp_path / "run", steps=1), "--model", str(model)]) == 2
     assert _one_line(capsys.readouterr().err).startswith(f"error: {model}: cannot load model: ")
+
+
+def test_a_metrics_line_cut_by_kill_9_does_not_stop_the_resume(tiny, tmp_path, capsys, straight_losses):
+    out = tmp_path / "run"
+    assert main([*_argv(tiny, out), "--set", "checkpoint.every=2", "--stop-at-step", "2"]) == 0
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 0, "loss": 6.9, "st')  # the process died mid-line
+    capsys.readouterr()
+    assert main([*_argv(tiny, out), "--set", "checkpoint.every=2"]) == 0
+    assert capsys.readouterr().err == ""
+    assert _losses(out) == straight_losses
+
+
+def test_a_hand_edited_state_json_is_one_line(tiny, tmp_path, capsys):
+    import hashlib
+
+    out = tmp_path / "run"
+    assert main([*_argv(tiny, out), "--stop-at-step", "2"]) == 0
+    checkpoint = out / "checkpoints" / "step-000002"
+    saved = json.loads((checkpoint / "state.json").read_text())
+    saved["state"]["optimizer"] = {"state": "x"}
+    (checkpoint / "state.json").write_text(json.dumps(saved))
+    # Consistent hashes: the content itself is what is wrong.
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    data = (checkpoint / "state.json").read_bytes()
+    manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(_argv(tiny, out)) == 2
+    assert _one_line(capsys.readouterr().err).startswith(f"error: {checkpoint}: state.json does not fit this run (")

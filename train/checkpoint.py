@@ -232,7 +232,10 @@ def load_checkpoint(path: Path, peft_model, fingerprint: str) -> dict:
         raise CheckpointError(f"{path}: adapter does not fit the model: {' '.join(str(error).split())[:200]}") from None
     if getattr(result, "unexpected_keys", None):
         raise CheckpointError(f"{path}: adapter does not match the model ({len(result.unexpected_keys)} unexpected keys)")
-    return _decode(encoded, tensors)
+    try:
+        return _decode(encoded, tensors)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CorruptCheckpointError(f"{path / STATE_JSON}: malformed state ({type(error).__name__})") from None
 
 
 def latest_usable_checkpoint(output_dir: str | Path, warn, set_aside: bool = True) -> Path | None:

@@ -183,9 +183,12 @@ class MetricsLog:
         kept = []
         if resume_step is not None and path.is_file():
             for line in path.read_text().splitlines():
-                record = json.loads(line) if line.strip() else None
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:  # a line cut short by kill -9 mid-write
+                    record = None
                 # Keep what the checkpoint had seen; the end-of-run comparison is redone.
-                if record is not None and record.get("step", 0) <= resume_step and "final" not in record:
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step and "final" not in record:
                     kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
 
@@ -296,12 +299,16 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
             raise CheckpointError(f"{checkpoint}: checkpoint folder not found")
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, peft_model, fingerprint)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
-        best_val, bad_evals = state["best_val"], state["bad_evals"]
-        tokens_seen, elapsed_before = state["tokens_seen"], state["elapsed"]
-        set_rng_states(state["rng"][ddp.rank] if isinstance(state["rng"], list) else state["rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, cursor = int(state["step"]), int(state["epoch"]), int(state["cursor"])
+            best_val, bad_evals = float(state["best_val"]), int(state["bad_evals"])
+            tokens_seen, elapsed_before = int(state["tokens_seen"]), float(state["elapsed"])
+            set_rng_states(state["rng"][ddp.rank] if isinstance(state["rng"], list) else state["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            # Only a hand-edited state.json gets here (the manifest matched): say so, never a traceback.
+            raise CheckpointError(f"{checkpoint}: state.json does not fit this run ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
         resumed_from = step
 
     ref_table = None
