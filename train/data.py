@@ -59,7 +59,9 @@ def _read_parquet_file(path: Path, columns: list[str], kind: str | None) -> pl.D
             raise DataError(f"{path}: column {column!r} is {frame.schema[column]}, expected a list of {{role, content}} strings")
     if "kind" in frame.columns and "kind" not in columns:
         frame = frame.filter(pl.col("kind") == kind).drop("kind")
-    return frame
+    # Keep only {role, content}, so shards whose messages carry extra fields still concatenate.
+    only_role_content = pl.struct(pl.element().struct.field("role"), pl.element().struct.field("content"))
+    return frame.with_columns(pl.col(c).list.eval(only_role_content) for c in columns)
 
 
 def read_split(split_dir: str | Path, split: str, columns: list[str], kind: str | None, limit: int | None = None) -> pl.DataFrame:
@@ -84,10 +86,9 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
 
 
 def _as_messages(value, where: str) -> list[dict]:
-    messages = [{"role": m["role"], "content": m["content"]} for m in value]
-    if any(m["role"] is None or m["content"] is None for m in messages):
-        raise DataError(f"{where}: a message with a null role or content")
-    return messages
+    if any(m is None or m["role"] is None or m["content"] is None for m in value):
+        raise DataError(f"{where}: a null message, role or content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _encode(tokenizer, texts: list[str]):
