@@ -379,3 +379,14 @@ def test_a_hand_edited_state_json_is_one_line(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(_argv(tiny, out)) == 2
     assert _one_line(capsys.readouterr().err).startswith(f"error: {checkpoint}: state.json does not fit this run (")
+
+
+def test_no_source_file_unpickles():
+    """Class 2 at the source: nothing in the product loads a pickle (checkpoints are safetensors + JSON,
+    numpy arrays never allow pickles, datasketch keys are not prepickled)."""
+    repo = Path(__file__).resolve().parents[1]
+    forbidden = re.compile(r"torch\.load\(|pickle\.loads?\(|weights_only\s*=\s*False|allow_pickle\s*=\s*True|prepickle\s*=\s*True|joblib\.load|np\.load\((?![^)]*allow_pickle=False)")
+    found = [f"{path.relative_to(repo)}:{number}" for folder in ("curate", "train", "safety", "schemas", "bench", "scripts")
+             for path in sorted((repo / folder).rglob("*.py"))
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if forbidden.search(line)]  # fmt: skip
+    assert found == []
