@@ -925,7 +925,7 @@ def dedup_against_redis(
                 "basename": basename.encode(),
                 "redis": {"host": options.host, "port": options.port, "db": options.db},
             },
-            prepickle=False,
+            prepickle=False,  # keys stay our own bytes; prepickling would unpickle whatever the Redis holds
         )
         kept = survivors[reason[survivors] == None]  # noqa: E711
         node_of_row = {int(row): node for node, row in enumerate(survivors.tolist())}

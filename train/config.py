@@ -7,7 +7,7 @@ sections it needs. Unknown keys are errors, so a typo never silently falls back 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,7 +16,12 @@ from train.errors import TrainConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every float must be finite: lr=inf or max_grad_norm=nan would train to an all-NaN adapter.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+UNION_TAGS = {"int", "float", "str", "bool", "none", "list", "tuple"}
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class ModelConfig(_Section):
@@ -26,7 +31,7 @@ class ModelConfig(_Section):
 
 
 class LoraSettings(_Section):
-    r: int = Field(16, ge=1)
+    r: int = Field(16, ge=1, le=65536)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
@@ -36,7 +41,7 @@ class LoraSettings(_Section):
 
 class DataConfig(_Section):
     split_dir: str = Field(description="folder with train-*.parquet and validation-*.parquet from `curate split`")
-    max_seq_len: int = Field(1024, ge=8)
+    max_seq_len: int = Field(1024, ge=8, le=1 << 24)
     overflow: Literal["truncate", "reject"] = "truncate"
     max_train_samples: int | None = Field(None, ge=1)
     max_val_samples: int | None = Field(None, ge=1)
@@ -45,8 +50,9 @@ class DataConfig(_Section):
 class OptimConfig(_Section):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, description="AdamW denominator term")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null = no clipping)")
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -61,7 +67,7 @@ class EvalConfig(_Section):
     every: int = Field(0, ge=0, description="validation loss every N steps (0 = only at the end)")
     max_rows: int | None = Field(None, ge=1, description="cap on packed validation rows per evaluation")
     early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0 = off)")
-    early_stopping_min_delta: float = 0.0
+    early_stopping_min_delta: float = Field(0.0, ge=0)
     at_end: bool = Field(True, description="after training, compare base vs adapter validation loss")
     general_set: str | None = Field(None, description="optional split dir / parquet of general chats, to see forgetting")
     samples: int = Field(2, ge=0, description="generated samples shown side by side by `train eval`")
@@ -82,14 +88,14 @@ class TrainConfig(_Section):
     model: ModelConfig
     data: DataConfig
     output_dir: str = "runs/train"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=1 << 32, description="seeds torch, numpy and python (numpy needs 0 <= seed < 2**32)")
     lora: LoraSettings = LoraSettings()
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dpo: DpoConfig = DpoConfig()
     progress: bool = True
-    threads: int | Literal["all", "auto"] = Field(
+    threads: Annotated[int, Field(ge=1)] | Literal["all", "auto"] = Field(
         "all",
         description="CPU threads for torch: 'all' cores (split between local DDP processes), a number, or 'auto' = "
         "the cores not already busy, for shared machines where oversubscribed threads spin 5-10x slower. 'auto' "
@@ -134,12 +140,14 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, b
             raise TrainConfigError(f"{path}: the top level must be a mapping")
         tree.update(loaded)
     for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(tree, dotted, value)
+        _set_dotted(tree, dotted, value)  # `--set optim.max_grad_norm=null` means null
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        # Drop pydantic's union-member tags ("constrained-int", "literal[...]") from the field path.
+        where = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or (p.isidentifier() and p not in UNION_TAGS))
+        given = first.get("input")
+        got = f", got {given!r}" if isinstance(given, (int, float, str)) and first["type"] != "missing" else ""
         source = f"{path}: " if path else ""
-        raise TrainConfigError(f"{source}{where}: {first['msg']} ({len(error.errors())} problem(s))") from None
+        raise TrainConfigError(f"{source}{where}: {first['msg']}{got} ({len(error.errors())} problem(s))") from None

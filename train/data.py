@@ -33,6 +33,37 @@ def split_files(split_dir: str | Path, split: str) -> list[Path]:
     return sorted(split_dir.glob(f"{split}-*.parquet")) + sorted(split_dir.glob(f"{split}.parquet"))
 
 
+def _is_messages(dtype) -> bool:
+    """A list of structs with string `role` and `content` (other fields are allowed and ignored)."""
+    inner = getattr(dtype, "inner", None)
+    fields = {f.name: f.dtype for f in getattr(inner, "fields", [])} if isinstance(dtype, pl.List) else {}
+    return fields.get("role") == pl.String and fields.get("content") == pl.String
+
+
+def _read_parquet_file(path: Path, columns: list[str], kind: str | None) -> pl.DataFrame:
+    """`columns` of one Parquet file (only those are read), filtered to `kind`; a damaged or truncated
+    file, or one without the canonical columns, is a DataError naming it."""
+    try:
+        schema = pl.read_parquet_schema(path)
+        missing = [c for c in columns if c not in schema]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; expected canonical {kind or ''} records")
+        wanted = columns + (["kind"] if kind is not None and "kind" in schema and "kind" not in columns else [])
+        frame = pl.read_parquet(path, columns=wanted)
+    except DataError:
+        raise
+    except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
+    for column in columns:
+        if not _is_messages(frame.schema[column]):
+            raise DataError(f"{path}: column {column!r} is {frame.schema[column]}, expected a list of {{role, content}} strings")
+    if "kind" in frame.columns and "kind" not in columns:
+        frame = frame.filter(pl.col("kind") == kind).drop("kind")
+    # Keep only {role, content}, so shards whose messages carry extra fields still concatenate.
+    only_role_content = pl.struct(pl.element().struct.field("role"), pl.element().struct.field("content"))
+    return frame.with_columns(pl.col(c).list.eval(only_role_content) for c in columns)
+
+
 def read_split(split_dir: str | Path, split: str, columns: list[str], kind: str | None, limit: int | None = None) -> pl.DataFrame:
     """Rows of one split with `columns`; `kind` ('sft'/'preference') keeps only that kind if a `kind` column exists."""
     files = split_files(split_dir, split)
@@ -40,24 +71,23 @@ def read_split(split_dir: str | Path, split: str, columns: list[str], kind: str 
         if split == "train":
             raise DataError(f"{split_dir}: no {split}-*.parquet files")
         return pl.DataFrame({c: [] for c in columns})
-    frame = pl.scan_parquet(files)
-    names = frame.collect_schema().names()
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DataError(f"{files[0]}: missing column(s) {missing}; expected canonical {kind or ''} records")
-    if kind is not None and "kind" in names:
-        frame = frame.filter(pl.col("kind") == kind)
-    frame = frame.select(columns)
-    if limit is not None:
-        frame = frame.head(limit)
-    return frame.collect()
+    frames = []
+    for path in files:
+        frame = _read_parquet_file(path, columns, kind)
+        frames.append(frame)
+        if limit is not None and sum(f.height for f in frames) >= limit:
+            break
+    frame = pl.concat(frames)
+    return frame.head(limit) if limit is not None else frame
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _as_messages(value) -> list[dict]:
+def _as_messages(value, where: str) -> list[dict]:
+    if any(m is None or m["role"] is None or m["content"] is None for m in value):
+        raise DataError(f"{where}: a null message, role or content")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -115,7 +145,7 @@ def tokenize_sft(tokenizer, frame: pl.DataFrame, where: str = "data") -> SftData
     for i, messages in enumerate(frame.get_column("messages").to_list()):
         if not messages:
             raise DataError(f"{where}: row {i}: empty messages")
-        text, spans = assistant_char_spans(tokenizer, _as_messages(messages), f"{where}: row {i}")
+        text, spans = assistant_char_spans(tokenizer, _as_messages(messages, f"{where}: row {i}"), f"{where}: row {i}")
         texts.append(text)
         for a, b in spans:
             span_starts.append(a)
@@ -170,11 +200,11 @@ def tokenize_dpo(tokenizer, frame: pl.DataFrame, where: str = "data") -> DpoData
     ):
         if not prompt or not good or not bad:
             raise DataError(f"{where}: row {i}: preference rows need prompt, chosen and rejected")
-        p = _as_messages(prompt)
+        p = _as_messages(prompt, f"{where}: row {i}")
         prompt_text = _render(tokenizer, p, add_generation_prompt=True)
         responses = []
         for response in (good, bad):
-            full = _render(tokenizer, p + _as_messages(response), add_generation_prompt=False)
+            full = _render(tokenizer, p + _as_messages(response, f"{where}: row {i}"), add_generation_prompt=False)
             if not full.startswith(prompt_text):
                 raise DataError(f"{where}: row {i}: the chat template is not prefix-consistent")
             responses.append(full[len(prompt_text) :])
@@ -209,3 +239,54 @@ def load_dpo_split(tokenizer, split_dir, split: str, limit: int | None = None) -
     if frame.height == 0:
         return None
     return tokenize_dpo(tokenizer, frame, where=f"{split_dir}/{split}")
+
+
+# ------------------------------------------------------------------------------- what packing removes
+def sft_target_stats(data: SftData, plan) -> dict:
+    """Samples and target tokens of one split, and how many of them `max_seq_len` cuts (overflow
+    "truncate": the tokens past the cut; "reject": whole samples). `target_tokens_left` is exactly what
+    the packed batches will label."""
+    mask = data.target_mask.numpy()
+    offsets, lengths = data.offsets.numpy(), data.lengths
+    prefix = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    total = prefix[offsets + lengths] - prefix[offsets]
+    lost = np.zeros_like(total)
+    if plan.num_rejected:
+        lost[plan.rejected] = total[plan.rejected]
+    else:
+        cut_at = offsets + np.minimum(lengths, plan.max_seq_len)
+        lost = prefix[offsets + lengths] - prefix[cut_at]
+    return {
+        "samples": data.num_samples,
+        "target_tokens": int(total.sum()),
+        "samples_cut": int(plan.num_truncated + plan.num_rejected),
+        "samples_losing_targets": int((lost > 0).sum()),
+        "target_tokens_removed": int(lost.sum()),
+        "target_tokens_left": int(plan.target_counts(mask, offsets).sum()),
+    }
+
+
+def dpo_target_stats(data: DpoData, plan) -> dict:
+    """The same for preference pairs: targets are the chosen and rejected response tokens."""
+    total = data.chosen_lens + data.rejected_lens
+    left = np.zeros_like(total)
+    left[plan.sample] = plan.chosen_len + plan.rejected_len
+    lost = total - left
+    return {
+        "samples": data.num_samples,
+        "target_tokens": int(total.sum()),
+        "samples_cut": int(plan.num_truncated + plan.num_rejected),
+        "samples_losing_targets": int((lost > 0).sum()),
+        "target_tokens_removed": int(lost.sum()),
+        "target_tokens_left": int(left.sum()),
+    }
+
+
+def describe_cut(where: str, stats: dict, max_seq_len: int, overflow: str) -> str:
+    """One line: how many samples and target tokens `data.max_seq_len` removed from a split."""
+    verb = "truncates" if overflow == "truncate" else "rejects"
+    return (
+        f"{where}: data.max_seq_len={max_seq_len} {verb} {stats['samples_cut']} of {stats['samples']} samples, "
+        f"removing {stats['target_tokens_removed']} of {stats['target_tokens']} target tokens "
+        f"({stats['samples_losing_targets']} samples lose targets, {stats['target_tokens_left']} target tokens left)"
+    )

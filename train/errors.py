@@ -26,3 +26,7 @@ class ModelLoadError(TrainError):
 
 class CheckpointError(TrainError):
     """A checkpoint folder that is missing, partial or from a different run."""
+
+
+class TrainingDivergedError(TrainError):
+    """A non-finite loss, gradient or weight: the run stops before anything poisoned is saved."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from train.dpo import dpo_sigmoid_loss, pack_pairs, pair_logps
+from train.errors import DataError
 from train.packing import pack_batch, packed_causal_lm_loss, packed_forward
 
 
@@ -128,7 +129,7 @@ def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
     if is_dpo:
         data = load_dpo_split(tokenizer, split_dir, "validation", config.data.max_val_samples)
         if data is not None:
-            plan = plan_dpo_packing(data.prompt_lens, data.chosen_lens, data.rejected_lens, config.data.max_seq_len)
+            plan = plan_dpo_packing(data.prompt_lens, data.chosen_lens, data.rejected_lens, config.data.max_seq_len, config.data.overflow)
             result["validation"] = dpo_metrics(model, data, plan, rows, pad, device, config.dpo.beta, config.eval.max_rows)
     else:
         data = load_sft_split(tokenizer, split_dir, "validation", config.data.max_val_samples)
@@ -139,6 +140,8 @@ def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
         general = load_sft_split(tokenizer, config.eval.general_set, "validation", config.data.max_val_samples)
         if general is None:
             general = load_sft_split(tokenizer, config.eval.general_set, "train", config.data.max_val_samples)
+        if general is None:
+            raise DataError(f"{config.eval.general_set}: eval.general_set has no sft rows")
         plan = plan_packing(general.lengths, config.data.max_seq_len, config.data.overflow)
         result["general"] = base_vs_adapter_sft(model, general, plan, rows, pad, device, config.eval.max_rows)
     if config.eval.samples:

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import list_checkpoints, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from train.checkpoint import latest_usable_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from train.config import TrainConfig
-from train.data import load_dpo_split, load_sft_split
+from train.data import describe_cut, dpo_target_stats, load_dpo_split, load_sft_split, sft_target_stats
 from train.dpo import dpo_sigmoid_loss, pack_pairs, pair_logps, precompute_reference_logps, reference_logps
-from train.errors import CheckpointError, DataError
+from train.errors import CheckpointError, DataError, TrainingDivergedError
 from train.evaluate import base_vs_adapter_sft, dpo_metrics, sft_loss
 from train.models import add_lora, load_base_model, load_tokenizer, pick_precision, set_cpu_threads
 from train.packing import pack_batch, packed_causal_lm_loss, packed_forward, packing_canary, plan_dpo_packing, plan_packing
@@ -124,6 +125,51 @@ def rows_for_step(num_rows: int, rows_needed: int, seed: int, epoch: int, cursor
     return np.concatenate(taken), epoch, cursor
 
 
+# ------------------------------------------------------------------------------------------ safety
+def _warn(message: str) -> None:
+    # Plain text on stderr: paths and data in the message are never read as rich markup.
+    sys.stderr.write(f"warning: {message}\n")
+
+
+def _target_stats(config: TrainConfig, mode: str, split: str, data, plan, warn) -> dict:
+    """Count what data.max_seq_len removes from a split; warn when it removes targets, refuse a train
+    split left with none (it would save an untrained adapter)."""
+    stats = (sft_target_stats if mode == "sft" else dpo_target_stats)(data, plan)
+    cut = describe_cut(f"{config.data.split_dir}/{split}", stats, config.data.max_seq_len, config.data.overflow)
+    if stats["target_tokens_left"] == 0:
+        if split == "train":
+            raise DataError(f"{cut}: nothing to train on; raise data.max_seq_len")
+        warn(f"{cut}: validation skipped")
+    elif stats["target_tokens_removed"]:
+        warn(cut)
+    return stats
+
+
+def _clip_and_measure(params: list, max_grad_norm: float | None) -> float:
+    """The global gradient norm (clipped to `max_grad_norm` when set), read to the host."""
+    if max_grad_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _stop_if_not_finite(step: int, loss: float, grad_norm: float, last_checkpoint: int | None, opt) -> None:
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    kept = f"checkpoint step-{last_checkpoint:06d} is the last saved" if last_checkpoint else "nothing was saved"
+    clip = "" if opt.max_grad_norm is not None else " or set optim.max_grad_norm"
+    raise TrainingDivergedError(
+        f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopped before the update ({kept}); "
+        f"lower optim.lr (now {opt.lr}){clip}"
+    )
+
+
+def _require_finite_weights(params: list, step: int) -> None:
+    """Never persist a poisoned adapter: one device sync per save."""
+    if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+        raise TrainingDivergedError(f"step {step}: the adapter weights are not finite; not saved; lower optim.lr")
+
+
 # ----------------------------------------------------------------------------------------- metrics
 class MetricsLog:
     """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint step are dropped so
@@ -137,9 +183,12 @@ class MetricsLog:
         kept = []
         if resume_step is not None and path.is_file():
             for line in path.read_text().splitlines():
-                record = json.loads(line) if line.strip() else None
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:  # a line cut short by kill -9 mid-write
+                    record = None
                 # Keep what the checkpoint had seen; the end-of-run comparison is redone.
-                if record is not None and record.get("step", 0) <= resume_step and "final" not in record:
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step and "final" not in record:
                     kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
 
@@ -194,6 +243,12 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
     rows_per_step = opt.batch_rows * opt.grad_accum * ddp.world
     if train_plan.num_rows == 0:
         raise DataError(f"{config.data.split_dir}: nothing to train on after packing")
+    warn = _warn if ddp.main else (lambda message: None)
+    data_stats = {"train": _target_stats(config, mode, "train", train_data, train_plan, warn)}
+    if val_plan is not None:
+        data_stats["validation"] = _target_stats(config, mode, "validation", val_data, val_plan, warn)
+        if data_stats["validation"]["target_tokens_left"] == 0:
+            val_plan = None  # a loss over no targets is NaN: no validation rather than a meaningless one
     if mode == "sft":
         # Host copies to count each step's target tokens without touching the device.
         host_mask = train_data.target_mask.numpy()
@@ -217,7 +272,7 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
     model.train()
     peft_model = model
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(opt.schedule, opt.warmup_steps, opt.max_steps, opt.min_lr_ratio)
     )
@@ -233,20 +288,27 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
         ddp.barrier()
         checkpoint = None
     elif resume == "auto":
-        found = list_checkpoints(out)
-        checkpoint = found[-1] if found else None
+        # The main process sets damaged checkpoints aside first, so every process then finds the same one.
+        checkpoint = latest_usable_checkpoint(out, warn) if ddp.main else None
+        ddp.barrier()
+        if not ddp.main:
+            checkpoint = latest_usable_checkpoint(out, warn, set_aside=False)
     else:
         checkpoint = Path(resume)
         if not checkpoint.is_dir():
             raise CheckpointError(f"{checkpoint}: checkpoint folder not found")
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, peft_model, fingerprint)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
-        best_val, bad_evals = state["best_val"], state["bad_evals"]
-        tokens_seen, elapsed_before = state["tokens_seen"], state["elapsed"]
-        set_rng_states(state["rng"][ddp.rank] if isinstance(state["rng"], list) else state["rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, cursor = int(state["step"]), int(state["epoch"]), int(state["cursor"])
+            best_val, bad_evals = float(state["best_val"]), int(state["bad_evals"])
+            tokens_seen, elapsed_before = int(state["tokens_seen"]), float(state["elapsed"])
+            set_rng_states(state["rng"][ddp.rank] if isinstance(state["rng"], list) else state["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            # Only a hand-edited state.json gets here (the manifest matched): say so, never a traceback.
+            raise CheckpointError(f"{checkpoint}: state.json does not fit this run ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
         resumed_from = step
 
     ref_table = None
@@ -260,7 +322,7 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
     metrics = MetricsLog(out / "metrics.jsonl", ddp.main, resumed_from if resumed_from is not None else 0)
     history: list[dict] = []
     if ddp.main:
-        (out / "train_config.json").write_text(json.dumps({"mode": mode, **config.model_dump()}, indent=2, sort_keys=True) + "\n")
+        (out / "train_config.json").write_text(json.dumps({"mode": mode, **config.model_dump(), "data_stats": data_stats}, indent=2, sort_keys=True) + "\n")
 
     def evaluate() -> dict:
         if val_plan is None or val_plan.num_rows == 0:
@@ -271,6 +333,7 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
         return dpo_metrics(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.dpo.beta, config.eval.max_rows, autocast_dtype)
 
     def checkpoint_now():
+        _require_finite_weights(params, step)
         state = {
             "fingerprint": fingerprint, "step": step, "epoch": epoch, "cursor": cursor,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -329,23 +392,24 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
                         sums[2] += float(rejected_r.sum())
                         sums[3] += float((chosen_r > rejected_r).sum())
                 sums[4] += int(tokens_per_row[rows].sum())
-            grad_norm = None
-            if opt.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opt.max_grad_norm))
+            # Checked before the update, so a non-finite step never reaches the weights (the loss and
+            # norm are read from the device here anyway; every process sees the same global values).
+            totals = ddp.all_sum(sums.tolist())
+            denominator = step_targets if mode == "sft" else step_pairs
+            grad_norm = _clip_and_measure(params, opt.max_grad_norm)
+            _stop_if_not_finite(step + 1, totals[0] / max(1, denominator), grad_norm, last_ckpt_step, opt)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
 
-            totals = ddp.all_sum(sums.tolist())
-            denominator = step_targets if mode == "sft" else step_pairs
             step_tokens = int(totals[4])
             tokens_seen += step_tokens
             dt = time.perf_counter() - t0
             record = {"step": step, "epoch": epoch, "loss": totals[0] / max(1, denominator), "lr": lr,
                       "tokens": step_tokens, "tokens_per_s": step_tokens / dt if dt > 0 else None}  # fmt: skip
-            if grad_norm is not None:
+            if opt.max_grad_norm is not None:
                 record["grad_norm"] = grad_norm
             if mode == "dpo":
                 record.update(reward_chosen=totals[1] / max(1, step_pairs), reward_rejected=totals[2] / max(1, step_pairs),
@@ -379,6 +443,8 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
     adapter_dir = out / "adapter"
     final: dict = {}
     finished = step >= opt.max_steps or stopped_early
+    if finished:
+        _require_finite_weights(params, step)
     if ddp.main and finished:
         tmp = out / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

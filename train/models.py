@@ -146,8 +146,9 @@ def load_base_model(config: ModelConfig, dtype: torch.dtype = torch.float32):
     _quiet_transformers()
     folder = _local_folder(config)
     try:
+        # use_safetensors: a pickled pytorch_model.bin is never loaded, whatever else the folder holds.
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=config.trust_remote_code, attn_implementation="sdpa"
+            folder, dtype=dtype, trust_remote_code=config.trust_remote_code, attn_implementation="sdpa", use_safetensors=True
         )
     except Exception as error:  # noqa: BLE001
         raise ModelLoadError(f"{folder}: cannot load model: {' '.join(str(error).split())[:300]}") from None
@@ -187,7 +188,12 @@ def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False):
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():  # peft would fall back to a pickled .bin
+        raise ModelLoadError(f"{adapter_dir}: no adapter_model.safetensors (pickled adapter_model.bin is not loaded)")
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+    except Exception as error:  # noqa: BLE001 - a damaged or mismatched adapter is a user-facing model problem
+        raise ModelLoadError(f"{adapter_dir}: cannot load adapter: {' '.join(str(error).split())[:300]}") from None
 
 
 def set_cpu_threads(threads, processes_per_machine: int = 1) -> int:
