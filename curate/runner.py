@@ -37,7 +37,7 @@ from curate.errors import ConfigError, RunStateError
 from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file
 from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
 from safety.locking import exclusive_lock
-from safety.ownership import claim_dir, new_generation, record, remove_all_recorded, remove_leftover_temps, remove_stale
+from safety.ownership import claim_dir, new_generation, remove_all_recorded, remove_leftover_temps, remove_stale
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, load_schema
 
 INGEST_STAGE = "ingest"
@@ -445,11 +445,10 @@ def _protected_paths(pipeline: Pipeline) -> list[Path]:
 
 def _run_locked(pipeline: Pipeline, force: bool, events: RunEvents, report: bool) -> RunResult:
     run_dir = pipeline.run_dir
-    new_generation(run_dir)
     # Recorded before anything is written; outputs an earlier config recorded and this one does not
     # (a stage since removed, its exports) are removed at the end, so nothing stale reads as this run's.
     outputs = [INGEST_STAGE, QUARANTINE_FILE, *(entry.name for entry in pipeline.stages), MANIFEST_FILE]
-    record(run_dir, *outputs, *([REPORT_FILE] if report else []))
+    new_generation(run_dir, *outputs, *([REPORT_FILE] if report else []))
     started = time.perf_counter()
     records = [_run_ingest(pipeline, events, force)]
     for entry in pipeline.stages:

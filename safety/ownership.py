@@ -163,33 +163,40 @@ def recorded(folder: str | Path) -> set[str]:
     return set(marker["paths"]) if marker else set()
 
 
+def _check_recordable(folder: Path, marker: dict, name: str) -> None:
+    _check_name(name)
+    target = folder / name
+    if target.is_symlink():
+        # Writing through a link would write wherever it points; removing it is all we ever do to one.
+        raise OwnershipError(f"{target}: is a link to {os.readlink(target)}; {marker.get('tool')} writes only into folders it created. Remove the link")
+    if name not in marker["paths"] and target.exists() and not is_owned(target, marker.get("tool")):
+        raise OwnershipError(
+            f"{target}: exists and was not written by {marker.get('tool')}; move it out of {folder} (a run writes its {name} there)"
+        )
+
+
 def record(folder: str | Path, *names: str) -> None:
     """Record top-level `names` in `folder`'s marker (stamped with its current generation) before they are
     written. A name that already exists there without being ours is refused: it is someone else's."""
     folder = Path(folder)
     marker = _marker_of(folder)
-    generation = marker.get("generation", 0)
-    changed = False
     for name in names:
-        _check_name(name)
-        if name not in marker["paths"]:
-            target = folder / name
-            if (target.exists() or target.is_symlink()) and not is_owned(target, marker.get("tool")):
-                raise OwnershipError(
-                    f"{target}: exists and was not written by {marker.get('tool')}; move it out of {folder} (a run writes its {name} there)"
-                )
-        if marker["paths"].get(name) != generation:
-            marker["paths"][name] = generation
-            changed = True
-    if changed:
+        _check_recordable(folder, marker, name)
+    generation = marker.get("generation", 0)
+    if any(marker["paths"].get(name) != generation for name in names):
+        marker["paths"].update({name: generation for name in names})
         _write_marker(folder, marker)
 
 
-def new_generation(folder: str | Path) -> int:
-    """Start a new run's generation in `folder`: names it records from now on are this run's."""
+def new_generation(folder: str | Path, *names: str) -> int:
+    """Start a new run in `folder` that will write `names`: they are checked, then recorded with the new
+    generation; names recorded from now on are this run's too, and the rest is stale (`remove_stale`)."""
     folder = Path(folder)
     marker = _marker_of(folder)
+    for name in names:
+        _check_recordable(folder, marker, name)
     marker["generation"] = int(marker.get("generation", 0)) + 1
+    marker["paths"].update({name: marker["generation"] for name in names})
     _write_marker(folder, marker)
     return marker["generation"]
 

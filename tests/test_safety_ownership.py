@@ -150,6 +150,29 @@ def test_clean_of_our_run_dir_removes_only_what_we_recorded(tmp_path, monkeypatc
     assert (project / "manifest.json").read_text() == '{"mine": "a manifest the user wrote"}\n'
 
 
+def test_a_link_in_place_of_an_output_is_never_written_through(tmp_path, monkeypatch, capsys):
+    project = tmp_path / "project"
+    pipeline = write_project(project)
+    monkeypatch.chdir(project)
+    assert curate_main(["run", str(pipeline), "--quiet"]) == 0
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.parquet").write_bytes(b"the user's own file")
+    run = project / "out"
+    for path in sorted((run / "length").iterdir()):
+        path.unlink()
+    (run / "length").rmdir()
+    (run / "length").symlink_to(precious, target_is_directory=True)
+    before = snapshot(tmp_path)
+    assert curate_main(["run", str(pipeline), "--quiet", "--force"]) == 2
+    assert "is a link" in one_line_error(capsys)
+    assert snapshot(tmp_path) == before
+    # --clean removes the link (ours, recorded), never what it points to, and the run goes on.
+    assert curate_main(["run", str(pipeline), "--quiet", "--clean"]) == 0
+    assert not (run / "length").is_symlink() and (run / "length" / "data.parquet").is_file()
+    assert (precious / "data.parquet").read_bytes() == b"the user's own file"
+
+
 def test_a_user_folder_where_an_export_goes_is_refused_not_replaced(tmp_path, monkeypatch, capsys):
     project = tmp_path / "project"
     pipeline = write_project(project, stages=[{"type": "split", "config": {"min_validation_rows": 0, "min_test_rows": 0}}])
