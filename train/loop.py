@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from safety.errors import OwnershipError, SafetyError
 from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, record, remove_leftover_temps, remove_recorded
 from train.checkpoint import list_checkpoints, load_checkpoint, rng_states, save_checkpoint, set_rng_states
@@ -175,16 +176,25 @@ def run_inputs(config: TrainConfig) -> list[Path]:
 
 
 @contextmanager
-def owned_output_dir(config: TrainConfig, main: bool, protected: tuple = ()) -> Iterator[None]:
+def owned_output_dir(config: TrainConfig, ddp: Dist, protected: tuple = ()) -> Iterator[None]:
     """Claim output_dir (new, empty or a train output folder: never a user's folder) and hold its lock
-    for the run; leftovers of a killed run are removed under the lock. Only the main process does this."""
-    if not main:
+    for the run; leftovers of a killed run are removed under the lock. The main process does this; the
+    others learn whether it was refused, so a refusal stops every process instead of leaving them waiting."""
+    if not ddp.main:
+        if ddp.all_sum([0.0])[0]:
+            raise OwnershipError(f"{config.output_dir}: refused by the main process (see its error)")
         yield
         return
-    out = claim_dir(config.output_dir, "train", "train-output", [*run_inputs(config), *protected], option="output_dir (--output-dir)")
-    with exclusive_lock(out, "train run"):
-        remove_leftover_temps(out)
-        record(out, *TRAIN_OUTPUTS)
+    with ExitStack() as stack:
+        try:
+            out = claim_dir(config.output_dir, "train", "train-output", [*run_inputs(config), *protected], option="output_dir (--output-dir)")
+            stack.enter_context(exclusive_lock(out, "train run"))
+            remove_leftover_temps(out)
+            record(out, *TRAIN_OUTPUTS)
+        except SafetyError:
+            ddp.all_sum([1.0])
+            raise
+        ddp.all_sum([0.0])
         yield
 
 
@@ -197,11 +207,14 @@ def train(
     after checkpointing (for preemptible jobs and tests); the schedule still targets optim.max_steps.
     `protected`: more files the run reads (its config file), whose folders output_dir must not be."""
     ddp, device = init_distributed()
-    with owned_output_dir(config, ddp.main, protected):
-        return _train(config, mode, resume, stop_at_step, console, ddp, device)
+    with ExitStack() as held:
+        # Claimed once the inputs have been read (their errors come first), before anything is written;
+        # held until the run returns.
+        claim_output = lambda: held.enter_context(owned_output_dir(config, ddp, protected))  # noqa: E731
+        return _train(config, mode, resume, stop_at_step, console, ddp, device, claim_output)
 
 
-def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None, console, ddp: Dist, device: torch.device) -> TrainResult:
+def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None, console, ddp: Dist, device: torch.device, claim_output) -> TrainResult:
     if device.type == "cpu":
         set_cpu_threads(config.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     out = Path(config.output_dir)
@@ -242,6 +255,8 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
         pairs_per_row = np.diff(train_plan.row_ptr)
     tokens_per_row = np.zeros(train_plan.num_rows, np.int64)
     np.add.at(tokens_per_row, train_plan.row, train_plan.length)
+
+    claim_output()
 
     # --- model: base + LoRA (seeded init), checked for packed-attention isolation before any step
     model = load_base_model(config.model).to(device)
