@@ -13,6 +13,8 @@ from typing import Iterator
 
 import polars as pl
 
+from safety.ownership import mark_new_dir, replace_dir
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
@@ -37,21 +39,19 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; on success swap it in place of `target`."""
+    """Yield a temp folder beside `target`; on success swap it in place of `target`.
+
+    The new folder carries an ownership marker listing what it holds; an existing `target` is replaced
+    only when it is ours the same way (missing, empty, or marked with nothing unrecorded inside), so a
+    folder of the user's that happens to sit where an output goes is refused, never removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        mark_new_dir(tmp, "curate", "folder")
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target, "curate")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

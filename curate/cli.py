@@ -12,6 +12,7 @@ from rich.console import Console
 
 from curate import __version__
 from curate.errors import CurateError
+from safety.errors import SafetyError
 
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except CurateError as error:
+    except (CurateError, SafetyError) as error:
         error_console.print(f"[bold red]error:[/] {error}", markup=True)
         return error.exit_code
     except KeyboardInterrupt:

@@ -7,10 +7,13 @@
       <stage>/dropped.parquet        rows the stage removed, with `stage` and `reason`
       <stage>/_SUCCESS.json          fingerprint, counts, report and timing of the stage's last run
       manifest.json                  config hash, input fingerprints, versions, counts, timings
+      .curate-owned.json             ownership marker: the outputs curate wrote here (safety/ownership.py)
+      .curate.lock                   held by the run writing here (a second run is refused)
 
 A stage whose config, code version and input are unchanged since its last successful run is skipped
 (resume after a crash, a kill, or a threshold change further down). Every write is atomic, and the
-same inputs and config give byte-identical data files.
+same inputs and config give byte-identical data files. Outputs an earlier configuration wrote and
+this one does not (a stage since removed or renamed) are removed, so a run dir describes one run.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ from curate.atomic import atomic_path, write_json, write_parquet
 from curate.errors import ConfigError, InputFileError, RunStateError
 from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file, path_sha256
 from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
+from safety.locking import exclusive_lock
+from safety.ownership import claim_dir, new_generation, remove_all_recorded, remove_leftover_temps, remove_stale
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, load_schema
 
 INGEST_STAGE = "ingest"
@@ -41,6 +45,7 @@ INGEST_VERSION = "1"
 SUCCESS_FILE = "_SUCCESS.json"
 MANIFEST_FILE = "manifest.json"
 QUARANTINE_FILE = "quarantine.parquet"
+REPORT_FILE = "report.html"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,6 +188,7 @@ class RunEvents:
 class RunResult:
     run_dir: Path
     manifest: dict = field(default_factory=dict)
+    removed_stale: list[str] = field(default_factory=list)  # outputs of an earlier config, removed
 
 
 def _parquet_rows(path: Path) -> int:
@@ -407,25 +413,46 @@ def run_pipeline(
     events: RunEvents | None = None,
     base_dir: Path | None = None,
     report: bool = True,
+    clean: bool = False,
 ) -> RunResult:
     """Execute a pipeline; returns the run directory and its manifest (and writes report.html unless
-    `report` is False)."""
+    `report` is False). `clean` first removes every output an earlier run recorded in the run dir.
+
+    The run dir must be new, empty or one of ours (it carries the ownership marker), and never a folder
+    holding the inputs, the pipeline file or the working folder; the run holds its lock throughout."""
     if not isinstance(pipeline, Pipeline):
         pipeline = load_pipeline(pipeline, run_dir=run_dir, base_dir=base_dir)
     events = events or RunEvents()
-    pipeline.run_dir.mkdir(parents=True, exist_ok=True)
+    claim_dir(pipeline.run_dir, "curate", "run", _protected_paths(pipeline), option="the run directory (run_dir / --run-dir / --out)")
+    with exclusive_lock(pipeline.run_dir, "curate run"):
+        remove_leftover_temps(pipeline.run_dir)
+        if clean:
+            remove_all_recorded(pipeline.run_dir)
+        return _run_locked(pipeline, force, events, report)
+
+
+def _protected_paths(pipeline: Pipeline) -> list[Path]:
+    """The files this run reads: no folder holding one of them may become its run dir."""
+    files = [path for path, _, _ in expand_inputs(pipeline.inputs, pipeline.base_dir)]
+    return files + ([pipeline.path] if pipeline.path else [])
+
+
+def _run_locked(pipeline: Pipeline, force: bool, events: RunEvents, report: bool) -> RunResult:
+    run_dir = pipeline.run_dir
+    # Recorded before anything is written; outputs an earlier config recorded and this one does not
+    # (a stage since removed, its exports) are removed at the end, so nothing stale reads as this run's.
+    outputs = [INGEST_STAGE, QUARANTINE_FILE, *(entry.name for entry in pipeline.stages), MANIFEST_FILE]
+    new_generation(run_dir, *outputs, *([REPORT_FILE] if report else []))
     started = time.perf_counter()
     records = [_run_ingest(pipeline, events, force)]
-    upstream_changed = not records[0]["skipped"]
     for entry in pipeline.stages:
-        record = _run_stage(pipeline, entry, records[-1], events, force or False)
-        upstream_changed = upstream_changed or not record["skipped"]
-        records.append(record)
+        records.append(_run_stage(pipeline, entry, records[-1], events, force or False))
+    removed = remove_stale(run_dir)
     manifest = build_manifest(pipeline, records, time.perf_counter() - started)
-    write_json(pipeline.run_dir / MANIFEST_FILE, manifest)
+    write_json(run_dir / MANIFEST_FILE, manifest)
     if report:
-        _write_report(pipeline.run_dir)
-    return RunResult(run_dir=pipeline.run_dir, manifest=manifest)
+        _write_report(run_dir)
+    return RunResult(run_dir=run_dir, manifest=manifest, removed_stale=removed)
 
 
 def _write_report(run_dir: Path) -> None:
@@ -525,11 +552,3 @@ def run_single_stage(
 ) -> RunResult:
     """`run_stages` with one stage."""
     return run_stages([(stage_type, config)], inputs, out_dir, **options)
-
-
-def clean_run_dir(run_dir: Path) -> None:
-    """Remove a run directory (used by `curate run --clean`)."""
-    if (run_dir / MANIFEST_FILE).exists() or (run_dir / INGEST_STAGE).exists():
-        shutil.rmtree(run_dir)
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise RunStateError(f"{run_dir}: not a run directory; refusing to delete it")

@@ -24,6 +24,7 @@ import polars_hash  # noqa: F401  (registers the .chash namespace)
 from pydantic import Field, model_validator
 
 from curate.atomic import atomic_dir
+from safety.ownership import is_owned, record
 from curate.errors import ConfigError, RunStateError
 from curate.stage import StageConfig
 
@@ -490,7 +491,7 @@ def refresh_dataset_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]
     written = []
     for kind, sub in KIND_FOLDERS.items():
         data = read_exported(run_dir / sub)
-        if data is None or not (run_dir / sub / "README.md").exists():
+        if data is None or not (run_dir / sub / "README.md").exists() or not is_owned(run_dir / sub, "curate"):
             continue
         target = run_dir / sub / "README.md"
         write_text(target, dataset_card(kind, data, config, seed, manifest, stage_name))
@@ -527,6 +528,8 @@ def export_splits(
                 carried = absent.height
                 data = pl.concat([absent, data], how="diagonal_relaxed")
         card = dataset_card(kind, data, config, seed, manifest, stage_name)
+        if is_owned(out_dir, "curate"):
+            record(out_dir, sub)  # in a run dir: this run's export (an earlier config's is removed as stale)
         written = write_split_folder(out_dir / sub, data, config.max_shard_rows, config.save_to_disk, card)
         report["folders"][sub] = {
             "path": str(out_dir / sub),

@@ -13,6 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from safety.errors import SafetyError
+from safety.ownership import claim_file
 from train.errors import TrainError
 
 console = Console(highlight=False)
@@ -89,7 +91,8 @@ def cmd_train(args, mode: str) -> int:
     if args.no_progress:
         config.progress = False
     resume = "never" if args.no_resume else (args.resume_from or "auto")
-    result = train(config, mode=mode, resume=resume, stop_at_step=args.stop_at_step, console=console)
+    protected = (args.config,) if args.config else ()
+    result = train(config, mode=mode, resume=resume, stop_at_step=args.stop_at_step, console=console, protected=protected)
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -117,6 +120,8 @@ def cmd_eval(args) -> int:
 
     config = _config_from_args(args)
     adapter = Path(args.adapter or Path(config.output_dir) / "adapter")
+    if args.json_out:  # checked before the evaluation: a file train did not write is never overwritten
+        claim_file(args.json_out, "train", protected=[p for p in (args.config, adapter) if p])
     result = run_eval(config, adapter, console)
     table = Table(title="base vs adapter")
     table.add_column("set")
@@ -143,7 +148,7 @@ def cmd_merge(args) -> int:
 
     config = _config_from_args(args)
     adapter = Path(args.adapter or Path(config.output_dir) / "adapter")
-    out = merge_adapter(config.model, adapter, args.out)
+    out = merge_adapter(config.model, adapter, args.out, protected=[p for p in (args.config, config.model.path) if p and Path(p).exists()])
     console.print(f"merged model written to {out}")
     return 0
 
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except TrainError as error:
+    except (TrainError, SafetyError) as error:
         error_console.print(f"[bold red]error:[/] {error}")
         return error.exit_code
     except KeyboardInterrupt:

@@ -24,14 +24,18 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from safety.errors import OwnershipError, SafetyError
+from safety.locking import exclusive_lock
+from safety.ownership import claim_dir, record, remove_leftover_temps, remove_recorded
 from train.checkpoint import latest_usable_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from train.config import TrainConfig
 from train.data import describe_cut, dpo_target_stats, load_dpo_split, load_sft_split, sft_target_stats
@@ -209,12 +213,57 @@ class TrainResult:
     resumed_from: int | None = None
 
 
+# ------------------------------------------------------------------------------------- output folder
+# What a training run writes into output_dir; recorded in its ownership marker before the run writes.
+TRAIN_OUTPUTS = ("checkpoints", "adapter", "metrics.jsonl", "train_config.json", "loss.png")
+
+
+def run_inputs(config: TrainConfig) -> list[Path]:
+    """Local paths a run reads: no folder holding one of them may be its output_dir."""
+    paths = [config.data.split_dir, config.model.path, config.eval.general_set]
+    return [Path(p) for p in paths if p and Path(p).expanduser().exists()]
+
+
+@contextmanager
+def owned_output_dir(config: TrainConfig, ddp: Dist, protected: tuple = ()) -> Iterator[None]:
+    """Claim output_dir (new, empty or a train output folder: never a user's folder) and hold its lock
+    for the run; leftovers of a killed run are removed under the lock. The main process does this; the
+    others learn whether it was refused, so a refusal stops every process instead of leaving them waiting."""
+    if not ddp.main:
+        if ddp.all_sum([0.0])[0]:
+            raise OwnershipError(f"{config.output_dir}: refused by the main process (see its error)")
+        yield
+        return
+    with ExitStack() as stack:
+        try:
+            out = claim_dir(config.output_dir, "train", "train-output", [*run_inputs(config), *protected], option="output_dir (--output-dir)")
+            stack.enter_context(exclusive_lock(out, "train run"))
+            remove_leftover_temps(out)
+            record(out, *TRAIN_OUTPUTS)
+        except SafetyError:
+            ddp.all_sum([1.0])
+            raise
+        ddp.all_sum([0.0])
+        yield
+
+
 # -------------------------------------------------------------------------------------------- train
-def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_step: int | None = None, console=None) -> TrainResult:
+def train(
+    config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_step: int | None = None, console=None, protected: tuple = ()
+) -> TrainResult:
     """Train a LoRA adapter (`mode` "sft" or "dpo"). resume: "auto" (newest checkpoint if any), "never"
     (start over, deleting old checkpoints) or a checkpoint folder. `stop_at_step` ends the run early
-    after checkpointing (for preemptible jobs and tests); the schedule still targets optim.max_steps."""
+    after checkpointing (for preemptible jobs and tests); the schedule still targets optim.max_steps.
+    `protected`: more files the run reads (its config file), whose folders output_dir must not be."""
     ddp, device = init_distributed()
+    with ExitStack() as held:
+        # Claimed once the inputs have been read (their errors come first), before anything is written;
+        # held until the run returns.
+        claim_output = lambda: held.enter_context(owned_output_dir(config, ddp, protected))  # noqa: E731
+        return _train(config, mode, resume, stop_at_step, console, ddp, device, claim_output)
+
+
+def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None, console, ddp: Dist, device: torch.device, claim_output) -> TrainResult:
     if device.type == "cpu":
         set_cpu_threads(config.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     out = Path(config.output_dir)
@@ -262,6 +311,8 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
     tokens_per_row = np.zeros(train_plan.num_rows, np.int64)
     np.add.at(tokens_per_row, train_plan.row, train_plan.length)
 
+    claim_output()
+
     # --- model: base + LoRA (seeded init), checked for packed-attention isolation before any step
     model = load_base_model(config.model).to(device)
     model = add_lora(model, config.lora, config.seed)
@@ -283,8 +334,8 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
     best_val, bad_evals, tokens_seen, elapsed_before = math.inf, 0, 0, 0.0
     resumed_from = None
     if resume == "never":
-        if ddp.main and (out / "checkpoints").exists():
-            shutil.rmtree(out / "checkpoints")
+        if ddp.main:
+            remove_recorded(out, "checkpoints")
         ddp.barrier()
         checkpoint = None
     elif resume == "auto":
@@ -451,7 +502,7 @@ def train(config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_
         peft_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_mode.txt").write_text(mode + "\n")
-        shutil.rmtree(adapter_dir, ignore_errors=True)
+        remove_recorded(out, "adapter")  # ours: recorded in output_dir's marker (a link is unlinked, not followed)
         os.replace(tmp, adapter_dir)
         if config.eval.at_end and val_plan is not None and val_plan.num_rows:
             if mode == "sft" and last_eval[0] == step and last_eval[1]:

@@ -73,10 +73,15 @@ def materialize_gguf(folder: Path, gguf: str, trust_remote_code: bool = False) -
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safety.ownership import claim_dir
+
     target = gguf_cache_dir(folder, gguf)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    # The cache is a folder of ours (the default location, chosen by train, is adopted as versions
+    # before markers left it); the swap below only ever renames onto a missing or empty folder.
+    claim_dir(target.parent, "train", "gguf-cache", [folder / gguf], option="TRAIN_CACHE_DIR",
+              adopt_unmarked="TRAIN_CACHE_DIR" not in os.environ)  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantization bar
     try:

@@ -24,6 +24,7 @@ from rich.table import Table
 from curate.display import console, live_run_events, print_summary
 from curate.errors import ConfigError, InputFileError
 from curate.label.client import DEFAULT_WORKSPACE, require_connection
+from safety.ownership import claim_dir
 
 
 def register(subparsers) -> None:
@@ -118,7 +119,11 @@ def handle_push(args) -> int:
         batch_size=args.batch_size,
         max_retries=args.max_retries,
     )
-    state_dir = args.state_dir or args.input.resolve().parent / "label_push_state"
+    # Resume state goes into a folder of ours only (a default one from before ownership markers is adopted).
+    state_dir = claim_dir(
+        args.state_dir or args.input.resolve().parent / "label_push_state", "curate", "label-push-state",
+        protected=[args.input], option="--state-dir", adopt_unmarked=args.state_dir is None,
+    )
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         tasks: dict[str, int] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from curate.display import console, live_run_events, print_summary
-from curate.runner import clean_run_dir, load_pipeline, run_pipeline
+from curate.runner import load_pipeline, run_pipeline
 
 
 def register(subparsers) -> None:
@@ -18,18 +18,18 @@ def register(subparsers) -> None:
     parser.add_argument("pipeline", type=Path, help="pipeline YAML file")
     parser.add_argument("--run-dir", type=Path, help="override the pipeline's run_dir")
     parser.add_argument("--force", action="store_true", help="recompute every stage, ignoring cached outputs")
-    parser.add_argument("--clean", action="store_true", help="delete the run directory first")
+    parser.add_argument("--clean", action="store_true", help="first remove the outputs an earlier run recorded in the run directory (never other files)")
     parser.add_argument("--quiet", action="store_true", help="no live display; print only the summary")
     parser.set_defaults(handler=handle)
 
 
 def handle(args) -> int:
     pipeline = load_pipeline(args.pipeline, run_dir=args.run_dir)
-    if args.clean:
-        clean_run_dir(pipeline.run_dir)
     with live_run_events(enabled=not args.quiet) as events:
-        result = run_pipeline(pipeline, force=args.force, events=events)
+        result = run_pipeline(pipeline, force=args.force, events=events, clean=args.clean)
     print_summary(result.manifest)
+    if result.removed_stale:
+        console.print(f"removed outputs of stages no longer in the pipeline: {', '.join(result.removed_stale)}", markup=False)
     console.print(f"manifest: {result.run_dir / 'manifest.json'}")
     for extra in ("report.html", "sft", "pref"):
         if (result.run_dir / extra).exists():

@@ -34,6 +34,7 @@ from typing import Callable
 
 from curate.atomic import write_json
 from curate.errors import ExternalServiceError
+from safety.ownership import claim_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # In a checkout: beside the code (both git-ignored). Installed as a package: the user's cache.
@@ -70,6 +71,14 @@ def server_venv() -> Path:
 
 def server_home(home: str | Path | None = None) -> Path:
     return Path(home or os.environ.get("CURATE_ARGILLA_HOME") or DEFAULT_HOME).resolve()
+
+
+def claim_server_home(home: str | Path | None = None) -> Path:
+    """The server home as a folder of ours: new, empty or carrying curate's marker (the default home, a
+    location curate chose, is adopted as it was left by versions before markers). A user's folder is
+    refused before the server writes its database, logs and owner key into it."""
+    resolved = server_home(home)
+    return claim_dir(resolved, "curate", "argilla-home", option="--home", adopt_unmarked=resolved == DEFAULT_HOME.resolve())
 
 
 def ensure_server_venv(venv: Path | None = None, progress: Progress = _quiet) -> Path:
@@ -315,8 +324,7 @@ def start_server(
     home: str | Path | None = None, port: int | None = None, timeout: float = 180.0, progress: Progress = _quiet
 ) -> ServerInfo:
     """Start (or find already running) the local Argilla in `home`; returns once it answers."""
-    home = server_home(home)
-    home.mkdir(parents=True, exist_ok=True)
+    home = claim_server_home(home)
     state = _read_state(home)
     owner = _owner(home)
     if _pid_alive(state.get("argilla_pid"), "server_main.py") and _port_open(state.get("argilla_port", 0)):
