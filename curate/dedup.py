@@ -688,8 +688,8 @@ class MinHashIndex:
                     f"{name}={value!r}; signatures are only comparable with identical settings"
                 )
         try:
-            records = pl.read_parquet(path / "records.parquet")
-            band_table = pl.read_parquet(path / "bands.parquet")
+            records = pl.read_parquet(path / "records.parquet", glob=False)
+            band_table = pl.read_parquet(path / "bands.parquet", glob=False)
         except (OSError, pl.exceptions.PolarsError) as error:
             raise RunStateError(f"{path}: unreadable dedup index ({error})") from None
         return cls(

@@ -273,7 +273,7 @@ def _csv_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[RawChunk]
 
 def _parquet_chunks(path: Path, display: str, chunk_rows: int) -> Iterator[RawChunk]:
     try:
-        lazy = pl.scan_parquet(path)
+        lazy = pl.scan_parquet(path, glob=False)
         height = lazy.select(pl.len()).collect().item()
     except pl.exceptions.PolarsError as error:
         raise InputFileError(f"{display}: not readable as Parquet ({str(error).splitlines()[0]})") from None
@@ -587,7 +587,7 @@ def ingest_file(
     if not os.access(path, os.R_OK):
         raise InputFileError(f"{display}: not readable (permission denied)")
     if path.is_file() and _is_canonical_parquet(path):
-        frame = pl.read_parquet(path)
+        frame = pl.read_parquet(path, glob=False)
         report = FileReport(file=display, format=CANONICAL_FORMAT, rows=frame.height, kept=frame.height)
         yield IngestBatch(records=frame, quarantine=pl.DataFrame(schema=QUARANTINE_SCHEMA)), report
         return

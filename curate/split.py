@@ -94,7 +94,7 @@ def read_previous_splits(folder: Path) -> pl.DataFrame:
     for kind, sub in KIND_FOLDERS.items():
         for split in SPLITS:
             for path in sorted((folder / sub).glob(f"{split}-*.parquet")):
-                shard = pl.read_parquet(path)
+                shard = pl.read_parquet(path, glob=False)
                 cluster = (
                     pl.col("dup_cluster").cast(pl.String) if "dup_cluster" in shard.columns else pl.lit(None, pl.String)
                 )
@@ -463,7 +463,7 @@ def pipeline_card_lines(manifest: dict[str, Any], stage_name: str) -> list[str]:
 def read_exported(folder: Path) -> pl.DataFrame | None:
     """The rows of an exported folder, with `split` taken from the shard names."""
     frames = [
-        pl.read_parquet(path).with_columns(pl.lit(split).alias("split"))
+        pl.read_parquet(path, glob=False).with_columns(pl.lit(split).alias("split"))
         for split in SPLITS
         for path in sorted(folder.glob(f"{split}-*.parquet"))
     ]

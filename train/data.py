@@ -40,7 +40,7 @@ def read_split(split_dir: str | Path, split: str, columns: list[str], kind: str 
         if split == "train":
             raise DataError(f"{split_dir}: no {split}-*.parquet files")
         return pl.DataFrame({c: [] for c in columns})
-    frame = pl.scan_parquet(files)
+    frame = pl.scan_parquet(files, glob=False)
     names = frame.collect_schema().names()
     missing = [c for c in columns if c not in names]
     if missing:

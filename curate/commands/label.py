@@ -84,7 +84,7 @@ def _read_canonical(path: Path) -> pl.DataFrame:
     if not path.exists():
         raise InputFileError(f"{path}: no such file")
     try:
-        frame = pl.read_parquet(path)
+        frame = pl.read_parquet(path, glob=False)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
         raise InputFileError(f"{path}: not a readable Parquet file ({type(error).__name__})") from None
     missing = [c for c in ("id", "kind", "messages", "prompt", "chosen", "rejected", "source") if c not in frame.columns]
