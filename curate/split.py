@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from curate.atomic import atomic_dir
 from curate.errors import ConfigError, RunStateError
-from curate.stage import StageConfig
+from curate.stage import Seed, StageConfig
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 KIND_FOLDERS: dict[str, str] = {"sft": "sft", "preference": "pref"}
@@ -43,7 +43,7 @@ class SplitConfig(StageConfig):
     train: float = Field(0.9, ge=0, le=1, description="Fraction of rows (by cluster) for training.")
     validation: float = Field(0.05, ge=0, le=1)
     test: float = Field(0.05, ge=0, le=1)
-    seed: int | None = Field(None, description="Overrides the pipeline seed for the assignment hash.")
+    seed: Seed | None = Field(None, description="Overrides the pipeline seed for the assignment hash.")
     cluster_column: str = Field("dup_cluster", description="Near-duplicate cluster id column; `id` if absent.")
     stratify_by: str | None = Field(
         None, description="`source` (the source file) or a column name (e.g. a label); balances every stratum."
@@ -56,7 +56,7 @@ class SplitConfig(StageConfig):
     include_previous: bool = Field(
         True, description="With previous_splits: exported datasets also hold earlier rows absent from this input."
     )
-    max_shard_rows: int = Field(100_000, ge=1)
+    max_shard_rows: int = Field(100_000, ge=1, le=100_000_000)
     save_to_disk: bool = Field(False, description="Also write datasets.save_to_disk copies in <folder>/hf_dataset.")
     license: str = Field("unknown", description="License field of the dataset card.")
     extra_columns: list[str] = Field(default_factory=list, description="More columns to carry into the exports.")
