@@ -61,6 +61,7 @@ from pydantic import Field, model_validator
 
 from curate.errors import ConfigError, RunStateError
 from curate.stage import Seed, StageConfig
+from safety.redact import redact
 
 INDEX_FORMAT = "curate-minhash-index"
 INDEX_VERSION = 1
@@ -739,7 +740,25 @@ class RedisIndexConfig(StageConfig):
     host: str = "127.0.0.1"
     port: int = Field(6379, ge=1, le=65535)
     db: int = Field(0, ge=0, le=1_000_000)
+    # `redis://[user:password@]host:port/db` (or rediss://) instead of host/port/db, for a server that
+    # needs a password. The stage fingerprint hashes it; every output shows it redacted.
+    url: str | None = Field(None, pattern=r"^rediss?://")
     basename: str = Field("curate-dedup", min_length=1)
+
+    def connection_kwargs(self) -> dict:
+        """Keyword arguments of `redis.Redis` (datasketch's Redis storage takes the same)."""
+        if self.url is None:
+            return {"host": self.host, "port": self.port, "db": self.db}
+        from redis.connection import parse_url
+
+        params = parse_url(self.url)
+        if params.pop("connection_class", None) is not None:  # rediss://: `redis.Redis` takes ssl=True
+            params["ssl"] = True
+        return params
+
+    def display(self) -> str:
+        """Where the index lives, without credentials (for messages)."""
+        return redact(self.url) if self.url else f"{self.host}:{self.port}"
 
 
 class DedupConfig(StageConfig):
@@ -906,7 +925,8 @@ def dedup_against_redis(
 
     options = config.redis
     basename = options.basename
-    client = redis.Redis(host=options.host, port=options.port, db=options.db)
+    connection = options.connection_kwargs()
+    client = redis.Redis(**connection)
     meta_key = f"{basename}:settings"
     wanted = json.dumps({**settings.as_dict(), "bands": band_params[0], "rows": band_params[1]}, sort_keys=True)
     try:
@@ -915,7 +935,7 @@ def dedup_against_redis(
             client.set(meta_key, wanted)
         elif stored.decode() != wanted:
             raise ConfigError(
-                f"dedup redis {options.host}:{options.port} {basename!r}: index was built with settings "
+                f"dedup redis {options.display()} {basename!r}: index was built with settings "
                 f"{stored.decode()} but this stage uses {wanted}"
             )
         lsh = MinHashLSH(
@@ -925,7 +945,7 @@ def dedup_against_redis(
             storage_config={
                 "type": "redis",
                 "basename": basename.encode(),
-                "redis": {"host": options.host, "port": options.port, "db": options.db},
+                "redis": connection,
             },
             prepickle=False,
         )
@@ -979,7 +999,7 @@ def dedup_against_redis(
         size = client.hlen(f"{basename}:signature")
     except redis.exceptions.RedisError as error:
         raise ExternalServiceError(
-            f"dedup redis {options.host}:{options.port}: {type(error).__name__}: {error}"
+            f"dedup redis {options.display()}: {type(error).__name__}: {redact(str(error))}"
         ) from None
     return {
         "basename": basename,
