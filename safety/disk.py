@@ -1,7 +1,7 @@
 """A full disk is an operator's problem, not a bug: it must read as one line naming the file being
 written, never as a traceback. Python raises OSError (errno ENOSPC, EDQUOT, or EFBIG for a file-size
-limit); Polars' Rust writers raise a PolarsError whose message ends in `(os error 28)`. Both are
-recognised here, for both CLIs."""
+limit); Rust writers (Polars, safetensors) raise their own error whose message names the OS error
+(`(os error 28)`, `Os { code: 28, ... }`). All are recognised here, for both CLIs."""
 
 from __future__ import annotations
 
@@ -13,17 +13,23 @@ _REASONS = {
     errno.EDQUOT: "disk quota exceeded",
     errno.EFBIG: "file too large for the file system or the process's file-size limit",
 }
-_POLARS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# Rust writers (Polars, safetensors) carry the errno in their message only.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 
 
-def disk_full_reason(error: BaseException) -> str | None:
-    """Why a write failed for lack of space, or None when `error` is something else."""
-    if isinstance(error, OSError) and error.errno in _REASONS:
-        return _REASONS[error.errno]
-    if type(error).__module__.startswith("polars"):
-        match = _POLARS_OS_ERROR.search(str(error))
-        if match and int(match.group(1)) in _REASONS:
-            return _REASONS[int(match.group(1))]
+def disk_full_reason(error: BaseException | None) -> str | None:
+    """Why a write failed for lack of space, or None when `error` is something else (its cause and
+    context are looked at too: a library may wrap the OSError in its own exception)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _REASONS:
+            return _REASONS[error.errno]
+        for match in _RUST_OS_ERROR.finditer(str(error)):
+            code = int(match.group(1) or match.group(2))
+            if code in _REASONS:
+                return _REASONS[code]
+        error = error.__cause__ or error.__context__
     return None
 
 
@@ -33,4 +39,4 @@ def disk_error_message(error: BaseException, path=None) -> str | None:
     if reason is None:
         return None
     where = path or getattr(error, "filename", None) or "an output file"
-    return f"{where}: cannot write: {reason}; free some space and rerun (finished stages are kept)"
+    return f"{where}: cannot write: {reason}; free some space and rerun"
