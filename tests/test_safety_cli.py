@@ -53,6 +53,13 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 # ------------------------------------------------------------------------------------ rich markup
 
 
+def test_json_key_with_markup_is_quoted_literally(tmp_path, capsys):
+    raw = tmp_path / "odd.jsonl"
+    raw.write_text(json.dumps({"[/x]": "hello there", "[bold]zzz": "hi, how can I help?"}) + "\n")
+    assert curate_main(["ingest", str(raw), "--out", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "['[/x]', '[bold]zzz']")
+
+
 def test_markup_in_run_dir_and_json_key_is_shown_as_written(tmp_path, capsys):
     write_rows(tmp_path / "in" / "a.jsonl", extra_key="[/bold]key")
     pipeline = write_pipeline(tmp_path)
