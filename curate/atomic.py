@@ -13,11 +13,25 @@ from typing import Iterator
 
 import polars as pl
 
+from curate.errors import OutputWriteError
+from safety.disk import disk_error_message
 from safety.ownership import mark_new_dir, replace_dir
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
+
+
+@contextmanager
+def disk_full_as_error(path: str | Path) -> Iterator[None]:
+    """Turn a disk-full failure while writing `path` into a one-line OutputWriteError naming it."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - anything but a full disk re-raises unchanged
+        message = disk_error_message(error, path)
+        if message is None:
+            raise
+        raise OutputWriteError(message) from None
 
 
 @contextmanager
@@ -29,9 +43,10 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; outputs are ordinary shared files
-        os.replace(tmp, target)
+        with disk_full_as_error(target):
+            yield tmp
+            os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; outputs are ordinary shared files
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -49,7 +64,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         mark_new_dir(tmp, "curate", "folder")
-        yield tmp
+        with disk_full_as_error(target):
+            yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         replace_dir(tmp, target, "curate")
     except BaseException:

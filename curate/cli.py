@@ -9,12 +9,21 @@ import pkgutil
 import sys
 
 from rich.console import Console
+from rich.text import Text
 
 from curate import __version__
 from curate.errors import CurateError
+from safety.disk import disk_error_message
 from safety.errors import SafetyError
+from safety.redact import redact
 
-error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Markup off: an error quotes user text (paths, keys, values), which is shown as written, never styled.
+error_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def print_error(message: str) -> None:
+    """`error: <message>` on stderr, one line, credentials redacted."""
+    error_console.print(Text.assemble(("error:", "bold red"), " ", redact(" ".join(str(message).split()))))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except (CurateError, SafetyError) as error:
-        error_console.print(f"[bold red]error:[/] {error}", markup=True)
+        print_error(str(error))
         return error.exit_code
     except KeyboardInterrupt:
-        error_console.print("[bold red]interrupted[/]")
+        error_console.print(Text("interrupted", style="bold red"))
         return 130
     except BrokenPipeError:
         return 1
+    except Exception as error:  # noqa: BLE001 - only a full disk is turned into a message; the rest re-raise
+        message = disk_error_message(error)
+        if message is None:
+            raise
+        print_error(message)
+        return 2
 
 
 def entry_point() -> None:

@@ -60,7 +60,8 @@ import polars_hash  # noqa: F401  (registers the .chash / .nchash expression nam
 from pydantic import Field, model_validator
 
 from curate.errors import ConfigError, RunStateError
-from curate.stage import StageConfig
+from curate.stage import Seed, StageConfig
+from safety.redact import redact
 
 INDEX_FORMAT = "curate-minhash-index"
 INDEX_VERSION = 1
@@ -688,8 +689,8 @@ class MinHashIndex:
                     f"{name}={value!r}; signatures are only comparable with identical settings"
                 )
         try:
-            records = pl.read_parquet(path / "records.parquet")
-            band_table = pl.read_parquet(path / "bands.parquet")
+            records = pl.read_parquet(path / "records.parquet", glob=False)
+            band_table = pl.read_parquet(path / "bands.parquet", glob=False)
         except (OSError, pl.exceptions.PolarsError) as error:
             raise RunStateError(f"{path}: unreadable dedup index ({error})") from None
         return cls(
@@ -738,8 +739,26 @@ class RedisIndexConfig(StageConfig):
 
     host: str = "127.0.0.1"
     port: int = Field(6379, ge=1, le=65535)
-    db: int = Field(0, ge=0)
+    db: int = Field(0, ge=0, le=1_000_000)
+    # `redis://[user:password@]host:port/db` (or rediss://) instead of host/port/db, for a server that
+    # needs a password. The stage fingerprint hashes it; every output shows it redacted.
+    url: str | None = Field(None, pattern=r"^rediss?://")
     basename: str = Field("curate-dedup", min_length=1)
+
+    def connection_kwargs(self) -> dict:
+        """Keyword arguments of `redis.Redis` (datasketch's Redis storage takes the same)."""
+        if self.url is None:
+            return {"host": self.host, "port": self.port, "db": self.db}
+        from redis.connection import parse_url
+
+        params = parse_url(self.url)
+        if params.pop("connection_class", None) is not None:  # rediss://: `redis.Redis` takes ssl=True
+            params["ssl"] = True
+        return params
+
+    def display(self) -> str:
+        """Where the index lives, without credentials (for messages)."""
+        return redact(self.url) if self.url else f"{self.host}:{self.port}"
 
 
 class DedupConfig(StageConfig):
@@ -755,7 +774,7 @@ class DedupConfig(StageConfig):
     shingle: ShingleKind = "char"
     ngram: int = Field(5, ge=1, le=64)
     num_perm: int = Field(128, ge=2, le=1024)
-    seed: int = Field(1, ge=0, lt=2**32)
+    seed: Seed = 1
     hash: HashName = "xxh32"
     threshold: float = Field(0.7, gt=0.0, le=1.0)
     # Banding: explicit, or datasketch's optimum (with these weights) for `candidate_threshold`, which
@@ -764,24 +783,24 @@ class DedupConfig(StageConfig):
     # lost for good. At 0.7 / 128 perms this gives 23 bands × 5 rows: a pair at Jaccard 0.7 becomes a
     # candidate with probability 0.985 (datasketch's own 0.7 optimum, 14 × 9: 0.44).
     candidate_threshold: float | None = Field(None, gt=0.0, le=1.0)
-    bands: int | None = Field(None, ge=1)
-    rows: int | None = Field(None, ge=1)
-    false_positive_weight: float = Field(0.2, ge=0.0)
-    false_negative_weight: float = Field(0.8, ge=0.0)
+    bands: int | None = Field(None, ge=1, le=1024)  # bands × rows ≤ num_perm ≤ 1024
+    rows: int | None = Field(None, ge=1, le=1024)
+    false_positive_weight: float = Field(0.2, ge=0.0, le=1.0)
+    false_negative_weight: float = Field(0.8, ge=0.0, le=1.0)
     verify: bool = True
     # Candidates whose signature estimate is this far under the threshold are not verified (treated as
     # not similar): with 128 permutations the estimate's standard error is at most 0.044, so a pair at
     # the threshold is skipped with probability ~1e-4, while template-sharing support conversations
     # (many candidates at Jaccard 0.3-0.5) skip most of the verification work. null: verify all.
     skip_verify_margin: float | None = Field(0.15, ge=0.0, le=1.0)
-    max_bucket_pairs: int = Field(64, ge=2)
+    max_bucket_pairs: int = Field(64, ge=2, le=1_000_000)
     keep: Literal["longest_response", "highest_score", "earliest_source"] = "longest_response"
     score_column: str | None = None
     # A saved index (a previous dedup stage's `index/` folder): new rows are deduplicated against it.
     index_path: str | None = None
     save_index: bool = True
     extend_index: bool = True  # the saved index holds the old index's rows plus this run's kept rows
-    examples: int = Field(5, ge=0)  # largest clusters listed in the report
+    examples: int = Field(5, ge=0, le=1000)  # largest clusters listed in the report
     # Also dedup against (and add this run's kept rows to) a shared Redis index. Its answers depend on
     # what other runs stored there, so a cached result of this stage is only as fresh as its run.
     redis: RedisIndexConfig | None = None
@@ -794,6 +813,8 @@ class DedupConfig(StageConfig):
             raise ValueError("set both bands and rows, or neither")
         if self.bands is not None and self.bands * self.rows > self.num_perm:
             raise ValueError(f"bands × rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+        if self.false_positive_weight + self.false_negative_weight <= 0:
+            raise ValueError("false_positive_weight + false_negative_weight must be > 0")
         if self.keep == "highest_score" and not self.score_column:
             raise ValueError("keep: highest_score needs score_column")
         return self
@@ -904,7 +925,8 @@ def dedup_against_redis(
 
     options = config.redis
     basename = options.basename
-    client = redis.Redis(host=options.host, port=options.port, db=options.db)
+    connection = options.connection_kwargs()
+    client = redis.Redis(**connection)
     meta_key = f"{basename}:settings"
     wanted = json.dumps({**settings.as_dict(), "bands": band_params[0], "rows": band_params[1]}, sort_keys=True)
     try:
@@ -913,7 +935,7 @@ def dedup_against_redis(
             client.set(meta_key, wanted)
         elif stored.decode() != wanted:
             raise ConfigError(
-                f"dedup redis {options.host}:{options.port} {basename!r}: index was built with settings "
+                f"dedup redis {options.display()} {basename!r}: index was built with settings "
                 f"{stored.decode()} but this stage uses {wanted}"
             )
         lsh = MinHashLSH(
@@ -923,7 +945,7 @@ def dedup_against_redis(
             storage_config={
                 "type": "redis",
                 "basename": basename.encode(),
-                "redis": {"host": options.host, "port": options.port, "db": options.db},
+                "redis": connection,
             },
             prepickle=False,  # keys stay our own bytes; prepickling would unpickle whatever the Redis holds
         )
@@ -977,7 +999,7 @@ def dedup_against_redis(
         size = client.hlen(f"{basename}:signature")
     except redis.exceptions.RedisError as error:
         raise ExternalServiceError(
-            f"dedup redis {options.host}:{options.port}: {type(error).__name__}: {error}"
+            f"dedup redis {options.display()}: {type(error).__name__}: {redact(str(error))}"
         ) from None
     return {
         "basename": basename,

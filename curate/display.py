@@ -1,4 +1,9 @@
-"""Rich rendering for the CLI: a live view while a pipeline runs, and the summary tables."""
+"""Rich rendering for the CLI: a live view while a pipeline runs, and the summary tables.
+
+User text (paths, stage names, JSON keys, drop reasons, messages from services) is never read as rich
+markup: the console has markup off, so a string is always shown as written, and our own styling is
+built as `Text` with a style. Everything shown also passes through `safety.redact` (a URL in a message
+may carry credentials)."""
 
 from __future__ import annotations
 
@@ -9,10 +14,17 @@ from typing import Iterator
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from curate.runner import RunEvents
+from safety.redact import redact
 
-console = Console(highlight=False, soft_wrap=True)
+console = Console(highlight=False, soft_wrap=True, markup=False)
+
+
+def styled(text: str, style: str = "") -> Text:
+    """User or service text as a rich Text: shown literally (no markup), credentials redacted."""
+    return Text(redact(str(text)), style=style)
 
 
 @contextmanager
@@ -31,8 +43,7 @@ def live_run_events(enabled: bool = True) -> Iterator[RunEvents]:
     if not enabled or not console.is_terminal:
         yield RunEvents(
             stage_finished=lambda name, record: console.print(
-                f"[dim]{name}: {'cached' if record.get('skipped') else 'done'} "
-                f"({record['rows_out']:,} rows)[/]"
+                styled(f"{name}: {'cached' if record.get('skipped') else 'done'} ({record['rows_out']:,} rows)", "dim")
             )
             if enabled
             else None
@@ -42,15 +53,15 @@ def live_run_events(enabled: bool = True) -> Iterator[RunEvents]:
     with Live(render(), console=console, refresh_per_second=8, transient=True) as live:
 
         def started(name: str, type_name: str) -> None:
-            rows[name] = {"type": type_name, "status": "[yellow]running…[/]"}
+            rows[name] = {"type": type_name, "status": styled("running…", "yellow")}
             live.update(render())
 
         def progress(name: str, message: str) -> None:
-            rows.setdefault(name, {})["status"] = f"[yellow]{message}[/]"
+            rows.setdefault(name, {})["status"] = styled(message, "yellow")
             live.update(render())
 
         def finished(name: str, record: dict) -> None:
-            rows[name]["status"] = "[dim]cached[/]" if record.get("skipped") else "[green]done[/]"
+            rows[name]["status"] = styled("cached", "dim") if record.get("skipped") else styled("done", "green")
             rows[name]["numbers"] = _numbers(record)
             live.update(render())
 
@@ -84,11 +95,11 @@ def summary_tables(manifest: dict) -> list[Table]:
             "cached" if record.get("skipped") else "",
         )
     accounting = manifest["accounting"]
-    stages.caption = (
+    stages.caption = Text.assemble(
         f"rows in {accounting['rows_in']:,}"
         + (f" + added {accounting['rows_added']:,}" if accounting.get("rows_added") else "")
-        + f" = kept {accounting['kept']:,} + dropped {accounting['dropped']:,} + quarantined {accounting['quarantined']:,}"
-        + ("  [green]✓ reconciled[/]" if accounting["reconciled"] else "  [red]✗ does not reconcile[/]")
+        + f" = kept {accounting['kept']:,} + dropped {accounting['dropped']:,} + quarantined {accounting['quarantined']:,}",
+        ("  ✓ reconciled", "green") if accounting["reconciled"] else ("  ✗ does not reconcile", "red"),
     )
     tables = [stages]
 

@@ -32,3 +32,7 @@ class RunStateError(CurateError):
 
 class ExternalServiceError(CurateError):
     """A service the run depends on (Argilla, Redis) is down or refused us."""
+
+
+class OutputWriteError(CurateError):
+    """An output could not be written for lack of space (disk full, quota, file-size limit)."""

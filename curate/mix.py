@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from curate.errors import ConfigError
 from curate.split import hash_fraction
-from curate.stage import StageConfig, drop_rows
+from curate.stage import NonNegativeFloat, Seed, StageConfig, drop_rows
 
 DROP_REASON = "mix_downsampled"
 _GROUP = "__mix_group"
@@ -36,21 +36,18 @@ class MixConfig(StageConfig):
         description="Group name → glob patterns over source.file (e.g. replay: ['replay/*']); first match wins. "
         "Rows matching none are grouped by their file.",
     )
-    ratios: dict[str, float] | None = Field(None, description="Target share of each group in the output.")
-    weights: dict[str, float] | None = Field(None, description="Multiplier of each group's row count.")
+    ratios: dict[str, NonNegativeFloat] | None = Field(None, description="Target share of each group in the output.")
+    weights: dict[str, NonNegativeFloat] | None = Field(None, description="Multiplier of each group's row count.")
     total_rows: int | None = Field(
         None, ge=1, description="With ratios: rows per record kind; default is the most reachable without upsampling."
     )
     allow_upsample: bool = Field(True, description="If false, a target above a group's size is an error.")
-    seed: int | None = Field(None, description="Overrides the pipeline seed for sampling.")
+    seed: Seed | None = Field(None, description="Overrides the pipeline seed for sampling.")
 
     @model_validator(mode="after")
     def _one_of(self):
         if (self.ratios is None) == (self.weights is None):
             raise ValueError("give exactly one of ratios or weights")
-        values = self.ratios if self.ratios is not None else self.weights
-        if any(value < 0 or not math.isfinite(value) for value in values.values()):
-            raise ValueError("ratios and weights must be finite and >= 0")
         if self.ratios is not None and sum(self.ratios.values()) <= 0:
             raise ValueError("ratios must not all be 0")
         return self

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from curate.atomic import write_text
-from curate.errors import RunStateError
+from curate.runner import load_manifest
 from curate.split import KIND_FOLDERS, SPLITS, refresh_dataset_cards
 
 SPLIT_COLORS = {"train": "#3b6ea8", "validation": "#e08a2c", "test": "#4c9a55"}
@@ -43,26 +42,13 @@ class StageFiles:
 def _count(path: Path | None) -> int | None:
     if path is None or not path.exists():
         return None
-    return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    return int(pl.scan_parquet(path, glob=False).select(pl.len()).collect().item())
 
 
 def _columns(path: Path | None) -> list[str]:
     if path is None or not path.exists():
         return []
-    return pl.scan_parquet(path).collect_schema().names()
-
-
-def load_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "manifest.json"
-    if not path.exists():
-        raise RunStateError(f"{run_dir}: no manifest.json (is this a run directory?)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise RunStateError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
-    if not isinstance(manifest, dict):
-        raise RunStateError(f"{path}: expected a JSON object")
-    return manifest
+    return pl.scan_parquet(path, glob=False).collect_schema().names()
 
 
 def stage_files(run_dir: Path, manifest: dict[str, Any]) -> list[StageFiles]:
@@ -291,7 +277,7 @@ def funnel_rows(run_dir: Path, manifest: dict[str, Any], stages: list[StageFiles
         previous_out = kept
         if stage.dropped is not None and "reason" in _columns(stage.dropped):
             counts = (
-                pl.scan_parquet(stage.dropped).group_by(pl.col("reason").cast(pl.String).fill_null("(none)")).len().collect()
+                pl.scan_parquet(stage.dropped, glob=False).group_by(pl.col("reason").cast(pl.String).fill_null("(none)")).len().collect()
             )
             if counts.height:
                 reasons.append(counts.with_columns(pl.lit(stage.name).alias("stage")))
@@ -324,17 +310,17 @@ def final_rows(run_dir: Path, stages: list[StageFiles]) -> tuple[pl.LazyFrame | 
     and `split`), else the exported folders, else the last stage's output (no split)."""
     for stage in reversed(stages):
         if stage.data is not None and "split" in _columns(stage.data):
-            return pl.scan_parquet(stage.data), f"stage {stage.name}"
+            return pl.scan_parquet(stage.data, glob=False), f"stage {stage.name}"
     frames = []
     for kind, folder in KIND_FOLDERS.items():
         for split in SPLITS:
             for path in sorted((run_dir / folder).glob(f"{split}-*.parquet")):
-                frames.append(pl.scan_parquet(path).with_columns(pl.lit(kind).alias("kind"), pl.lit(split).alias("split")))
+                frames.append(pl.scan_parquet(path, glob=False).with_columns(pl.lit(kind).alias("kind"), pl.lit(split).alias("split")))
     if frames:
         return pl.concat(frames, how="diagonal_relaxed"), "sft/ and pref/ folders"
     for stage in reversed(stages):
         if stage.data is not None:
-            return pl.scan_parquet(stage.data).with_columns(pl.lit("all").alias("split")), f"stage {stage.name} (no split)"
+            return pl.scan_parquet(stage.data, glob=False).with_columns(pl.lit("all").alias("split")), f"stage {stage.name} (no split)"
     return None, ""
 
 
@@ -394,7 +380,7 @@ def _clusters_section(stages: list[StageFiles]) -> str:
             continue
         # Clusters as the dedup stage saw them: its kept rows plus the duplicates it dropped.
         clusters = pl.concat(
-            [pl.scan_parquet(p).select(pl.coalesce(pl.col("dup_cluster").cast(pl.String), pl.col("id")).alias("c")) for p in sources]
+            [pl.scan_parquet(p, glob=False).select(pl.coalesce(pl.col("dup_cluster").cast(pl.String), pl.col("id")).alias("c")) for p in sources]
         )
         sizes = (
             clusters.group_by("c").len().group_by(pl.col("len").alias("size")).agg(pl.len().alias("clusters")).sort("size").collect()
@@ -416,7 +402,7 @@ def _distribution_section(stages: list[StageFiles], final: pl.LazyFrame | None) 
     for stage in stages:
         if stage.data is not None and LANG_COLUMN in _columns(stage.data):
             counts = (
-                pl.scan_parquet(stage.data).group_by(pl.col(LANG_COLUMN).cast(pl.String).fill_null("(unknown)")).len()
+                pl.scan_parquet(stage.data, glob=False).group_by(pl.col(LANG_COLUMN).cast(pl.String).fill_null("(unknown)")).len()
                 .sort(["len", LANG_COLUMN], descending=[True, False]).collect()
             )
             top = counts.head(20)
@@ -479,7 +465,7 @@ def _quarantine_section(run_dir: Path) -> str:
     if not path.exists():
         return "".join(parts) + _note("No quarantine.parquet in this run.")
     counts = (
-        pl.scan_parquet(path).group_by(pl.col("reason").fill_null("(none)")).len().sort(["len", "reason"], descending=[True, False]).collect()
+        pl.scan_parquet(path, glob=False).group_by(pl.col("reason").fill_null("(none)")).len().sort(["len", "reason"], descending=[True, False]).collect()
         if "reason" in _columns(path)
         else pl.DataFrame({"reason": ["(all)"], "len": [_count(path) or 0]})
     )

@@ -32,12 +32,13 @@ import polars as pl
 import yaml
 
 import curate
-from curate.atomic import atomic_path, write_json, write_parquet
+from curate.atomic import atomic_path, disk_full_as_error, write_json, write_parquet
 from curate.errors import ConfigError, InputFileError, RunStateError
 from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file, path_sha256
 from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
 from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, new_generation, remove_all_recorded, remove_leftover_temps, remove_stale
+from safety.redact import redact_value
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, load_schema
 
 INGEST_STAGE = "ingest"
@@ -192,7 +193,7 @@ class RunResult:
 
 
 def _parquet_rows(path: Path) -> int:
-    return pl.scan_parquet(path).select(pl.len()).collect().item()
+    return pl.scan_parquet(path, glob=False).select(pl.len()).collect().item()
 
 
 def _load_success(stage_dir: Path, fingerprint: str) -> dict | None:
@@ -231,7 +232,7 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
     reports: list[FileReport] = []
-    with tempfile.TemporaryDirectory(prefix=".ingest-parts-", dir=stage_dir) as parts_dir:
+    with tempfile.TemporaryDirectory(prefix=".ingest-parts-", dir=stage_dir) as parts_dir, disk_full_as_error(stage_dir):
         parts = Path(parts_dir)
         record_parts, quarantine_parts = [], []
         for file_index, (path, display, spec) in enumerate(files):
@@ -253,11 +254,11 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
             reports.append(last_report)
         records = (
             # diagonal: parts from canonical Parquet inputs may carry score columns the others lack.
-            pl.concat([pl.scan_parquet(part) for part in record_parts], how="diagonal_relaxed")
+            pl.concat([pl.scan_parquet(part, glob=False) for part in record_parts], how="diagonal_relaxed")
             if record_parts
             else pl.LazyFrame(schema=CANONICAL_SCHEMA)
         )
-        quarantine = pl.scan_parquet(quarantine_parts) if quarantine_parts else pl.LazyFrame(schema=QUARANTINE_SCHEMA)
+        quarantine = pl.scan_parquet(quarantine_parts, glob=False) if quarantine_parts else pl.LazyFrame(schema=QUARANTINE_SCHEMA)
         write_parquet(records, stage_dir / "data.parquet")
         write_parquet(quarantine, pipeline.run_dir / QUARANTINE_FILE)
 
@@ -289,7 +290,7 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
         ],
         "report": {},
     }
-    write_json(stage_dir / SUCCESS_FILE, record)
+    write_json(stage_dir / SUCCESS_FILE, redact_value(record))  # credentials in configs/reports never persist
     record = {**record, "skipped": False}
     events.stage_finished(INGEST_STAGE, record)
     return record
@@ -336,7 +337,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
         if entry.spec.export is not None:
             # Exports (split datasets) live outside the stage folder and may have been deleted or
             # edited; rewriting them from the cached data is cheap and gives the same bytes.
-            entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet"), entry.config, ctx)
+            entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet", glob=False), entry.config, ctx)
         cached = {**cached, "skipped": True}
         events.stage_finished(entry.name, cached)
         return cached
@@ -344,7 +345,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / SUCCESS_FILE).unlink(missing_ok=True)
-    output = entry.spec.run(pl.scan_parquet(input_path), entry.config, ctx)
+    output = entry.spec.run(pl.scan_parquet(input_path, glob=False), entry.config, ctx)
     dropped = output.dropped if output.dropped is not None else pl.LazyFrame(schema=_empty_dropped_schema())
     with atomic_path(stage_dir / "data.parquet", suffix=".parquet") as kept_tmp, atomic_path(
         stage_dir / "dropped.parquet", suffix=".parquet"
@@ -359,7 +360,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
         )
     rows_in = previous["rows_out"]
     rows_out = _parquet_rows(stage_dir / "data.parquet")
-    dropped_frame = pl.scan_parquet(stage_dir / "dropped.parquet")
+    dropped_frame = pl.scan_parquet(stage_dir / "dropped.parquet", glob=False)
     rows_dropped = dropped_frame.select(pl.len()).collect().item()
     rows_added = rows_out + rows_dropped - rows_in
     if rows_added < 0:
@@ -373,7 +374,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
     )
     report = dict(output.report)
     if entry.spec.export is not None:
-        report.update(entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet"), entry.config, ctx) or {})
+        report.update(entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet", glob=False), entry.config, ctx) or {})
     record = {
         "name": entry.name,
         "type": entry.type,
@@ -388,7 +389,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
         "seconds": round(time.perf_counter() - started, 3),
         "report": report,
     }
-    write_json(stage_dir / SUCCESS_FILE, record)
+    write_json(stage_dir / SUCCESS_FILE, redact_value(record))  # credentials in configs/reports never persist
     record = {**record, "skipped": False}
     events.stage_finished(entry.name, record)
     return record
@@ -478,7 +479,8 @@ def build_manifest(pipeline: Pipeline, records: list[dict], seconds: float) -> d
     stages = []
     for record in records:
         stages.append({key: value for key, value in record.items() if key not in ("files",)})
-    return {
+    # Shown and persisted, so credentials (a URL with user:pass@) go; the config hash is of the real config.
+    return redact_value({
         "pipeline": {
             "name": pipeline.name,
             "path": str(pipeline.path) if pipeline.path else None,
@@ -503,17 +505,26 @@ def build_manifest(pipeline: Pipeline, records: list[dict], seconds: float) -> d
         },
         "final_stage": final["name"],
         "seconds": round(seconds, 3),
-    }
+    })
 
 
 def load_manifest(run_dir: str | Path) -> dict:
+    """A run's manifest.json, checked against schemas/manifest.schema.json: a damaged or foreign file is
+    a one-line RunStateError naming the first field that is wrong, never a KeyError later on."""
     path = Path(run_dir) / MANIFEST_FILE
     if not path.is_file():
         raise RunStateError(f"{run_dir}: no {MANIFEST_FILE}; is this a run directory written by `curate run`?")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise RunStateError(f"{path}: not valid JSON (line {error.lineno}); rerun `curate run` to rewrite it") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise RunStateError(f"{path}: not a manifest written by `curate run`; rerun `curate run` to rewrite it") from None
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(load_schema("manifest")).iter_errors(manifest))
+    if error is not None:
+        where = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+        raise RunStateError(f"{path}: {where}: {error.message[:200]}; rerun `curate run` to rewrite it")
+    return manifest
 
 
 def run_stages(

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from curate.atomic import atomic_dir
 from safety.ownership import is_owned, record
 from curate.errors import ConfigError, RunStateError
-from curate.stage import StageConfig
+from curate.stage import Seed, StageConfig
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 KIND_FOLDERS: dict[str, str] = {"sft": "sft", "preference": "pref"}
@@ -44,7 +44,7 @@ class SplitConfig(StageConfig):
     train: float = Field(0.9, ge=0, le=1, description="Fraction of rows (by cluster) for training.")
     validation: float = Field(0.05, ge=0, le=1)
     test: float = Field(0.05, ge=0, le=1)
-    seed: int | None = Field(None, description="Overrides the pipeline seed for the assignment hash.")
+    seed: Seed | None = Field(None, description="Overrides the pipeline seed for the assignment hash.")
     cluster_column: str = Field("dup_cluster", description="Near-duplicate cluster id column; `id` if absent.")
     stratify_by: str | None = Field(
         None, description="`source` (the source file) or a column name (e.g. a label); balances every stratum."
@@ -57,7 +57,7 @@ class SplitConfig(StageConfig):
     include_previous: bool = Field(
         True, description="With previous_splits: exported datasets also hold earlier rows absent from this input."
     )
-    max_shard_rows: int = Field(100_000, ge=1)
+    max_shard_rows: int = Field(100_000, ge=1, le=100_000_000)
     save_to_disk: bool = Field(False, description="Also write datasets.save_to_disk copies in <folder>/hf_dataset.")
     license: str = Field("unknown", description="License field of the dataset card.")
     extra_columns: list[str] = Field(default_factory=list, description="More columns to carry into the exports.")
@@ -95,7 +95,7 @@ def read_previous_splits(folder: Path) -> pl.DataFrame:
     for kind, sub in KIND_FOLDERS.items():
         for split in SPLITS:
             for path in sorted((folder / sub).glob(f"{split}-*.parquet")):
-                shard = pl.read_parquet(path)
+                shard = pl.read_parquet(path, glob=False)
                 cluster = (
                     pl.col("dup_cluster").cast(pl.String) if "dup_cluster" in shard.columns else pl.lit(None, pl.String)
                 )
@@ -464,7 +464,7 @@ def pipeline_card_lines(manifest: dict[str, Any], stage_name: str) -> list[str]:
 def read_exported(folder: Path) -> pl.DataFrame | None:
     """The rows of an exported folder, with `split` taken from the shard names."""
     frames = [
-        pl.read_parquet(path).with_columns(pl.lit(split).alias("split"))
+        pl.read_parquet(path, glob=False).with_columns(pl.lit(split).alias("split"))
         for split in SPLITS
         for path in sorted(folder.glob(f"{split}-*.parquet"))
     ]

@@ -22,18 +22,26 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Annotated, Any, Callable, Protocol
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from curate.errors import ConfigError
 
 
 class StageConfig(BaseModel):
-    """Base for stage configs: unknown keys are an error (a typo must not silently do nothing)."""
+    """Base for stage configs: unknown keys are an error (a typo must not silently do nothing), and no
+    number is NaN or infinite (a threshold of nan compares false with everything: it silently keeps or
+    drops every row). Every numeric field also declares its range (tests/test_safety_cli.py checks)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Shared numeric ranges of stage config fields.
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]  # a share of rows, words, lines, ...
+NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what every seed consumer (datasketch, Polars, hashes) takes
 
 
 @dataclass

@@ -36,7 +36,7 @@ def _validator(schema_name: str) -> jsonschema.Draft202012Validator:
 def _iter_rows(path: Path):
     name = path.name.lower()
     if name.endswith(".parquet"):
-        frame = pl.read_parquet(path)
+        frame = pl.read_parquet(path, glob=False)
         for index, row in enumerate(frame.iter_rows(named=True), start=1):
             yield index, {key: value for key, value in row.items() if value is not None}
         return

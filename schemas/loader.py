@@ -14,6 +14,7 @@ SCHEMA_FILES = {
     "chat": "chat_record.schema.json",
     "preference": "preference_record.schema.json",
     "pipeline": "pipeline.schema.json",
+    "manifest": "manifest.schema.json",
 }
 
 

@@ -128,9 +128,20 @@ def write_run_dir(run_dir: Path, frame: pl.DataFrame | None = None, split_config
     rows, _ = assign_splits(filtered.lazy(), config, 7)
     write_stage("split", "split", filtered.height, rows, None, config.model_dump(mode="json"))
     export_splits(rows, run_dir, config, 7)
+    dropped_total = sum(stage["rows_dropped"] for stage in stages[1:])
     manifest = {
         "pipeline": {"name": "planted", "config_hash": "abc123", "config": {"seed": 7, "stages": configs[1:]}},
+        "run_dir": str(run_dir),
         "stages": stages,
+        "accounting": {
+            "rows_in": stages[0]["rows_in"],
+            "kept": stages[-1]["rows_out"],
+            "dropped": dropped_total,
+            "quarantined": stages[0]["rows_quarantined"],
+            "reconciled": stages[0]["rows_in"] == stages[-1]["rows_out"] + dropped_total + stages[0]["rows_quarantined"],
+            "quarantined_by_reason": stages[0]["quarantined_by_reason"],
+            "dropped_by_stage_reason": {s["name"]: s["dropped_by_reason"] for s in stages[1:] if s["rows_dropped"]},
+        },
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     return run_dir

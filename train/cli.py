@@ -12,13 +12,22 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from safety.disk import disk_error_message
 from safety.errors import SafetyError
 from safety.ownership import claim_file
+from safety.redact import redact
 from train.errors import TrainError
 
-console = Console(highlight=False)
-error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Markup off: tables show model outputs, prompts and paths, which are printed as written, never styled.
+console = Console(highlight=False, markup=False)
+error_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def print_error(message: str) -> None:
+    """`error: <message>` on stderr, one line, credentials redacted."""
+    error_console.print(Text.assemble(("error:", "bold red"), " ", redact(" ".join(str(message).split()))))
 
 # Flags that are shortcuts for config keys (everything else: --set key.sub=value).
 SHORTCUTS = {
@@ -158,11 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except (TrainError, SafetyError) as error:
-        error_console.print(f"[bold red]error:[/] {error}")
+        print_error(str(error))
         return error.exit_code
     except KeyboardInterrupt:
-        error_console.print("[bold red]interrupted[/] (rerun the same command to resume from the last checkpoint)")
+        error_console.print(
+            Text.assemble(("interrupted", "bold red"), " (rerun the same command to resume from the last checkpoint)")
+        )
         return 130
+    except Exception as error:  # noqa: BLE001 - only a full disk is turned into a message; the rest re-raise
+        message = disk_error_message(error)
+        if message is None:
+            raise
+        print_error(message)
+        return 2
 
 
 def entry_point() -> None:

@@ -49,7 +49,7 @@ def _read_parquet_file(path: Path, columns: list[str], kind: str | None) -> pl.D
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; expected canonical {kind or ''} records")
         wanted = columns + (["kind"] if kind is not None and "kind" in schema and "kind" not in columns else [])
-        frame = pl.read_parquet(path, columns=wanted)
+        frame = pl.read_parquet(path, columns=wanted, glob=False)
     except DataError:
         raise
     except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError, ValueError) as error:

@@ -34,15 +34,16 @@ def merge_adapter(
         raise ModelLoadError(f"{adapter_dir}: adapter folder not found")
     protected = [adapter_dir, *protected]
     check_replaceable(out_dir, "train", protected, option="--out")  # before minutes of merging
+    # Load first: a base or adapter that cannot be loaded fails before any output folder exists.
+    base = load_base_model(model_config, dtype=dtype)
+    merged = load_adapter(base, adapter_dir).merge_and_unload()
+    merged.config.use_cache = True
+    tokenizer = load_tokenizer(model_config)
     out_dir = claim_dir(out_dir, "train", KIND, protected, option="--out")
     with exclusive_lock(out_dir, "train merge"):
         # Temp folders of a killed merge sit beside --out (the rename must stay on one file system);
         # only those carrying our marker are ours to remove.
         remove_marked_temp_dirs(out_dir.parent, f".{out_dir.name}.", "train")
-        base = load_base_model(model_config, dtype=dtype)
-        merged = load_adapter(base, adapter_dir).merge_and_unload()
-        merged.config.use_cache = True
-        tokenizer = load_tokenizer(model_config)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
         try:
             mark_new_dir(tmp, "train", KIND)

@@ -20,11 +20,14 @@ from pathlib import Path
 import polars as pl
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from curate.display import console, live_run_events, print_summary
+from curate.display import console, live_run_events, print_summary, styled
 from curate.errors import ConfigError, InputFileError
 from curate.label.client import DEFAULT_WORKSPACE, require_connection
+from curate.label.schema import check_dataset_name
 from safety.ownership import claim_dir
+from safety.redact import redact
 
 
 def register(subparsers) -> None:
@@ -85,7 +88,7 @@ def _read_canonical(path: Path) -> pl.DataFrame:
     if not path.exists():
         raise InputFileError(f"{path}: no such file")
     try:
-        frame = pl.read_parquet(path)
+        frame = pl.read_parquet(path, glob=False)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
         raise InputFileError(f"{path}: not a readable Parquet file ({type(error).__name__})") from None
     missing = [c for c in ("id", "kind", "messages", "prompt", "chosen", "rejected", "source") if c not in frame.columns]
@@ -107,6 +110,7 @@ def _suggestions(pairs: list[str]) -> dict[str, str]:
 def handle_push(args) -> int:
     from curate.label.push import PushOptions, push_frame
 
+    check_dataset_name(args.dataset)  # before it becomes a path or reaches the server
     connection = require_connection(args.api_url, os.environ.get("ARGILLA_API_KEY"))
     frame = _read_canonical(args.input)
     options = PushOptions(
@@ -124,7 +128,8 @@ def handle_push(args) -> int:
         args.state_dir or args.input.resolve().parent / "label_push_state", "curate", "label-push-state",
         protected=[args.input], option="--state-dir", adopt_unmarked=args.state_dir is None,
     )
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    # markup=False: the description is a dataset name, user text.
+    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         tasks: dict[str, int] = {}
 
@@ -133,8 +138,8 @@ def handle_push(args) -> int:
                 tasks[name] = bar.add_task(name, total=total)
             bar.update(tasks[name], completed=done)
 
-        report = push_frame(frame, connection, options, state_dir, progress, on_retry=lambda m: console.print(f"[yellow]{m}[/]"))
-    table = Table(title=f"pushed to {connection.api_url} (workspace {options.workspace})")
+        report = push_frame(frame, connection, options, state_dir, progress, on_retry=lambda m: console.print(styled(m, "yellow")))
+    table = Table(title=f"pushed to {redact(connection.api_url)} (workspace {options.workspace})")
     for column in ("dataset", "records", "sent", "unchanged"):
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for name, item in report["datasets"].items():
@@ -146,6 +151,7 @@ def handle_push(args) -> int:
 def handle_pull(args) -> int:
     from curate.runner import run_single_stage
 
+    check_dataset_name(args.dataset)  # before it becomes a path or reaches the server
     require_connection(args.api_url, os.environ.get("ARGILLA_API_KEY"))
     config = {
         "dataset": args.dataset,
@@ -178,6 +184,7 @@ def handle_pull(args) -> int:
 def handle_status(args) -> int:
     from curate.label.status import labeling_status
 
+    check_dataset_name(args.dataset)  # before it becomes a path or reaches the server
     connection = require_connection(args.api_url, os.environ.get("ARGILLA_API_KEY"))
     status = labeling_status(connection, args.dataset, args.workspace, args.max_retries)
     if args.json:
@@ -204,8 +211,8 @@ def handle_status(args) -> int:
 def handle_serve(args) -> int:
     from curate.label.server import start_server
 
-    info = start_server(args.home, port=args.port, progress=lambda message: console.print(f"[dim]{message}[/]"))
-    console.print(f"Argilla is running at [bold]{info.url}[/] (home {info.home})", soft_wrap=True)
+    info = start_server(args.home, port=args.port, progress=lambda message: console.print(styled(message, "dim")))
+    console.print(Text.assemble("Argilla is running at ", (info.url, "bold"), f" (home {info.home})"), soft_wrap=True)
     console.print(f"owner username, password and API key: {info.owner_file} (mode 600; keys 'username', 'password', 'api_key')", soft_wrap=True)
     console.print(f"  export ARGILLA_API_URL={info.url}", soft_wrap=True)
     console.print(f"  export ARGILLA_API_KEY=$(python -c \"import json; print(json.load(open('{info.owner_file}'))['api_key'])\")", soft_wrap=True)

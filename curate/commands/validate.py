@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
+
 from curate.display import console
 from curate.errors import SchemaValidationError
 from curate.validation import validate_file
@@ -27,8 +29,8 @@ def handle(args) -> int:
         schema = "pipeline"
     result = validate_file(args.file, schema=schema, max_errors=args.max_errors)
     for line in result.first_errors:
-        console.print(line, markup=False)
+        console.print(line)
     if result.invalid:
         raise SchemaValidationError(f"{args.file}: {result.invalid} of {result.rows} rows do not match the {schema} schema")
-    console.print(f"[green]ok[/]: {args.file}: {result.rows} rows match the {schema} schema")
+    console.print(Text.assemble(("ok", "green"), f": {args.file}: {result.rows} rows match the {schema} schema"))
     return 0

@@ -73,7 +73,7 @@ def _raw_ids(path: Path) -> dict[int, str]:
                 if isinstance(item, dict) and item.get("id") is not None:
                     ids[number] = str(item["id"])
         elif suffix in (".parquet", ".csv"):
-            frame = pl.read_parquet(path) if suffix == ".parquet" else pl.read_csv(path, infer_schema=False)
+            frame = pl.read_parquet(path, glob=False) if suffix == ".parquet" else pl.read_csv(path, infer_schema=False, glob=False)
             if "id" in frame.columns:
                 for number, value in enumerate(frame["id"].to_list(), start=1):
                     if value is not None:

@@ -17,9 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
+from typing import Literal
+
 from pydantic import Field
 
-from curate.stage import StageConfig
+from curate.filters.heuristics import DUP_NGRAM_SIZES, TOP_NGRAM_SIZES
+from curate.stage import Fraction, StageConfig
 
 
 class FilterConfig(StageConfig):
@@ -31,11 +34,12 @@ class FilterConfig(StageConfig):
     )
     min_last_assistant_words: int | None = Field(
         2,
+        ge=0,
         description="Minimum words in the final assistant turn. 2, not Gopher's 50: support replies are short "
         "('Refund issued.' is fine) but a one-word 'ok' or an empty reply teaches nothing.",
     )
     min_user_words: int | None = Field(
-        1, description="Minimum words over all user turns: a conversation without a question is not a sample."
+        1, ge=0, description="Minimum words over all user turns: a conversation without a question is not a sample."
     )
     drop_contaminated: bool = Field(
         True,
@@ -50,6 +54,8 @@ class FilterConfig(StageConfig):
     )
     min_lang_score: float | None = Field(
         None,
+        ge=0.0,
+        le=1.0,
         description="Minimum lingua confidence `lang_score`. Off by default: with a dozen candidate languages "
         "a clearly English 15-word message often scores 0.6-0.8 because close languages share the mass; "
         "the label is reliable well below the confidence one would guess.",
@@ -67,79 +73,97 @@ class FilterConfig(StageConfig):
     )
     max_response_echo_containment: float | None = Field(
         0.8,
+        ge=0.0,
+        le=1.0,
         description="Maximum share of the last reply's distinct words found in the last user turn (checked "
         "only for replies of 5+ words). Above 0.8 the reply repeats the question instead of answering it; "
         "answers quoting an order number or product name stay far below (sample data: < 0.5).",
     )
     max_response_echo_jaccard: float | None = Field(
         None,
+        ge=0.0,
+        le=1.0,
         description="Maximum word-set Jaccard between the last user and last assistant turns. Off by default: "
         "containment catches echoes even when the prompt carries extra lines (plan, device) the reply drops.",
     )
     min_response_prompt_word_ratio: float | None = Field(
         None,
+        ge=0.0,
         description="Minimum assistant/user word ratio. Off by default: in support chat a long complaint "
         "answered by 'Done, refunded.' is a good sample.",
     )
     max_token_count: int | None = Field(
         4096,
+        ge=1,
         description="Maximum tokens of the whole row (`token_count`, needs a tokenizer in the tag stage): rows "
         "longer than the training sequence length would be truncated. Skipped when no tokenizer is set.",
     )
     max_assistant_words: int | None = Field(
         1500,
+        ge=1,
         description="Maximum assistant words: support replies of several thousand words are pasted manuals or "
         "logs, not conversation.",
     )
     # --- Gopher-style quality (assistant text: what the model learns to write)
     min_assistant_mean_word_length: float | None = Field(
         2.0,
+        ge=0.0,
         description="Minimum mean word length (Gopher: 3). 2 because chat uses short words ('ok, I'll do it'), "
         "while letter soup of 1-character tokens still fails.",
     )
     max_assistant_mean_word_length: float | None = Field(
         15.0,
+        gt=0.0,
         description="Maximum mean word length (Gopher: 10). 15 because support replies carry URLs, order ids and "
         "e-mail placeholders; runs of base64 or minified code still exceed it.",
     )
     max_assistant_symbol_word_ratio: float | None = Field(
         0.5,
+        ge=0.0,  # symbols per word: may exceed 1
         description="Maximum (`#` + ellipses) per word (Gopher: 0.1). Short replies citing 'order #A7X-20931' "
         "reach 0.1-0.3 legitimately; hashtag spam and '...' chains exceed 0.5.",
     )
     max_assistant_non_alpha_word_ratio: float | None = Field(
         0.5,
+        ge=0.0,
+        le=1.0,
         description="Maximum share of words without a letter (Gopher: 0.2). Prices, dates and ids are common in "
         "support; a reply that is mostly numbers or symbols is still junk.",
     )
     min_assistant_stop_words: int | None = Field(
         None,
+        ge=0,
         description="Minimum English stop words (Gopher: 2). Off by default: 'Refund issued, see email.' has "
         "none, and non-English rows are the language rule's job.",
     )
     max_assistant_bullet_line_ratio: float | None = Field(
         None,
+        ge=0.0,
+        le=1.0,
         description="Maximum share of bullet lines (Gopher: 0.9). Off by default: step-by-step support "
         "instructions are bullet lists.",
     )
     max_assistant_ellipsis_line_ratio: float | None = Field(
         0.5,
+        ge=0.0,
+        le=1.0,
         description="Maximum share of lines ending with an ellipsis (Gopher: 0.3). With the 1-3 lines of a chat "
         "reply, one trailing '...' is already 0.33-1.0; 0.5 tolerates one in a multi-line reply.",
     )
     max_assistant_dup_line_fraction: float | None = Field(
-        0.3, description="Maximum share of repeated lines (Gopher: 0.3; kept — repeated lines are junk in chat too)."
+        0.3, ge=0.0, le=1.0, description="Maximum share of repeated lines (Gopher: 0.3; kept — repeated lines are junk in chat too)."
     )
     max_assistant_dup_paragraph_fraction: float | None = Field(
-        0.3, description="Maximum share of repeated paragraphs (Gopher: 0.3; kept)."
+        0.3, ge=0.0, le=1.0, description="Maximum share of repeated paragraphs (Gopher: 0.3; kept)."
     )
-    max_assistant_top_ngram_char_frac: dict[int, float] | None = Field(
+    # Keys: the n-gram sizes the tag stage scores (an unknown n would name a column that does not exist).
+    max_assistant_top_ngram_char_frac: dict[Literal[TOP_NGRAM_SIZES], Fraction] | None = Field(
         default_factory=lambda: {2: 0.30, 3: 0.28, 4: 0.26},
         description="Maximum character share of the most frequent repeated word n-gram, n = 2, 3, 4 (Gopher: "
         "0.20, 0.18, 0.16). Looser because one repeated phrase ('your order') in a 20-word reply is a large "
         "share of a short text.",
     )
-    max_assistant_dup_ngram_char_frac: dict[int, float] | None = Field(
+    max_assistant_dup_ngram_char_frac: dict[Literal[DUP_NGRAM_SIZES], Fraction] | None = Field(
         default_factory=lambda: {5: 0.30, 6: 0.29, 7: 0.28, 8: 0.27, 9: 0.26, 10: 0.25},
         description="Maximum character share covered by repeated word n-grams, n = 5..10 (Gopher: 0.15 .. 0.10). "
         "Looser for short texts where one repeated sentence is a third of the reply; loops of generated text "
@@ -148,11 +172,15 @@ class FilterConfig(StageConfig):
     # --- FineWeb line shape (off for chat by default)
     min_assistant_line_punct_ratio: float | None = Field(
         None,
+        ge=0.0,
+        le=1.0,
         description="Minimum share of lines ending in terminal punctuation (FineWeb: 0.12). Off by default: "
         "chat lines ('Hi Sam,') often do not; cut-offs are caught by `drop_truncated`.",
     )
     max_assistant_short_line_ratio: float | None = Field(
         None,
+        ge=0.0,
+        le=1.0,
         description="Maximum share of lines under 30 characters (FineWeb: 0.67). Off by default: chat lines are "
         "short by nature.",
     )

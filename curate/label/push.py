@@ -72,6 +72,7 @@ class PushState:
 
 
 def _validate(options: PushOptions) -> None:
+    schema.check_dataset_name(options.dataset)
     if options.preference_question not in ("ranking", "label"):
         raise ConfigError(f"label push: preference_question must be 'ranking' or 'label', not {options.preference_question!r}")
     for question in (options.suggestions or {}):

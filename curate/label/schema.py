@@ -24,6 +24,7 @@ import re
 
 import polars as pl
 
+from curate.errors import ConfigError
 from schemas import CANONICAL_SCHEMA
 
 RATING_VALUES = [1, 2, 3, 4, 5]
@@ -36,8 +37,23 @@ QUESTIONS_BY_KIND = {
 }
 
 
+# A dataset name becomes a file name (push state: `<state-dir>/<name>-sft.pushed.tsv`) and a server name:
+# letters, digits, `_`, `-` and inner dots only, so it can never be a path (`../../x`) or a hidden file.
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$"
+
+
+def check_dataset_name(name: str) -> str:
+    """`name` if it is a safe dataset base name, else a one-line ConfigError saying what is allowed."""
+    if not isinstance(name, str) or not re.fullmatch(DATASET_NAME_PATTERN, name):
+        raise ConfigError(
+            f"dataset name {name!r}: use 1-100 letters, digits, '_', '-' or '.' (not first); "
+            "it becomes a file name and must not be a path"
+        )
+    return name
+
+
 def dataset_name(base: str, kind: str) -> str:
-    return f"{base}-{'sft' if kind == 'sft' else 'pref'}"
+    return f"{check_dataset_name(base)}-{'sft' if kind == 'sft' else 'pref'}"
 
 
 def record_key_expr() -> pl.Expr:

@@ -35,6 +35,7 @@ from typing import Callable
 from curate.atomic import write_json
 from curate.errors import ExternalServiceError
 from safety.ownership import claim_dir
+from safety.secret_files import ensure_secret_file, private_dir, write_secret_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # In a checkout: beside the code (both git-ignored). Installed as a package: the user's cache.
@@ -196,8 +197,11 @@ def spawn_service(command: list[str], log: Path, env: dict | None = None) -> Ser
     offset = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as handle:
         # A new session: the service outlives the `curate label serve` that started it.
+        # umask 077: whatever a service creates in the home (the database and its journals, which hold
+        # the owner's API key) is private to this user.
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, umask=0o077,
         )
     return ServiceProcess(process, log, offset)
 
@@ -294,8 +298,7 @@ def _owner(home: Path) -> dict:
             "password": secrets.token_urlsafe(12),
             "api_key": "owner.apikey." + secrets.token_urlsafe(24),
         }
-        write_json(owner_file, owner)
-        owner_file.chmod(0o600)
+        write_secret_json(owner_file, owner)
         return owner
 
 
@@ -324,7 +327,8 @@ def start_server(
     home: str | Path | None = None, port: int | None = None, timeout: float = 180.0, progress: Progress = _quiet
 ) -> ServerInfo:
     """Start (or find already running) the local Argilla in `home`; returns once it answers."""
-    home = claim_server_home(home)
+    # Created 0700 when new (secrets go inside), then claimed: a user's existing folder is refused.
+    home = claim_server_home(private_dir(server_home(home)))
     state = _read_state(home)
     owner = _owner(home)
     if _pid_alive(state.get("argilla_pid"), "server_main.py") and _port_open(state.get("argilla_port", 0)):
@@ -363,8 +367,9 @@ def start_server(
     }
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
+    ensure_secret_file(home / "argilla.db")  # holds the owner's API key: 0600 before the server opens it
     command = [str(python), str(HERE / "server_main.py"), "--port", str(port)]
-    if fresh_index and (home / "argilla.db").exists():
+    if fresh_index and (home / "argilla.db").stat().st_size:
         command.append("--reindex")
     progress(f"starting Argilla on port {port}")
     started = spawn_service(command, home / "logs" / "argilla.log", env)
@@ -378,8 +383,7 @@ def start_server(
         _terminate(started.process.pid, "server_main.py")
         raise
     info = ServerInfo(url=url, home=home, owner_file=home / OWNER_FILE)
-    write_json(home / OWNER_FILE, {**owner, "url": url})
-    (home / OWNER_FILE).chmod(0o600)
+    write_secret_json(home / OWNER_FILE, {**owner, "url": url})
     return info
 
 

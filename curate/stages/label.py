@@ -25,21 +25,22 @@ import polars as pl
 from pydantic import Field
 
 from curate.label.client import DEFAULT_WORKSPACE, connection_settings
+from curate.label.schema import DATASET_NAME_PATTERN
 from curate.stage import StageConfig, StageContext, StageOutput, register_stage
 
 SKIP_MESSAGE = "ARGILLA_API_URL is not set: labeling skipped, rows pass through unchanged"
 
 
 class LabelServerConfig(StageConfig):
-    dataset: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    dataset: str = Field(min_length=1, pattern=DATASET_NAME_PATTERN)
     workspace: str = DEFAULT_WORKSPACE
     api_url: str | None = None  # default: $ARGILLA_API_URL
     api_key_env: str = "ARGILLA_API_KEY"
-    max_retries: int = Field(5, ge=0)
+    max_retries: int = Field(5, ge=0, le=100)
 
 
 class LabelPushConfig(LabelServerConfig):
-    min_submitted: int = Field(2, ge=1)  # annotators per record before Argilla marks it completed
+    min_submitted: int = Field(2, ge=1, le=1000)  # annotators per record before Argilla marks it completed
     preference_question: Literal["ranking", "label"] = "ranking"
     suggestions: dict[str, str] = {}  # question (quality | decision) -> column
     metadata_columns: list[str] | None = None  # default: every scalar score column
@@ -47,7 +48,7 @@ class LabelPushConfig(LabelServerConfig):
 
 
 class LabelPullConfig(LabelServerConfig):
-    min_responses: int = Field(1, ge=1)
+    min_responses: int = Field(1, ge=1, le=1000)
     insufficient: Literal["keep", "hold_back", "drop"] = "keep"
     preference_tie: Literal["keep", "hold_back", "drop"] = "keep"
     corrections_as_pairs: bool = True

@@ -30,7 +30,7 @@ class LanguageConfig(StageConfig):
         False, description="lingua's low-accuracy mode: about 2x faster, less reliable on texts under ~120 chars."
     )
     max_chars: int = Field(
-        200, ge=20, description="Characters of user + assistant text the detector reads (cost grows with length; "
+        200, ge=20, le=100_000, description="Characters of user + assistant text the detector reads (cost grows with length; "
         "200 characters identify the language of a support message reliably)."
     )
 
@@ -219,7 +219,7 @@ class DecontaminateConfig(StageConfig):
         "least 0.69 planted).",
     )
     min_matching_ngrams: int = Field(
-        1, ge=1, description="Also require at least this many shared n-grams (guards tiny eval items)."
+        1, ge=1, le=100_000, description="Also require at least this many shared n-grams (guards tiny eval items)."
     )
     mode: Literal["drop", "flag"] = Field(
         "drop", description="drop: remove contaminated rows here; flag: keep them with the column set "
