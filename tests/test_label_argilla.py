@@ -284,7 +284,9 @@ def test_serve_and_stop_rebuild_the_search_index(tmp_path, capsys, monkeypatch):
 
 def test_serve_names_why_the_server_could_not_start(tmp_path, capsys):
     """The one-line error gives the exit status and the exception of this start, not the log's tail."""
-    home = tmp_path / "home"
+    from curate.label.server import claim_server_home
+
+    home = claim_server_home(tmp_path / "home")  # a home of ours (a user's folder is refused before start-up)
     (home / "logs").mkdir(parents=True)
     (home / "logs" / "argilla.log").write_text("INFO an earlier run\nsys:1: SAWarning: an earlier run's noise\n")
     (home / "argilla.db").mkdir()  # the database path is taken by a directory
