@@ -24,8 +24,8 @@ each side runs at both.
   pairs = verified edges.
 
 Each side runs in its own subprocess, `--repeat` times in that process; the fastest run counts, the same
-N for every side. Peak memory per side = the larger of its main process's VmHWM and its process tree's
-PSS sum sampled every 50 ms (datatrove's workers are separate processes).
+N for every side. Peak memory per side: bench/peak_memory.py (the larger of the side's own VmHWM and its
+process tree's PSS sampled every 50 ms; datatrove's workers are separate processes).
 Nothing is extrapolated: `--records` is the size for every side. Ratios come last.
 
     .venv/bin/python bench/dedup.py                      # 100k records
@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import own_peak_mb, tree_memory_mb  # noqa: E402
 
 SIDES = ("datasketch-per-record", "datasketch-bulk", "datatrove", "ours")
 
@@ -309,32 +311,6 @@ def measure(side: str, corpus: Path, bands: int, rows: int, args, folder: Path) 
     outcome["pairs"] = np.load(str(result) + ".npy")
     outcome["rss_mb"] = max(peak, outcome["own_peak_mb"])
     return outcome
-
-
-def tree_memory_mb(pid: int) -> float:
-    """Proportional set size summed over a process and its children (datatrove forks workers; PSS counts
-    their copy-on-write pages once). ru_maxrss cannot be used: exec keeps the parent's peak."""
-    import psutil
-
-    total = 0
-    try:
-        root = psutil.Process(pid)
-        for process in [root, *root.children(recursive=True)]:
-            try:
-                total += process.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-    except psutil.NoSuchProcess:
-        return 0.0
-    return total / 2**20
-
-
-def own_peak_mb() -> float:
-    """This process's own peak RSS (VmHWM is per address space, so it starts afresh at exec)."""
-    for line in open("/proc/self/status", encoding="ascii"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def quality(pairs: np.ndarray, truth: set[tuple[int, int]]) -> tuple[float, float]:
