@@ -19,6 +19,8 @@ each side runs at both.
   `LocalPipelineExecutor` with `--workers` tasks (fork), on Documents held in memory, files in a temp
   folder; a whitespace word tokenizer of our own (its default needs NLTK data downloaded). Pairs = all
   pairs inside the clusters its `.dups` files form (read after the timer stops).
+- **datatrove-1proc**: the same four steps called directly in one process (no executor start-up, no
+  workers), which is faster on small inputs and few cores.
 - **ours**: `curate.dedup.deduplicate` on the canonical frame, end to end (normalization, shingling,
   hashing, signatures, banding, candidates, exact-Jaccard verification, clustering, keep policy);
   pairs = verified edges.
@@ -50,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_memory import own_peak_mb, tree_memory_mb  # noqa: E402
 
-SIDES = ("datasketch-per-record", "datasketch-bulk", "datatrove", "ours")
+SIDES = ("datasketch-per-record", "datasketch-bulk", "datatrove", "datatrove-1proc", "ours")
 
 
 def build_corpus(records: int, seed: int, edit_fraction: float = 0.1) -> list[str]:
@@ -161,8 +163,45 @@ def side_datasketch_bulk(texts, bands, rows, hash_name, timed):
 
 
 def side_datatrove(texts, bands, rows, hash_name, timed, workers: int):
-    from datatrove.data import Document
+    """datatrove's four steps through LocalPipelineExecutor, `workers` tasks (fork)."""
     from datatrove.executor import LocalPipelineExecutor
+
+    steps, documents = datatrove_steps(texts, bands, rows, hash_name)
+
+    def read(_data, rank: int = 0, world_size: int = 1):
+        yield from documents[rank::world_size]
+
+    def pipeline(folder: Path) -> None:
+        signature, buckets, cluster, keep = steps(folder)
+        for name, stage, tasks in (("1", [read, signature], workers), ("2", [buckets], bands), ("3", [cluster], 1), ("4", [read, keep], workers)):
+            LocalPipelineExecutor(
+                stage, tasks=tasks, workers=min(workers, tasks), logging_dir=str(folder / "logs" / name),
+                start_method="fork", skip_completed=False,
+            ).run()  # fmt: skip
+
+    return datatrove_outcome(timed, pipeline, len(texts), workers)
+
+
+def side_datatrove_1proc(texts, bands, rows, hash_name, timed):
+    """The same four steps called directly in this process, one rank each (no executor, no workers)."""
+    from collections import deque
+
+    steps, documents = datatrove_steps(texts, bands, rows, hash_name)
+
+    def pipeline(folder: Path) -> None:
+        signature, buckets, cluster, keep = steps(folder)
+        signature.run(iter(documents), 0, 1)
+        for bucket in range(bands):
+            buckets.run(None, bucket, bands)
+        cluster.run(None, 0, 1)
+        deque(keep.run(iter(documents), 0, 1), maxlen=0)
+
+    return datatrove_outcome(timed, pipeline, len(texts), 1)
+
+
+def datatrove_steps(texts, bands, rows, hash_name):
+    """(folder -> its four MinHash steps, Documents in memory) at this banding and hash."""
+    from datatrove.data import Document
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig,
         MinhashDedupBuckets,
@@ -186,39 +225,38 @@ def side_datatrove(texts, bands, rows, hash_name, timed, workers: int):
         def span_tokenize(self, text):
             return [(0, len(text))]
 
-    documents = [Document(text=text, id=str(index)) for index, text in enumerate(texts)]
-
-    def read(_data, rank: int = 0, world_size: int = 1):
-        yield from documents[rank::world_size]
-
     config = MinhashConfig(
         n_grams=3, num_buckets=bands, hashes_per_bucket=rows,
         hash_config=HashConfig(precision=32, hash_fc="xxhash" if hash_name == "xxh32" else "sha1"),
     )  # fmt: skip
+    tokenizer = SpaceTokenizer()
+
+    def steps(folder: Path):
+        return (
+            MinhashDedupSignature(str(folder / "sigs"), config=config, language=tokenizer),
+            MinhashDedupBuckets(str(folder / "sigs"), str(folder / "buckets"), config=config),
+            MinhashDedupCluster(str(folder / "buckets"), str(folder / "remove"), config=config),
+            MinhashDedupFilter(str(folder / "remove")),
+        )
+
+    return steps, [Document(text=text, id=str(index)) for index, text in enumerate(texts)]
+
+
+def datatrove_outcome(timed, pipeline, n: int, world_size: int):
+    """Time `pipeline(folder)` in a fresh temp folder per run; read its removals and pairs afterwards."""
     folders: list[Path] = []
 
     def once():
         for old in folders:  # the previous repeat's files (only the last run's are read afterwards)
             shutil.rmtree(old, ignore_errors=True)
-        folder = Path(tempfile.mkdtemp(prefix="datatrove-"))
-        folders.append(folder)
-
-        def execute(pipeline, tasks, name):
-            LocalPipelineExecutor(
-                pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(folder / "logs" / name),
-                start_method="fork", skip_completed=False,
-            ).run()  # fmt: skip
-
-        execute([read, MinhashDedupSignature(str(folder / "sigs"), config=config, language=SpaceTokenizer())], workers, "1")
-        execute([MinhashDedupBuckets(str(folder / "sigs"), str(folder / "buckets"), config=config)], bands, "2")
-        execute([MinhashDedupCluster(str(folder / "buckets"), str(folder / "remove"), config=config)], 1, "3")
-        execute([read, MinhashDedupFilter(str(folder / "remove"))], workers, "4")
-        return folder
+        folders.append(Path(tempfile.mkdtemp(prefix="datatrove-")))
+        pipeline(folders[-1])
+        return folders[-1]
 
     folder = timed(once)
     try:
         removed = sum(path.stat().st_size // 4 for path in (folder / "remove").glob("*.remove"))
-        return cluster_pairs(datatrove_edges(folder / "buckets", workers), len(texts)), len(texts) - removed
+        return cluster_pairs(datatrove_edges(folder / "buckets", world_size), n), n - removed
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -377,6 +415,12 @@ def main() -> None:
     print()
     for bands, rows, side, ratio in ratios:
         print(f"ratio @ {bands}×{rows} ({args.hash}): {side} / ours = {ratio:.1f}× (ours faster when > 1)")
+    for bands, rows in dict.fromkeys((b, r) for b, r, _, _ in ratios):
+        for peer in ("datasketch", "datatrove"):
+            modes = [(ratio, side) for b, r, side, ratio in ratios if (b, r) == (bands, rows) and side.startswith(peer)]
+            if modes:
+                ratio, side = min(modes)
+                print(f"headline @ {bands}×{rows} ({args.hash}): {peer} at its fastest ({side}) / ours = {ratio:.1f}×")
 
 
 if __name__ == "__main__":
