@@ -29,32 +29,37 @@ def run_script(repo_root, *args, path=None):
     )  # fmt: skip
 
 
-def dry_run_commands(repo_root) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def dry_run(repo_root) -> subprocess.CompletedProcess:
     result = run_script(repo_root, "--dry-run")
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def dry_run_commands(dry_run) -> dict[str, str]:
     listed = {}
-    for line in result.stdout.splitlines()[1:]:
+    for line in dry_run.stdout.splitlines()[1:]:
         name, _, rest = line.strip().partition(" ")
         listed[name] = rest.split(") ", 1)[1]  # drop "(timeout Ns)"
     return listed
 
 
-def test_dry_run_lists_every_check_with_its_timeout(repo_root):
-    listed = dry_run_commands(repo_root)
+def test_dry_run_lists_every_check_with_its_timeout(dry_run):
+    listed = dry_run_commands(dry_run)
     assert tuple(listed) == CHECKS
     assert "pytest -m gpu tests" in listed["gpu-tests"]
     assert "bench/kernel_gpu.py --tokens 1000000" in listed["kernel"]
     assert "train.cli sft --config configs/gpu_check_sft.yaml" in listed["sft"]
     assert "train.cli dpo --config configs/gpu_check_dpo.yaml" in listed["dpo"]
-    output = run_script(repo_root, "--dry-run").stdout
+    output = dry_run.stdout
     assert all("(timeout" in line for line in output.splitlines()[1:])
     # The timeouts of the checks (setup aside) keep the whole check under 8 minutes.
     timeouts = [int(line.split("(timeout", 1)[1].split("s)")[0]) for line in output.splitlines()[1:]]
     assert sum(timeouts[1:]) < 8 * 60
 
 
-def test_dry_run_commands_point_at_real_files_and_valid_bf16_configs(repo_root):
-    listed = dry_run_commands(repo_root)
+def test_dry_run_commands_point_at_real_files_and_valid_bf16_configs(repo_root, dry_run):
+    listed = dry_run_commands(dry_run)
     for name in ("kernel", "curate", "sft", "dpo"):
         words = shlex.split(listed[name])
         paths = [w for w in words if w.endswith((".py", ".yaml"))]
