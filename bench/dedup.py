@@ -8,9 +8,9 @@ matrix product (independent of every method).
 
 Every side gets the same texts, word 3-grams, the same 32-bit shingle hash (`--hash`: xxh32 by default,
 which all of them accept; sha1 on request) and the same LSH banding (bands × rows, with num_perm =
-bands × rows so nobody computes permutations the others skip). Two bandings are run: datasketch's
-optimum for the threshold and curate's default (aimed lower, because curate verifies its candidates);
-each side runs at both.
+bands × rows so nobody computes permutations the others skip). Each side runs at each peer's own
+banding: datasketch's optimum for the threshold, datatrove's default (14 × 8) and curate's default
+(aimed lower, because curate verifies its candidates).
 
 - **datasketch, per record**: `MinHash(...).update_batch`, `MinHashLSH.query` then `insert`; pairs = hits.
 - **datasketch, bulk**: `MinHash.bulk` for all sketches, `MinHashLSH.insertion_session`, then one
@@ -364,9 +364,17 @@ def bandings(threshold: float, num_perm: int) -> list[tuple[str, int, int]]:
 
     from curate.dedup import DedupConfig
 
-    peer = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+
+    datasketch = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    datatrove = MinhashConfig()  # its defaults, whatever the threshold: 14 buckets × 8 hashes
     ours = DedupConfig(threshold=threshold, num_perm=num_perm).band_params()
-    return [("datasketch's optimum", peer.b, peer.r), ("curate's default", *ours)]
+    found = [
+        ("datasketch's optimum", datasketch.b, datasketch.r),
+        ("datatrove's default", datatrove.num_buckets, datatrove.hashes_per_bucket),
+        ("curate's default", *ours),
+    ]
+    return [banding for index, banding in enumerate(found) if banding[1:] not in [b[1:] for b in found[:index]]]
 
 
 def parse_args(argv=None):
