@@ -8,6 +8,7 @@ pass without a GPU.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from train.config import load_config
 
+GPU_MARK = re.compile(r"^(@pytest\.mark\.gpu|pytestmark.*mark\.gpu)", re.M)
 CHECKS = ("setup", "gpu-tests", "kernel", "curate", "sft", "dpo")
 
 
@@ -44,10 +46,13 @@ def dry_run_commands(dry_run) -> dict[str, str]:
     return listed
 
 
-def test_dry_run_lists_every_check_with_its_timeout(dry_run):
+def test_dry_run_lists_every_check_with_its_timeout(repo_root, dry_run):
     listed = dry_run_commands(dry_run)
     assert tuple(listed) == CHECKS
-    assert "pytest -m gpu tests" in listed["gpu-tests"]
+    # Every test file with a GPU-marked test, and only those.
+    gpu_files = sorted(p.relative_to(repo_root).as_posix() for p in (repo_root / "tests").glob("test_*.py")
+                       if GPU_MARK.search(p.read_text(encoding="utf-8")))  # fmt: skip
+    assert gpu_files and shlex.split(listed["gpu-tests"])[5:-4] == gpu_files
     assert "bench/kernel_gpu.py --tokens 1000000" in listed["kernel"]
     assert "train.cli sft --config configs/gpu_check_sft.yaml" in listed["sft"]
     assert "train.cli dpo --config configs/gpu_check_dpo.yaml" in listed["dpo"]
