@@ -64,7 +64,8 @@ def run_measured(target, *args) -> dict:
             break
         except queue_module.Empty:
             if not process.is_alive():
-                raise SystemExit(f"{target.__name__} failed (exit code {process.exitcode})") from None
+                what = " ".join(getattr(f, "__name__", "") for f in (target, *args[:1]) if callable(f))
+                raise SystemExit(f"{what} failed (exit code {process.exitcode}; its error is above)") from None
     process.join()
     result["peak_mb"] = max(peak, result.pop("own_peak_mb"))
     return result
