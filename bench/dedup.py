@@ -1,36 +1,58 @@
-"""Benchmark: datasketch's per-record MinHash + MinHashLSH path vs curate's vectorized dedup.
+"""Benchmark: curate's vectorized MinHash dedup vs datasketch (per record and bulk) and datatrove, same run.
 
 Corpus (synthetic, seeded): base texts of 30–120 words drawn from a 20,000-word vocabulary, laid out in
 families: a base followed by 0–3 copies, each copy with 10% of its words replaced, in 1–3 contiguous
 spans (so copies land on both sides of the threshold: word 3-gram Jaccard ~0.45–0.85). Ground truth =
 every pair with exact Jaccard ≥ threshold on word 3-gram sets, found exhaustively with a sparse
-matrix product (independent of both methods).
+matrix product (independent of every method).
 
-Baseline: for each record, shingle in Python, `MinHash(num_perm).update_batch(...)` (sha1, datasketch's
-default), `MinHashLSH.query` then `insert` (datasketch's optimal bands for the threshold). Its predicted
-pairs are the query hits. If `--baseline-records` is smaller than `--records`, the baseline runs on
-that prefix (whole families) and its time is extrapolated linearly to the full size (per-record cost
-is constant: one sketch, one query, one insert); the output says so.
+Every side gets the same texts, word 3-grams, the same 32-bit shingle hash (`--hash`: xxh32 by default,
+which all of them accept; sha1 on request) and the same LSH banding (bands × rows, with num_perm =
+bands × rows so nobody computes permutations the others skip). Each side runs at each peer's own
+banding: datasketch's optimum for the threshold, datatrove's default (14 × 8) and curate's default
+(aimed lower, because curate verifies its candidates).
 
-Ours: `curate.dedup.deduplicate` on the canonical frame (word 3-grams, xxh32 and sha1 hashes),
-timed end to end (normalization, shingling, hashing, signatures, banding, candidates, exact-Jaccard
-verification, clustering, keep policy); predicted pairs = verified edges.
+- **datasketch, per record**: `MinHash(...).update_batch`, `MinHashLSH.query` then `insert`; pairs = hits.
+- **datasketch, bulk**: `MinHash.bulk` for all sketches, `MinHashLSH.insertion_session`, then one
+  `query` per record; pairs = hits.
+- **datatrove**: its four MinHash steps (signatures, buckets, clusters, filter) through
+  `LocalPipelineExecutor` with `--workers` tasks (fork), on Documents held in memory, files in a temp
+  folder; a whitespace word tokenizer of our own (its default needs NLTK data downloaded). Pairs = all
+  pairs inside the clusters its `.dups` files form (read after the timer stops).
+- **datatrove-1proc**: the same four steps called directly in one process (no executor start-up, no
+  workers), which is faster on small inputs and few cores.
+- **ours**: `curate.dedup.deduplicate` on the canonical frame, end to end (normalization, shingling,
+  hashing, signatures, banding, candidates, exact-Jaccard verification, clustering, keep policy);
+  pairs = verified edges.
 
-Each method runs in its own spawned process so peak RSS (VmHWM) is its own; each runs `--repeat` times
-(default 2) and its fastest run counts, which damps noise from other load on the machine.
+Each side runs in its own subprocess, `--repeat` times in that process; the fastest run counts, the same
+N for every side. Peak memory per side: bench/peak_memory.py (the larger of the side's own VmHWM and its
+process tree's PSS sampled every 50 ms; datatrove's workers are separate processes).
+Nothing is extrapolated: `--records` is the size for every side. Ratios come last.
 
-    .venv/bin/python bench/dedup.py                  # 100k records, baseline on 20k prefix
-    .venv/bin/python bench/dedup.py --baseline-records 100000
+    .venv/bin/python bench/dedup.py                      # 100k records
+    .venv/bin/python bench/dedup.py --records 3000 --repeat 1
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import resource
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import own_peak_mb, tree_memory_mb  # noqa: E402
+
+SIDES = ("datasketch-per-record", "datasketch-bulk", "datatrove", "datatrove-1proc", "ours")
 
 
 def build_corpus(records: int, seed: int, edit_fraction: float = 0.1) -> list[str]:
@@ -45,17 +67,19 @@ def build_corpus(records: int, seed: int, edit_fraction: float = 0.1) -> list[st
         for _ in range(int(rng.choice([0, 0, 1, 1, 2, 3]))):
             if len(texts) >= records:
                 break
-            copy = base.copy()
-            edits = max(1, round(edit_fraction * len(copy)))
-            spans = int(rng.integers(1, 4))
-            per_span = np.diff(np.linspace(0, edits, spans + 1).round().astype(int))
-            for span in per_span:
-                if span == 0:
-                    continue
-                start = int(rng.integers(0, len(copy) - span + 1))
-                copy[start : start + span] = rng.integers(0, len(vocabulary), span)
-            texts.append(" ".join(vocabulary[copy]))
+            texts.append(" ".join(vocabulary[edited_copy(base, edit_fraction, len(vocabulary), rng)]))
     return texts
+
+
+def edited_copy(base: np.ndarray, edit_fraction: float, vocabulary_size: int, rng) -> np.ndarray:
+    copy = base.copy()
+    edits = max(1, round(edit_fraction * len(copy)))
+    spans = int(rng.integers(1, 4))
+    for span in np.diff(np.linspace(0, edits, spans + 1).round().astype(int)):
+        if span:
+            start = int(rng.integers(0, len(copy) - span + 1))
+            copy[start : start + span] = rng.integers(0, vocabulary_size, span)
+    return copy
 
 
 def ground_truth(texts: list[str], threshold: float) -> set[tuple[int, int]]:
@@ -63,16 +87,11 @@ def ground_truth(texts: list[str], threshold: float) -> set[tuple[int, int]]:
     import polars as pl
     from scipy.sparse import csr_matrix
 
+    trigram = pl.concat_str([pl.element(), pl.element().shift(-1), pl.element().shift(-2)], separator=" ")
     frame = (
         pl.DataFrame({"text": texts})
         .with_row_index("doc")
-        .select("doc", pl.col("text").str.split(" ").alias("w"))
-        .select(
-            "doc",
-            pl.col("w")
-            .list.eval(pl.concat_str([pl.element(), pl.element().shift(-1), pl.element().shift(-2)], separator=" ").drop_nulls())
-            .alias("g"),
-        )
+        .select("doc", pl.col("text").str.split(" ").list.eval(trigram.drop_nulls()).alias("g"))
         .explode("g")
         .unique(["doc", "g"])
         .with_columns(pl.col("g").rank("dense").cast(pl.Int64).alias("gid") - 1)
@@ -84,60 +103,193 @@ def ground_truth(texts: list[str], threshold: float) -> set[tuple[int, int]]:
     product = (matrix @ matrix.T).tocoo()
     upper = product.row < product.col
     rows, cols, inter = product.row[upper], product.col[upper], product.data[upper]
-    jaccard = inter / (sizes[rows] + sizes[cols] - inter)
-    keep = jaccard >= threshold
+    keep = inter / (sizes[rows] + sizes[cols] - inter) >= threshold
     return set(zip(rows[keep].tolist(), cols[keep].tolist()))
 
 
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM; unlike ru_maxrss it does not carry the parent's peak over exec)."""
-    try:
-        for line in open("/proc/self/status", encoding="ascii"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def word_trigrams(text: str) -> set[str]:
+    words = text.split(" ")
+    return {" ".join(words[i : i + 3]) for i in range(len(words) - 2)} or {text}
 
 
-def run_baseline(texts: list[str], threshold: float, num_perm: int, repeat: int, queue) -> None:
+def shingle_hash(name: str):
+    """The 32-bit shingle hash every side uses: xxhash's xxh32 (seed 0) or datasketch's sha1_hash32."""
+    if name == "xxh32":
+        import xxhash
+
+        return xxhash.xxh32_intdigest
+    from datasketch.hashfunc import sha1_hash32
+
+    return sha1_hash32
+
+
+# ------------------------------------------------------------------------------------------ the sides
+# Each returns (predicted pairs, rows kept or None); `timed` wraps the part that is measured.
+
+
+def side_datasketch_per_record(texts, bands, rows, hash_name, timed):
     from datasketch import MinHash, MinHashLSH
 
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        lsh, pairs, minhash = baseline_once(texts, threshold, num_perm, MinHash, MinHashLSH)
-        times.append(time.perf_counter() - started)
-    seconds = min(times)
-    state = num_perm * minhash.hashvalues.itemsize
-    queue.put(
-        {"seconds": seconds, "pairs": pairs, "rss_mb": peak_rss_mb(),
-         "signature_bytes": state, "bands_rows": (lsh.b, lsh.r)}
+    hashfunc = shingle_hash(hash_name)
+
+    def once():
+        lsh = MinHashLSH(num_perm=bands * rows, params=(bands, rows))
+        pairs = []
+        for index, text in enumerate(texts):
+            minhash = MinHash(num_perm=bands * rows, hashfunc=hashfunc)
+            minhash.update_batch([gram.encode("utf-8") for gram in word_trigrams(text)])
+            pairs.extend((other, index) for other in lsh.query(minhash))
+            lsh.insert(index, minhash)
+        return pairs
+
+    return timed(once), None
+
+
+def side_datasketch_bulk(texts, bands, rows, hash_name, timed):
+    from datasketch import MinHash, MinHashLSH
+
+    hashfunc = shingle_hash(hash_name)
+
+    def once():
+        shingles = [[gram.encode("utf-8") for gram in word_trigrams(text)] for text in texts]
+        sketches = MinHash.bulk(shingles, num_perm=bands * rows, hashfunc=hashfunc)
+        lsh = MinHashLSH(num_perm=bands * rows, params=(bands, rows))
+        with lsh.insertion_session() as session:
+            for index, sketch in enumerate(sketches):
+                session.insert(index, sketch)
+        return [(other, index) for index, sketch in enumerate(sketches) for other in lsh.query(sketch) if other < index]
+
+    return timed(once), None
+
+
+def side_datatrove(texts, bands, rows, hash_name, timed, workers: int):
+    """datatrove's four steps through LocalPipelineExecutor, `workers` tasks (fork)."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    steps, documents = datatrove_steps(texts, bands, rows, hash_name)
+
+    def read(_data, rank: int = 0, world_size: int = 1):
+        yield from documents[rank::world_size]
+
+    def pipeline(folder: Path) -> None:
+        signature, buckets, cluster, keep = steps(folder)
+        for name, stage, tasks in (("1", [read, signature], workers), ("2", [buckets], bands), ("3", [cluster], 1), ("4", [read, keep], workers)):
+            LocalPipelineExecutor(
+                stage, tasks=tasks, workers=min(workers, tasks), logging_dir=str(folder / "logs" / name),
+                start_method="fork", skip_completed=False,
+            ).run()  # fmt: skip
+
+    return datatrove_outcome(timed, pipeline, len(texts), workers)
+
+
+def side_datatrove_1proc(texts, bands, rows, hash_name, timed):
+    """The same four steps called directly in this process, one rank each (no executor, no workers)."""
+    from collections import deque
+
+    steps, documents = datatrove_steps(texts, bands, rows, hash_name)
+
+    def pipeline(folder: Path) -> None:
+        signature, buckets, cluster, keep = steps(folder)
+        signature.run(iter(documents), 0, 1)
+        for bucket in range(bands):
+            buckets.run(None, bucket, bands)
+        cluster.run(None, 0, 1)
+        deque(keep.run(iter(documents), 0, 1), maxlen=0)
+
+    return datatrove_outcome(timed, pipeline, len(texts), 1)
+
+
+def datatrove_steps(texts, bands, rows, hash_name):
+    """(folder -> its four MinHash steps, Documents in memory) at this banding and hash."""
+    from datatrove.data import Document
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
     )
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    class SpaceTokenizer(WordTokenizer):
+        """The corpus is lowercase words between single spaces; datatrove's default English tokenizer
+        needs NLTK's punkt data, which an offline machine cannot download."""
+
+        def word_tokenize(self, text):
+            return text.split()
+
+        def sent_tokenize(self, text):
+            return [text]
+
+        def span_tokenize(self, text):
+            return [(0, len(text))]
+
+    config = MinhashConfig(
+        n_grams=3, num_buckets=bands, hashes_per_bucket=rows,
+        hash_config=HashConfig(precision=32, hash_fc="xxhash" if hash_name == "xxh32" else "sha1"),
+    )  # fmt: skip
+    tokenizer = SpaceTokenizer()
+
+    def steps(folder: Path):
+        return (
+            MinhashDedupSignature(str(folder / "sigs"), config=config, language=tokenizer),
+            MinhashDedupBuckets(str(folder / "sigs"), str(folder / "buckets"), config=config),
+            MinhashDedupCluster(str(folder / "buckets"), str(folder / "remove"), config=config),
+            MinhashDedupFilter(str(folder / "remove")),
+        )
+
+    return steps, [Document(text=text, id=str(index)) for index, text in enumerate(texts)]
 
 
-def baseline_once(texts, threshold, num_perm, MinHash, MinHashLSH):
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    pairs = []
-    minhash = None
-    for index, text in enumerate(texts):
-        words = text.split(" ")
-        grams = {" ".join(words[i : i + 3]) for i in range(len(words) - 2)} or {text}
-        minhash = MinHash(num_perm=num_perm)
-        minhash.update_batch([gram.encode("utf-8") for gram in grams])
-        for other in lsh.query(minhash):
-            pairs.append((other, index))
-        lsh.insert(index, minhash)
-    return lsh, pairs, minhash
+def datatrove_outcome(timed, pipeline, n: int, world_size: int):
+    """Time `pipeline(folder)` in a fresh temp folder per run; read its removals and pairs afterwards."""
+    folders: list[Path] = []
+
+    def once():
+        for old in folders:  # the previous repeat's files (only the last run's are read afterwards)
+            shutil.rmtree(old, ignore_errors=True)
+        folders.append(Path(tempfile.mkdtemp(prefix="datatrove-")))
+        pipeline(folders[-1])
+        return folders[-1]
+
+    folder = timed(once)
+    try:
+        removed = sum(path.stat().st_size // 4 for path in (folder / "remove").glob("*.remove"))
+        return cluster_pairs(datatrove_edges(folder / "buckets", world_size), n), n - removed
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_ours(texts: list[str], threshold: float, num_perm: int, hash_name: str, repeat: int, queue) -> None:
+def datatrove_edges(buckets: Path, world_size: int) -> np.ndarray:
+    """Its duplicate pairs as global row numbers: (file = rank, doc = position in that rank's share)."""
+    raw = [np.fromfile(path, dtype="<u4").reshape(-1, 4) for path in sorted(buckets.glob("*.dups"))]
+    raw = np.concatenate(raw) if raw else np.zeros((0, 4), np.uint32)
+    return np.stack([raw[:, 0] + raw[:, 1].astype(np.int64) * world_size, raw[:, 2] + raw[:, 3].astype(np.int64) * world_size], 1)
+
+
+def cluster_pairs(edges: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Every pair inside the connected components of `edges` (what a cluster-based method claims)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(edges) == 0:
+        return []
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    members: dict[int, list[int]] = {}
+    for node in np.unique(edges):
+        members.setdefault(int(labels[node]), []).append(int(node))
+    return [(a, b) for group in members.values() for i, a in enumerate(group) for b in group[i + 1 :]]
+
+
+def side_ours(texts, bands, rows, hash_name, timed):
     import polars as pl
 
     from curate.dedup import DedupConfig, deduplicate
-    # A canonical-shaped frame (one assistant message per record); ids only need to be distinct here.
     from schemas import CANONICAL_SCHEMA
 
+    # A canonical-shaped frame (one assistant message per record); ids only need to be distinct here.
     frame = pl.DataFrame(
         {
             "id": [f"{index:032x}" for index in range(len(texts))],
@@ -149,84 +301,134 @@ def run_ours(texts: list[str], threshold: float, num_perm: int, hash_name: str, 
         pl.lit(None, dtype=CANONICAL_SCHEMA[name]).alias(name) for name in ("prompt", "chosen", "rejected", "source")
     ).with_row_index("__row")
     config = DedupConfig(
-        shingle="word", ngram=3, num_perm=num_perm, threshold=threshold, hash=hash_name, save_index=False
+        shingle="word", ngram=3, num_perm=bands * rows, bands=bands, rows=rows, hash=hash_name, save_index=False
     )
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        outcome = deduplicate(frame, config)
-        times.append(time.perf_counter() - started)
-    seconds = min(times)
+    outcome = timed(lambda: deduplicate(frame, config))
     edges = outcome.edges
     pairs = list(zip(edges["row_left"].to_list(), edges["row_right"].to_list())) if edges is not None else []
-    queue.put(
-        {"seconds": seconds, "pairs": pairs, "rss_mb": peak_rss_mb(),
-         "signature_bytes": num_perm * 4, "bands_rows": (outcome.report["lsh"]["bands"], outcome.report["lsh"]["rows"]),
-         "removed": outcome.report["near_duplicates"] + outcome.report["exact_duplicates"]}
-    )
+    removed = outcome.report["near_duplicates"] + outcome.report["exact_duplicates"]
+    return pairs, len(texts) - removed
 
 
-def in_process(target, *args):
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=target, args=(*args, queue))
-    process.start()
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Exception:  # queue.Empty: check the child did not die
-            if not process.is_alive():
-                raise SystemExit(f"{target.__name__} failed (exit code {process.exitcode})") from None
-    process.join()
-    return result
+def run_side(args) -> None:
+    """Child process: read the corpus, run one side `--repeat` times, write seconds and pairs."""
+    texts = Path(args.corpus).read_text(encoding="utf-8").split("\n")
+    times: list[float] = []
+
+    def timed(fn):
+        for _ in range(args.repeat):
+            started = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - started)
+        return result
+
+    extra = {"workers": args.workers} if args.side == "datatrove" else {}
+    side = globals()["side_" + args.side.replace("-", "_")]
+    pairs, kept = side(texts, args.bands, args.rows, args.hash, timed, **extra)
+    np.save(args.result + ".npy", np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+    Path(args.result).write_text(json.dumps({"seconds": min(times), "kept": kept, "own_peak_mb": own_peak_mb()}))
 
 
-def quality(pairs, truth: set[tuple[int, int]]) -> tuple[float, float]:
-    predicted = {(min(a, b), max(a, b)) for a, b in pairs}
+def measure(side: str, corpus: Path, bands: int, rows: int, args, folder: Path) -> dict:
+    """Run one side in its own process, sampling its memory (see `tree_memory_mb`) until it ends."""
+    result = folder / f"{side}-{bands}x{rows}.json"
+    command = [sys.executable, __file__, "--side", side, "--corpus", str(corpus), "--result", str(result),
+               "--bands", str(bands), "--rows", str(rows), "--hash", args.hash, "--repeat", str(args.repeat),
+               "--workers", str(args.workers)]  # fmt: skip
+    log = folder / f"{side}-{bands}x{rows}.log"
+    peak = 0.0
+    with log.open("wb") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            peak = max(peak, tree_memory_mb(process.pid))
+            time.sleep(0.05)
+    if process.returncode != 0 or not result.exists():
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise SystemExit(f"bench/dedup.py: side {side} failed (exit {process.returncode}): " + " | ".join(tail))
+    outcome = json.loads(result.read_text())
+    outcome["pairs"] = np.load(str(result) + ".npy")
+    outcome["rss_mb"] = max(peak, outcome["own_peak_mb"])
+    return outcome
+
+
+def quality(pairs: np.ndarray, truth: set[tuple[int, int]]) -> tuple[float, float]:
+    predicted = {(min(a, b), max(a, b)) for a, b in pairs.tolist()}
     true_positives = len(predicted & truth)
     precision = true_positives / len(predicted) if predicted else 1.0
     recall = true_positives / len(truth) if truth else 1.0
     return precision, recall
 
 
-def main() -> None:
+def bandings(threshold: float, num_perm: int) -> list[tuple[str, int, int]]:
+    from datasketch import MinHashLSH
+
+    from curate.dedup import DedupConfig
+
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+
+    datasketch = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    datatrove = MinhashConfig()  # its defaults, whatever the threshold: 14 buckets × 8 hashes
+    ours = DedupConfig(threshold=threshold, num_perm=num_perm).band_params()
+    found = [
+        ("datasketch's optimum", datasketch.b, datasketch.r),
+        ("datatrove's default", datatrove.num_buckets, datatrove.hashes_per_bucket),
+        ("curate's default", *ours),
+    ]
+    return [banding for index, banding in enumerate(found) if banding[1:] not in [b[1:] for b in found[:index]]]
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--baseline-records", type=int, default=20_000)
     parser.add_argument("--threshold", type=float, default=0.7)
-    parser.add_argument("--num-perm", type=int, default=128)
+    parser.add_argument("--num-perm", type=int, default=128, help="budget the two bandings are chosen for")
+    parser.add_argument("--hash", choices=("xxh32", "sha1"), default="xxh32", help="shingle hash, every side")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--repeat", type=int, default=2, help="runs per method; the fastest counts (both methods)")
-    args = parser.parse_args()
+    parser.add_argument("--repeat", type=int, default=2, help="runs per side; the fastest counts (every side)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="datatrove tasks")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ", ".join(SIDES))
+    for internal in ("--side", "--corpus", "--result"):
+        parser.add_argument(internal, help=argparse.SUPPRESS)
+    parser.add_argument("--bands", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
+
+def main() -> None:
+    args = parse_args()
+    if args.side:
+        return run_side(args)
+    sides = [side for side in args.sides.split(",") if side]
     texts = build_corpus(args.records, args.seed)
     started = time.perf_counter()
     truth = ground_truth(texts, args.threshold)
     print(f"corpus: {len(texts):,} records, {len(truth):,} ground-truth pairs (word 3-gram Jaccard ≥ {args.threshold}, "
-          f"exhaustive, {time.perf_counter() - started:.1f}s)")
-
-    subset = min(args.baseline_records, len(texts))
-    base = in_process(run_baseline, texts[:subset], args.threshold, args.num_perm, args.repeat)
-    truth_subset = {pair for pair in truth if pair[1] < subset}
-    base_precision, base_recall = quality(base["pairs"], truth_subset)
-    base_seconds = base["seconds"] * len(texts) / subset
-    note = "" if subset == len(texts) else f" (measured on the first {subset:,} records: {base['seconds']:.1f}s, extrapolated ×{len(texts) / subset:.1f})"
-    print(f"baseline datasketch MinHash+MinHashLSH per record (sha1, bands×rows={base['bands_rows']}): "
-          f"{base_seconds:.1f}s{note}, precision {base_precision:.4f}, recall {base_recall:.4f}, "
-          f"peak RSS {base['rss_mb']:.0f} MB, signature {base['signature_bytes']} B/record")
-
-    results = {}
-    for hash_name in ("xxh32", "sha1"):
-        ours = in_process(run_ours, texts, args.threshold, args.num_perm, hash_name, args.repeat)
-        precision, recall = quality(ours["pairs"], truth)
-        results[hash_name] = ours
-        print(f"ours curate.dedup ({hash_name}, bands×rows={ours['bands_rows']}, verified): {ours['seconds']:.2f}s, "
-              f"precision {precision:.4f}, recall {recall:.4f}, peak RSS {ours['rss_mb']:.0f} MB, "
-              f"signature {ours['signature_bytes']} B/record, rows removed {ours['removed']:,}")
-
-    for hash_name, ours in results.items():
-        print(f"speedup ({hash_name}): {base_seconds / ours['seconds']:.1f}× faster than the datasketch baseline")
+          f"exhaustive, {time.perf_counter() - started:.1f}s); hash {args.hash} on every side; best of {args.repeat}; "
+          f"{len(os.sched_getaffinity(0))} cores, datatrove tasks {args.workers}")  # fmt: skip
+    ratios = []
+    with tempfile.TemporaryDirectory() as folder:
+        corpus = Path(folder) / "corpus.txt"
+        corpus.write_text("\n".join(texts), encoding="utf-8")
+        for label, bands, rows in bandings(args.threshold, args.num_perm):
+            print(f"\n== banding {bands} bands × {rows} rows ({label}; num_perm {bands * rows}) ==")
+            results = {side: measure(side, corpus, bands, rows, args, Path(folder)) for side in sides}
+            for side, result in results.items():
+                precision, recall = quality(result["pairs"], truth)
+                kept = f", rows kept {result['kept']:,}" if result["kept"] is not None else ""
+                print(f"{side:22s} {result['seconds']:8.2f} s  precision {precision:.4f}  recall {recall:.4f}  "
+                      f"pairs {len(result['pairs']):,}  peak memory {result['rss_mb']:.0f} MB{kept}")  # fmt: skip
+            if "ours" in results:
+                ratios += [(bands, rows, side, results[side]["seconds"] / results["ours"]["seconds"])
+                           for side in results if side != "ours"]  # fmt: skip
+    print()
+    for bands, rows, side, ratio in ratios:
+        print(f"ratio @ {bands}×{rows} ({args.hash}): {side} / ours = {ratio:.1f}× (ours faster when > 1)")
+    for bands, rows in dict.fromkeys((b, r) for b, r, _, _ in ratios):
+        for peer in ("datasketch", "datatrove"):
+            modes = [(ratio, side) for b, r, side, ratio in ratios if (b, r) == (bands, rows) and side.startswith(peer)]
+            if modes:
+                ratio, side = min(modes)
+                print(f"headline @ {bands}×{rows} ({args.hash}): {peer} at its fastest ({side}) / ours = {ratio:.1f}×")
 
 
 if __name__ == "__main__":
