@@ -347,7 +347,7 @@ FORMAT_FLAGS = st.sampled_from([[], [], ["--format", "alpaca"], ["--format", "op
 
 
 @pytest.mark.parametrize("extension", CONTAINERS)
-@bounded(10)
+@bounded(8)
 @given(
     payload=PAYLOADS,
     wrap=st.booleans(),
@@ -735,7 +735,7 @@ def write_project(root: Path, raw: bytes = PROJECT_INPUTS["sample"]) -> Path:
 
 
 @pytest.mark.parametrize("stage_type", sorted(STAGE_NUMBER_FIELDS))
-@bounded(10)
+@bounded(8)
 @given(data=st.data())
 def test_random_stage_config_values_run_or_are_refused_in_one_line(stage_type, data):
     """Random numbers (negative, zero, huge, NaN, inf) and wrong types in stage configs, ingest options and
