@@ -385,6 +385,8 @@ def _clusters_section(stages: list[StageFiles]) -> str:
         sizes = (
             clusters.group_by("c").len().group_by(pl.col("len").alias("size")).agg(pl.len().alias("clusters")).sort("size").collect()
         )
+        if sizes.height == 0:  # the dedup stage saw no rows (empty input, or every row quarantined)
+            return "".join(parts) + _note(f"Stage {stage.name} received no rows; no clusters to show.")
         multi = sizes.filter(pl.col("size") > 1)
         parts.append(
             f"<p class='meta'>From stage <code>{html.escape(stage.name)}</code> (kept and dropped rows): "

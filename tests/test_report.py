@@ -181,3 +181,17 @@ def test_only_categorical_label_columns_are_plotted(tmp_path):
     page = build_report(write_run_dir(tmp_path / "run", frame))
     assert "label_decision in the final rows" in page
     assert "label_original_response in" not in page and "label_record_id in" not in page
+
+
+def test_a_dedup_stage_that_receives_no_rows_still_gets_a_report(tmp_path, capsys):
+    """Every row quarantined at ingest: dedup sees nothing, and the report says so instead of crashing."""
+    (tmp_path / "raw.jsonl").write_text('{"instruction": 7, "output": "a"}\nnot json\n', encoding="utf-8")
+    (tmp_path / "pipeline.yaml").write_text(
+        "name: empty\nrun_dir: run\ninputs:\n  - path: raw.jsonl\n    format: alpaca\nstages:\n  - type: dedup\n",
+        encoding="utf-8",
+    )
+    assert main(["run", str(tmp_path / "pipeline.yaml"), "--quiet"]) == 0
+    page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert "Stage dedup received no rows; no clusters to show." in page
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["accounting"]["quarantined"] == 2 and manifest["accounting"]["kept"] == 0
