@@ -346,7 +346,7 @@ def measure(side: str, corpus: Path, bands: int, rows: int, args, folder: Path) 
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise SystemExit(f"bench/dedup.py: side {side} failed (exit {process.returncode}): " + " | ".join(tail))
     outcome = json.loads(result.read_text())
-    outcome["pairs"] = np.load(str(result) + ".npy", allow_pickle=False)
+    outcome["pairs"] = np.load(f"{result}.npy", allow_pickle=False)
     outcome["rss_mb"] = max(peak, outcome["own_peak_mb"])
     return outcome
 
