@@ -232,6 +232,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .figure { background: #fff; border: 1px solid #d8dde3; border-radius: 4px; padding: 8px; margin: 8px 0 14px; }
 .figure svg { max-width: 100%; height: auto; display: block; }
 .note { color: #56606b; font-style: italic; font-size: 13px; }
+.warning { background: #fff4e0; border-left: 4px solid #d98c00; padding: 8px 12px; }
 .cards { display: flex; gap: 12px; flex-wrap: wrap; margin: 12px 0; }
 .card { background: #fff; border: 1px solid #d8dde3; border-radius: 4px; padding: 10px 16px; min-width: 130px; }
 .card .value { font-size: 22px; font-weight: 600; }
@@ -385,6 +386,8 @@ def _clusters_section(stages: list[StageFiles]) -> str:
         sizes = (
             clusters.group_by("c").len().group_by(pl.col("len").alias("size")).agg(pl.len().alias("clusters")).sort("size").collect()
         )
+        if sizes.is_empty():
+            return "".join(parts) + _note(f"Stage {stage.name} kept and dropped no rows: no clusters to show.")
         multi = sizes.filter(pl.col("size") > 1)
         parts.append(
             f"<p class='meta'>From stage <code>{html.escape(stage.name)}</code> (kept and dropped rows): "
@@ -507,6 +510,16 @@ def _or_dash(value):
     return "–" if value is None else value
 
 
+def _empty_output_warning(manifest: dict[str, Any]) -> str:
+    accounting = manifest.get("accounting") if isinstance(manifest.get("accounting"), dict) else {}
+    if accounting.get("kept", 1) or not accounting.get("rows_in"):
+        return ""
+    from curate.display import biggest_reasons
+
+    reasons = ", ".join(f"{html.escape(name)} ({count:,})" for name, count in biggest_reasons(accounting))
+    return f"<p class='warning'><strong>No rows survived.</strong> Biggest reasons: {reasons or 'none recorded'}.</p>"
+
+
 def build_report(run_dir: str | Path) -> str:
     """The report's HTML for a run directory."""
     run_dir = Path(run_dir)
@@ -541,6 +554,7 @@ def build_report(run_dir: str | Path) -> str:
     )
     body = [
         f"<h1>Curation report: {html.escape(title)}</h1>",
+        _empty_output_warning(manifest),
         f"<p class='meta'>Run directory <code>{html.escape(str(run_dir))}</code>"
         + ("; " + "; ".join(meta) if meta else "")
         + "</p>",

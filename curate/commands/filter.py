@@ -78,8 +78,10 @@ def explain(name: str) -> int:
     from curate.filters.thresholds import RuleSpec
 
     table = Table(title=title, show_lines=True)
-    for column in ("preset", "rule", "test", "why"):
-        table.add_column(column, overflow="fold")
+    table.add_column("preset", no_wrap=True)
+    table.add_column("rule", no_wrap=True)  # a name users copy into their config: never broken
+    table.add_column("test", overflow="fold")
+    table.add_column("why", overflow="fold")
     for preset, rule in found:
         spec = RuleSpec.model_validate(rule)
         test = describe_rule(spec) + (" (skipped when the column is absent)" if spec.optional else "")
