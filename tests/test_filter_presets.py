@@ -283,3 +283,24 @@ def test_all_quarantined_run_still_renders_report(tmp_path, capsys):
     assert main(["run", str(pipeline), "--quiet"]) == 0
     assert "warning: no rows survived" in capsys.readouterr().out
     assert (tmp_path / "run" / "report.html").exists()
+
+
+def test_open_end_counts_as_cut_only_in_a_source_that_punctuates(tmp_path):
+    topics = ["router", "invoice", "password", "parcel", "refund", "plan", "app", "account", "card", "email"]
+    support = [{"instruction": f"Question {i} about my {t}?", "output": f"Thanks for asking about the {t}. It is fixed now."}
+               for i, t in enumerate(topics * 3)]  # fmt: skip
+    support[5]["output"] = "It usually takes about a week. We'll send you a confirmation"
+    casual = [{"instruction": f"hey what about the {t} {i}", "output": f"idk maybe ask about the {t} later"} for i, t in enumerate(topics * 3)]
+    casual[5]["output"] = "sounds good, see you then."
+    write_jsonl(tmp_path / "support.jsonl", support)
+    write_jsonl(tmp_path / "casual.jsonl", casual)
+    config = tmp_path / "f.yaml"
+    config.write_text(yaml.safe_dump({"filter": {"preset": "chat", "languages": None}}))
+    out = tmp_path / "out"
+    args = ["filter", str(tmp_path / "support.jsonl"), str(tmp_path / "casual.jsonl"), "--out", str(out), "--config", str(config), "--quiet"]
+    assert main(args) == 0
+    dropped = pl.read_parquet(out / "filter" / "dropped.parquet")
+    assert answers(out, "dropped") == ["It usually takes about a week. We'll send you a confirmation"]
+    assert dropped["reason"].to_list() == ["drop_truncated"]
+    tagged = pl.read_parquet(out / "tag" / "data.parquet")
+    assert tagged["assistant_truncation"].drop_nulls().to_list() == ["open_end_in_punctuated_source"]

@@ -14,7 +14,10 @@ Columns (all computed by the `tag` stage):
 - `assistant_truncation`: null, or the evidence that the final assistant turn was cut off:
   `unclosed_code_fence` (an odd number of ``` fences), `ends_on_connector` (last word is one no sentence
   ends on: 'the', 'and', 'your', ...), `ends_on_comma_or_colon`, or `unfinished_last_sentence` (a reply of
-  25+ words whose writer ended 2+ sentences with punctuation, but not the last one). A missing final
+  25+ words whose writer ended 2+ sentences with punctuation, but not the last one), or
+  `open_end_in_punctuated_source` (the turn ends without punctuation while at least 90% of the final
+  assistant turns from the same source file do: a corpus written that carefully was cut here; needs
+  20+ rows from that file, so it is computed over the whole table by the tag stage). A missing final
   period alone is not evidence: casual chat lines have none ('see you tmrw').
 - `last_assistant_alnum_count`: letters and digits in the final assistant turn (0: empty or symbols only).
 - `last_assistant_max_char_run`: longest run of one repeated character in the final assistant turn
@@ -169,12 +172,19 @@ CONNECTOR_END = r"(?i)\b(?:the|a|an|and|or|but|your|my|our|their|its|with|from|i
 SENTENCE_END = r"[.!?…](?:\s|$)"
 
 
+PUNCTUATED_SOURCE_MIN_ROWS = 20
+PUNCTUATED_SOURCE_MIN_SHARE = 0.9
+
+
 def truncation_evidence(text: pl.Expr) -> pl.Expr:
     """Why the text looks cut off (see module docstring), or null. Evidence, not style: an unpunctuated
-    line is only 'unfinished' when its writer punctuated every earlier sentence of a long reply."""
+    line is only 'unfinished' when its writer (or its source file as a whole) punctuates."""
     stripped = text.str.strip_chars()
     open_end = ends_mid_sentence(text)
     words = stripped.str.count_matches(r"\S+")
+    source = pl.col("source").struct.field("file")
+    source_rows = pl.len().over(source)
+    source_closed_share = 1.0 - open_end.cast(pl.Float64).mean().over(source)
     return (
         pl.when(stripped.str.count_matches("```") % 2 == 1)
         .then(pl.lit("unclosed_code_fence"))
@@ -184,6 +194,12 @@ def truncation_evidence(text: pl.Expr) -> pl.Expr:
         .then(pl.lit("ends_on_comma_or_colon"))
         .when(open_end & (words >= 25) & (stripped.str.count_matches(SENTENCE_END) >= 2))
         .then(pl.lit("unfinished_last_sentence"))
+        .when(
+            open_end
+            & (source_rows >= PUNCTUATED_SOURCE_MIN_ROWS)
+            & (source_closed_share >= PUNCTUATED_SOURCE_MIN_SHARE)
+        )
+        .then(pl.lit("open_end_in_punctuated_source"))
         .otherwise(None)
     )
 

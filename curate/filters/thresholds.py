@@ -75,7 +75,9 @@ class FilterConfig(StageConfig):
         default_factory=list,
         description="Rules to add, or to override by name (only the keys given change a preset rule).",
     )
-    disable: list[str] = Field(default_factory=list, description="Names of preset rules to turn off.")
+    disable: list[str] = Field(
+        default_factory=list, description="Names of preset rules to turn off (an unknown name is an error, not a no-op)."
+    )
 
     @model_validator(mode="after")
     def _known_preset(self):
