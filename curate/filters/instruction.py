@@ -21,7 +21,7 @@ Columns (all computed by the `tag` stage):
   period alone is not evidence: casual chat lines have none ('see you tmrw').
 - `last_assistant_alnum_count`: letters and digits in the final assistant turn (0: empty or symbols only).
 - `last_assistant_max_char_run`: longest run of one repeated character in the final assistant turn
-  (whitespace runs folded to one space; first 1000 characters).
+  (whitespace runs folded to one space; first 200 characters).
 - `response_echo_containment`: share of the last assistant turn's distinct words that occur in the
   last user turn (1.0 = the reply only repeats the prompt, even when the prompt has extra lines).
 - `turn_structure_error`: null, or the first structural problem found (see TURN_ERRORS).
@@ -205,8 +205,9 @@ def truncation_evidence(text: pl.Expr) -> pl.Expr:
 
 
 def max_char_run(text: pl.Expr) -> pl.Expr:
-    """Longest run of one character (whitespace runs count as one space), over the first 1000 chars."""
-    chars = text.str.replace_all(r"\s+", " ").str.slice(0, 1000).str.split("")
+    """Longest run of one character (whitespace runs count as one space), over the first 200 chars: junk
+    like "aaaa…" or "!!!!…" shows there, and the char-level split costs per character."""
+    chars = text.str.slice(0, 400).str.replace_all(r"\s+", " ").str.slice(0, 200).str.split("")
     return chars.list.eval(pl.element().rle().struct.field("len").max()).list.first().fill_null(0).cast(pl.Int64)
 
 

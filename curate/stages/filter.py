@@ -12,8 +12,12 @@ import polars as pl
 
 from curate.errors import ConfigError
 from curate.filters import language as language_id
+from curate.filters.heuristics import repetition_score_names
 from curate.filters.thresholds import FilterConfig, compile_rule, resolve_rules
 from curate.stage import StageContext, StageOutput, drop_rows, register_stage
+
+
+INSTRUCTION_COLUMNS = ("assistant_ends_mid_sentence", "assistant_truncation")
 
 
 def producer_of(column: str) -> str:
@@ -24,7 +28,11 @@ def producer_of(column: str) -> str:
         return "a `tag` stage with language identification on (tag config `language:` not null)"
     if column in ("token_count", "assistant_token_count"):
         return "a `tag` stage with a `tokenizer`"
-    return "a `tag` stage"
+    if column in repetition_score_names():
+        return "a `tag` stage (with repetition: true)"
+    if column.startswith(("user_", "assistant_")) and column not in INSTRUCTION_COLUMNS:
+        return "a `tag` stage (with heuristics: true)"
+    return "a `tag` stage (with instruction: true)"
 
 
 def _check_language_codes(specs) -> None:
