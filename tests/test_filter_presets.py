@@ -304,3 +304,34 @@ def test_open_end_counts_as_cut_only_in_a_source_that_punctuates(tmp_path):
     assert dropped["reason"].to_list() == ["drop_truncated"]
     tagged = pl.read_parquet(out / "tag" / "data.parquet")
     assert tagged["assistant_truncation"].drop_nulls().to_list() == ["open_end_in_punctuated_source"]
+
+
+def test_code_preset_keeps_code_answers_and_drops_an_unclosed_fence(tmp_path):
+    rows = [
+        {"instruction": "How do I reverse a list in Python?", "output": "```python\nitems.reverse()\n```"},
+        {"instruction": "Length of a list in Python?", "output": "len(items)"},
+        {"instruction": "Print hello in bash please", "output": "```bash\necho hello\n```"},
+        {"instruction": "Sort a dict by value?", "output": "```python\nsorted(d.items(), key=lambda kv: kv[1])"},
+    ]
+    data = write_jsonl(tmp_path / "code.jsonl", rows)
+    code, out = run_filter(tmp_path, data, {"filter": {"preset": "code"}})
+    assert code == 0
+    assert answers(out, "data") == [row["output"] for row in rows[:3]]
+    assert pl.read_parquet(out / "filter" / "dropped.parquet")["reason"].to_list() == ["drop_truncated"]
+
+
+def test_preference_preset_judges_chosen_not_rejected(tmp_path):
+    rows = [
+        {"prompt": "How do I reset my password?", "chosen": "Open Settings, choose Security and press Reset.",
+         "rejected": "As an AI language model, I cannot help with that"},
+        {"prompt": "Can I get a refund for my order?", "chosen": "As an AI language model, I cannot do that.",
+         "rejected": "Yes, refunds are possible within 30 days."},
+        {"prompt": "Is there a dark mode?", "chosen": "Yes, under Settings, Appearance.", "rejected": "Yes, under Settings, Appearance."},
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "pref.jsonl", rows)
+    code, out = run_filter(tmp_path, data, {"filter": {"preset": "preference"}})
+    assert code == 0
+    kept = pl.read_parquet(out / "filter" / "data.parquet")
+    assert kept.select(pl.col("chosen").list.last().struct.field("content")).to_series().to_list() == [rows[0]["chosen"]]
+    dropped = pl.read_parquet(out / "filter" / "dropped.parquet")
+    assert sorted(dropped["reason"].to_list()) == ["drop_refusals", "drop_turn_structure_errors"]
