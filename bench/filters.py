@@ -1,17 +1,16 @@
-"""Benchmark: tag + filter (curate's Polars expressions, batch lingua, batch tokenizers) against a per-row
+"""Benchmark: tag + filter (curate's Polars expressions, fastText lid.176, batch tokenizers) against a per-row
 Python implementation of the same heuristics, in the same run.
 
 Corpus: the canonical records of sample_data/raw (support conversations of every kind, with the planted
 junk) tiled to `--records` rows (≥ 200k by default). Tiling keeps the text distribution of the sample;
 the scores' cost does not depend on rows being distinct.
 
-Ours: `tag` stage (per-role Gopher/FineWeb scores, repetition, instruction checks, lingua language id
-in parallel batch, token counts with a `tokenizers` BPE in batch) then `filter` stage with default
-thresholds, timed end to end on the in-memory frame (no parquet I/O: that is the runner's, not the
+Ours: `tag` stage (per-role Gopher/FineWeb scores, repetition, instruction checks, fastText language
+id, token counts with a `tokenizers` BPE in batch) then `filter` stage with the default `chat` preset, timed end to end on the in-memory frame (no parquet I/O: that is the runner's, not the
 stage's, cost).
 
-Baseline: one Python function per row computing the same scores (str.split, re, Counter, lingua's
-single-text `compute_language_confidence_values`, `Tokenizer.encode` per text) and the same thresholds.
+Baseline: one Python function per row computing the same scores (str.split, re, Counter, fastText's
+single-text `predict`, `Tokenizer.encode` per text) and the same rule bounds (read from the preset).
 It runs on a prefix of `--baseline-records` rows and its rate is extrapolated linearly to the full size
 (per-row cost is constant); the output says so. The keep/drop decisions of both are compared on that
 prefix (agreement printed) as a cross-check that the two compute the same thing.
@@ -37,7 +36,6 @@ from pathlib import Path
 import polars as pl
 
 REPO = Path(__file__).resolve().parent.parent
-LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "nl", "pl", "ru", "zh", "ja")
 
 
 def build_corpus(records: int) -> pl.DataFrame:
@@ -71,7 +69,7 @@ def run_ours(frame: pl.DataFrame, tokenizer: str, language: bool) -> dict:
     ctx = StageContext(name="bench", run_dir=Path("."), stage_dir=Path("."), pipeline_dir=Path("."))
     tag, filt = get_stage("tag"), get_stage("filter")
     tag_config = tag.config_model.model_validate(
-        {"tokenizer": tokenizer or None, "language": {"candidates": list(LANGUAGES)} if language else None}
+        {"tokenizer": tokenizer or None, "language": {} if language else None}
     )
     filter_config = filt.config_model.model_validate({} if language else {"languages": None})
     cpu_started = cpu_seconds()
@@ -159,7 +157,33 @@ def repetition_py(text: str) -> dict:
     return scores
 
 
-def row_decision_py(row: dict, phrases: list[str], detector, tokenizer, config) -> str | None:
+CONNECTOR = re.compile(r"(?i)\b(?:the|a|an|and|or|but|your|my|our|their|its|with|from|into|whether|than)$")
+SENTENCE_END = re.compile(r"[.!?…](?:\s|$)")
+
+
+def truncation_py(last_assistant: str, open_end: bool, source_closed_share: float, source_rows: int) -> bool:
+    stripped = last_assistant.strip()
+    return (
+        stripped.count("```") % 2 == 1
+        or (open_end and bool(CONNECTOR.search(stripped)))
+        or (open_end and stripped.endswith((",", ":", ";")))
+        or (open_end and len(stripped.split()) >= 25 and len(SENTENCE_END.findall(stripped)) >= 2)
+        or (open_end and source_rows >= 20 and source_closed_share >= 0.9)
+    )
+
+
+def open_end_py(last_assistant: str) -> bool:
+    stripped = last_assistant.strip()
+    last_line = stripped.split("\n")[-1].strip()
+    return bool(last_line) and not TERMINAL.search(last_line) and not CODE.search(last_line) and not SIGN_OFF.search(stripped)
+
+
+def last_assistant_py(row: dict) -> str:
+    turns = row["messages"] if row["kind"] == "sft" else row["chosen"]
+    return ([m["content"] for m in turns if m["role"] == "assistant"] or [""])[-1]
+
+
+def row_decision_py(row: dict, phrases: list[str], detector, tokenizer, bound: dict, source_stats: dict) -> str | None:
     if row["kind"] == "sft":
         messages = row["messages"]
         users = [m["content"] for m in messages if m["role"] == "user"]
@@ -193,15 +217,13 @@ def row_decision_py(row: dict, phrases: list[str], detector, tokenizer, config) 
     containment = len(u & a) / len(a) if a else 0.0
     lowered = assistant_text.lower().replace("’", "'")
     refusal = next((p for p in phrases if p in lowered), None)
-    stripped = last_assistant.strip()
-    last_line = stripped.split("\n")[-1].strip()
-    truncated = (
-        bool(last_line) and not TERMINAL.search(last_line) and not CODE.search(last_line) and not SIGN_OFF.search(stripped)
-    )
+    closed_share, source_rows = source_stats[row["source"]["file"]]
+    truncated = truncation_py(last_assistant, open_end_py(last_assistant), closed_share, source_rows)
     lang = None
     if detector is not None:
-        values = detector.compute_language_confidence_values((user_text + "\n" + assistant_text)[:200])
-        lang = values[0].language.iso_code_639_1.name.lower() if values and values[0].value > 0 else None
+        text = " ".join((user_text + "\n" + assistant_text)[:500].split())
+        best = detector(text + "\n", 1, 0.0, "strict") if re.search(r"[^\W\d_]", text) else ()
+        lang = best[0][1].removeprefix("__label__") if best and best[0][0] >= 0.5 else None
     tokens = 0
     if tokenizer is not None:
         # the same per-content counts the tag stage keeps (row total; assistant total)
@@ -209,25 +231,23 @@ def row_decision_py(row: dict, phrases: list[str], detector, tokenizer, config) 
         # chat: all turns; preference: prompt + the longer of chosen and rejected (contents in that order)
         tokens = sum(counts) if row["kind"] == "sft" else sum(counts[:-2]) + max(counts[-2:])
         sum(len(tokenizer.encode(text, add_special_tokens=False)) for text in assistants)
+    words = lambda text: len(text.split())  # noqa: E731
     checks = [
         ("drop_turn_structure_errors", structure is not None),
-        ("min_last_assistant_words", len(last_assistant.split()) < config.min_last_assistant_words),
-        ("min_user_words", scores["user_word_count"] < config.min_user_words),
-        ("languages", detector is not None and lang is not None and lang not in config.languages),
+        ("min_last_assistant_words", words(last_assistant) < bound["min_last_assistant_words"]),
+        ("min_user_words", scores["user_word_count"] < bound["min_user_words"]),
+        ("languages", detector is not None and lang not in bound["languages"]),
         ("drop_refusals", refusal is not None),
         ("drop_truncated", truncated),
-        ("max_response_echo_containment", containment > config.max_response_echo_containment and len(last_assistant.split()) >= 5),
-        ("max_token_count", tokens > config.max_token_count),
-        ("max_assistant_words", scores["assistant_word_count"] > config.max_assistant_words),
-        ("min_assistant_mean_word_length", scores["assistant_mean_word_length"] < config.min_assistant_mean_word_length),
-        ("max_assistant_mean_word_length", scores["assistant_mean_word_length"] > config.max_assistant_mean_word_length),
-        ("max_assistant_symbol_word_ratio", scores["assistant_symbol_word_ratio"] > config.max_assistant_symbol_word_ratio),
-        ("max_assistant_non_alpha_word_ratio", scores["assistant_non_alpha_word_ratio"] > config.max_assistant_non_alpha_word_ratio),
-        ("max_assistant_ellipsis_line_ratio", scores["assistant_ellipsis_line_ratio"] > config.max_assistant_ellipsis_line_ratio),
-        ("max_assistant_dup_line_fraction", scores["assistant_dup_line_fraction"] > config.max_assistant_dup_line_fraction),
-        ("max_assistant_dup_paragraph_fraction", scores["assistant_dup_paragraph_fraction"] > config.max_assistant_dup_paragraph_fraction),
-        *[(f"max_assistant_top_{n}gram_char_frac", scores[f"assistant_top_{n}gram_char_frac"] > v) for n, v in config.max_assistant_top_ngram_char_frac.items()],
-        *[(f"max_assistant_dup_{n}gram_char_frac", scores[f"assistant_dup_{n}gram_char_frac"] > v) for n, v in config.max_assistant_dup_ngram_char_frac.items()],
+        ("max_response_echo_containment", containment > bound["max_response_echo_containment"] and words(last_assistant) >= 5),
+        ("max_token_count", tokens > bound["max_token_count"]),
+        ("max_assistant_words", scores["assistant_word_count"] > bound["max_assistant_words"]),
+        ("min_assistant_mean_word_length", scores["assistant_mean_word_length"] < bound["min_assistant_mean_word_length"]),
+        *[
+            (name, scores[name.removeprefix("max_")] > bound[name])
+            for name in bound
+            if name.startswith("max_assistant_") and name != "max_assistant_words" and name.removeprefix("max_") in scores
+        ],
     ]
     return next((name for name, failed in checks if failed), None)
 
@@ -236,16 +256,21 @@ def run_baseline(frame: pl.DataFrame, tokenizer_path: str, language: bool) -> di
     from tokenizers import Tokenizer
 
     from curate.filters.instruction import DEFAULT_REFUSAL_PHRASES
-    from curate.filters.language import language_detector
-    from curate.filters.thresholds import FilterConfig
+    from curate.filters.language import _model
+    from curate.filters.thresholds import preset_rules
 
     tokenizer = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
-    detector = language_detector(LANGUAGES, False) if language else None
-    config = FilterConfig()
+    detector = _model().f.predict if language else None
+    bound = {rule["name"]: rule.get("min", rule.get("max", rule.get("in"))) for rule in preset_rules("chat")}
     rows = frame.to_dicts()  # conversion outside the timed loop: the baseline gets Python objects for free
     cpu_started = cpu_seconds()
     started = time.perf_counter()
-    reasons = [row_decision_py(row, list(DEFAULT_REFUSAL_PHRASES), detector, tokenizer, config) for row in rows]
+    # the source-level truncation evidence needs each file's share of punctuated endings first
+    open_ends: dict[str, list[bool]] = {}
+    for row in rows:
+        open_ends.setdefault(row["source"]["file"], []).append(open_end_py(last_assistant_py(row)))
+    source_stats = {file: (1 - sum(flags) / len(flags), len(flags)) for file, flags in open_ends.items()}
+    reasons = [row_decision_py(row, list(DEFAULT_REFUSAL_PHRASES), detector, tokenizer, bound, source_stats) for row in rows]
     seconds = time.perf_counter() - started
     decisions = frame.select("id", pl.col("source").struct.field("row"), pl.col("source").struct.field("file")).with_columns(
         pl.Series("reason", reasons, dtype=pl.String)
@@ -294,7 +319,7 @@ def main() -> None:
         tokenizer = "" if args.no_tokenizer else str(train_tokenizer(Path(folder) / "tokenizer.json", corpus))
         print(
             f"corpus: {corpus.height:,} canonical records (sample_data/raw tiled), language id "
-            f"{'on (lingua, ' + str(len(LANGUAGES)) + ' candidates)' if language else 'off'}, "
+            f"{'on (fastText lid.176)' if language else 'off'}, "
             f"{'no tokenizer' if args.no_tokenizer else 'byte-level BPE tokenizer (4k vocab, trained on the corpus)'}"
         )
         base = in_process("baseline", baseline_path, tokenizer, language)

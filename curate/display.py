@@ -129,9 +129,29 @@ def summary_tables(manifest: dict) -> list[Table]:
     return tables
 
 
+def biggest_reasons(accounting: dict, limit: int = 3) -> list[tuple[str, int]]:
+    """("stage: reason", rows) for the reasons that removed the most rows, quarantine included."""
+    found = [(f"ingest (quarantine): {reason}", count) for reason, count in accounting.get("quarantined_by_reason", {}).items()]
+    for stage, by_reason in accounting.get("dropped_by_stage_reason", {}).items():
+        found += [(f"{stage}: {reason}", count) for reason, count in by_reason.items()]
+    return sorted(found, key=lambda item: (-item[1], item[0]))[:limit]
+
+
+def empty_output_warning(manifest: dict) -> Text | None:
+    """A run that kept nothing is not an error (the report still shows why), but it must not pass unseen."""
+    accounting = manifest.get("accounting") or {}
+    if accounting.get("kept", 1) or not accounting.get("rows_in"):
+        return None
+    reasons = ", ".join(f"{name} ({count:,})" for name, count in biggest_reasons(accounting))
+    return Text.assemble(("warning:", "bold yellow"), " ", redact(f"no rows survived; biggest reasons: {reasons or 'none recorded'}"))
+
+
 def print_summary(manifest: dict) -> None:
     for table in summary_tables(manifest):
         console.print(table)
+    warning = empty_output_warning(manifest)
+    if warning is not None:
+        console.print(warning)
 
 
 def print_json(payload) -> None:

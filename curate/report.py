@@ -232,6 +232,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .figure { background: #fff; border: 1px solid #d8dde3; border-radius: 4px; padding: 8px; margin: 8px 0 14px; }
 .figure svg { max-width: 100%; height: auto; display: block; }
 .note { color: #56606b; font-style: italic; font-size: 13px; }
+.examples pre { white-space: pre-wrap; font-size: 12px; margin: 2px 0; max-height: 12em; overflow: auto; }
+.warning { background: #fff4e0; border-left: 4px solid #d98c00; padding: 8px 12px; }
 .cards { display: flex; gap: 12px; flex-wrap: wrap; margin: 12px 0; }
 .card { background: #fff; border: 1px solid #d8dde3; border-radius: 4px; padding: 10px 16px; min-width: 130px; }
 .card .value { font-size: 22px; font-weight: 600; }
@@ -505,8 +507,55 @@ def _funnel_section(funnel: list[dict], by_reason: pl.DataFrame) -> str:
     return "".join(parts)
 
 
+EXAMPLES_PER_REASON = 3
+
+
+def _example_list(texts: list[str]) -> str:
+    items = "".join(f"<li><pre>{html.escape(text)}</pre></li>" for text in texts)
+    return f"<ul class='examples'>{items}</ul>"
+
+
+def _examples_section(run_dir: Path, stages: list[StageFiles], by_reason: pl.DataFrame) -> str:
+    """A few rows per drop reason and per quarantine reason, as written (escaped), first in file order."""
+    from curate.examples import quarantine_examples, row_examples
+
+    parts = ["<h2>Examples per reason</h2>"]
+    dropped_paths = {stage.name: stage.dropped for stage in stages if stage.dropped is not None}
+    for stage_name, reason, rows in by_reason.select("stage", "reason", "rows").iter_rows():
+        path = dropped_paths.get(stage_name)
+        if path is None:
+            continue
+        examples = row_examples(path, EXAMPLES_PER_REASON, reason)
+        if examples.is_empty():
+            continue
+        parts.append(f"<h3>{html.escape(str(stage_name))}: {html.escape(str(reason))} ({int(rows):,} rows)</h3>")
+        parts.append(_example_list([f"{src or ''}\n{text}" for src, text in examples.select("source", "text").iter_rows()]))
+    quarantine = _path_if(run_dir / "quarantine.parquet")
+    if quarantine is not None and "reason" in _columns(quarantine):
+        reasons = pl.scan_parquet(quarantine, glob=False).group_by("reason").len().sort(["len", "reason"], descending=[True, False]).collect()
+        for reason, rows in reasons.iter_rows():
+            examples = quarantine_examples(quarantine, EXAMPLES_PER_REASON, reason)
+            parts.append(f"<h3>quarantine: {html.escape(str(reason))} ({int(rows):,} rows)</h3>")
+            parts.append(_example_list([
+                f"{where} {field or ''}: {detail or ''}\n{raw or ''}" for where, _, field, detail, raw in examples.iter_rows()
+            ]))  # fmt: skip
+    if len(parts) == 1:
+        parts.append(_note("No rows were dropped or quarantined."))
+    return "".join(parts)
+
+
 def _or_dash(value):
     return "–" if value is None else value
+
+
+def _empty_output_warning(manifest: dict[str, Any]) -> str:
+    accounting = manifest.get("accounting") if isinstance(manifest.get("accounting"), dict) else {}
+    if accounting.get("kept", 1) or not accounting.get("rows_in"):
+        return ""
+    from curate.display import biggest_reasons
+
+    reasons = ", ".join(f"{html.escape(name)} ({count:,})" for name, count in biggest_reasons(accounting))
+    return f"<p class='warning'><strong>No rows survived.</strong> Biggest reasons: {reasons or 'none recorded'}.</p>"
 
 
 def build_report(run_dir: str | Path) -> str:
@@ -543,12 +592,14 @@ def build_report(run_dir: str | Path) -> str:
     )
     body = [
         f"<h1>Curation report: {html.escape(title)}</h1>",
+        _empty_output_warning(manifest),
         f"<p class='meta'>Run directory <code>{html.escape(str(run_dir))}</code>"
         + ("; " + "; ".join(meta) if meta else "")
         + "</p>",
         f"<div class='cards'>{cards_html}</div>",
         _funnel_section(funnel, by_reason),
         _quarantine_section(run_dir),
+        _examples_section(run_dir, stages, by_reason),
         _split_counts_section(final, run_dir),
         (f"<p class='meta'>Per-split figures describe the rows of {html.escape(final_from)}.</p>" if final_from else ""),
         _lengths_section(final),

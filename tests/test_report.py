@@ -32,7 +32,7 @@ def _sections(page: str) -> list[str]:
 
 def test_report_has_every_section_with_plots(run_dir):
     page = build_report(run_dir)
-    assert _sections(page) == ["Funnel", "Quarantine", "Splits", "Lengths per split", "Near-duplicate clusters", "Languages and labels"]
+    assert _sections(page) == ["Funnel", "Quarantine", "Examples per reason", "Splits", "Lengths per split", "Near-duplicate clusters", "Languages and labels"]
     # funnel numbers and reasons come from the run's files
     for text in ("near_duplicate", "lang_not_allowed", "too_short", "invalid_json", "topic_label", "n_tokens"):
         assert text in page

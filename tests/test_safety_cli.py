@@ -214,7 +214,9 @@ def _curate_fields():
 
 def test_every_stage_is_walked():
     walked = {param.values[0] for param in _curate_fields()}
-    assert {"dedup", "filter", "split", "mix", "decontaminate", "tag", "label_push", "label_pull"} <= walked
+    # filter has no numeric option of its own: its bounds live in rules (any finite number; see
+    # test_filter_rule_bound_must_be_a_finite_number)
+    assert {"dedup", "split", "mix", "decontaminate", "tag", "label_push", "label_pull"} <= walked
 
 
 def _nest(path: tuple[str, ...], value, default):
@@ -245,19 +247,19 @@ def test_numeric_config_field_is_bounded_and_refused_out_of_range(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_min_last_assistant_words_negative_is_refused(tmp_path, capsys):
+def test_filter_rule_bound_must_be_a_finite_number(tmp_path, capsys):
     write_rows(tmp_path / "in" / "a.jsonl")
-    pipeline = write_pipeline(tmp_path, stages=[{"type": "filter", "config": {"min_last_assistant_words": -3}}])
+    rules = [{"name": "min_last_assistant_words", "min": math.nan}]
+    pipeline = write_pipeline(tmp_path, stages=[{"type": "tag"}, {"type": "filter", "config": {"rules": rules}}])
     assert curate_main(["run", str(pipeline), "--quiet"]) == 2
-    assert_one_line_error(capsys.readouterr().err, "config.min_last_assistant_words", "greater than or equal to 0")
+    assert_one_line_error(capsys.readouterr().err, "config.rules.0.min")
 
 
-def test_filter_ngram_fraction_keys_must_be_scored_sizes(tmp_path, capsys):
+def test_filter_disable_must_name_a_rule(tmp_path, capsys):
     write_rows(tmp_path / "in" / "a.jsonl")
-    config = {"max_assistant_top_ngram_char_frac": {7: 0.2}}
-    pipeline = write_pipeline(tmp_path, stages=[{"type": "filter", "config": config}])
+    pipeline = write_pipeline(tmp_path, stages=[{"type": "tag"}, {"type": "filter", "config": {"disable": ["max_assistant_top_7gram_char_frac"]}}])
     assert curate_main(["run", str(pipeline), "--quiet"]) == 2
-    assert_one_line_error(capsys.readouterr().err, "max_assistant_top_ngram_char_frac")
+    assert_one_line_error(capsys.readouterr().err, "max_assistant_top_7gram_char_frac")
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,21 @@
-"""`curate filter INPUT... --out DIR [--config FILE.yaml]`: tag quality scores, then apply thresholds.
+"""`curate filter INPUT... --out DIR [--config FILE.yaml] [--preset NAME]`: tag quality scores, then
+apply filter rules. `curate filter --explain RULE|PRESET` prints what a rule measures and why.
 
-The config file holds one section per stage: `tag:` (which scores, tokenizer, languages) and `filter:`
-(thresholds); optional `pii:` and `decontaminate:` sections add those stages before tagging. Rerunning
-with only `filter:` changed reuses the cached scores of the tag stage.
+The config file holds one section per stage: `tag:` (which scores, tokenizer, language id) and
+`filter:` (preset, rules, disable, languages); optional `pii:` and `decontaminate:` sections add those
+stages before tagging. Rerunning with only `filter:` changed reuses the cached scores of the tag stage.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from rich.table import Table
+
 from curate.cli_support import add_input_arguments, parse_columns, read_yaml_mapping
 from curate.display import console, live_run_events, print_summary
 from curate.errors import ConfigError
+from curate.filters.thresholds import PRESETS, describe_rule, find_rule, preset_description, preset_rules
 from curate.runner import run_stages
 
 SECTIONS = ("pii", "decontaminate", "tag", "filter")
@@ -28,6 +32,14 @@ def register(subparsers) -> None:
         "raw files, or a canonical data.parquet from an earlier run",
         "YAML with tag:/filter: (and optional pii:/decontaminate:) sections",
     )
+    # --explain needs no inputs: they become optional here and are checked in handle().
+    for action in parser._actions:
+        if action.dest == "inputs":
+            action.nargs, action.required = "*", False
+        elif action.dest == "out":
+            action.required = False
+    parser.add_argument("--preset", choices=PRESETS, help="filter rule preset (overrides filter.preset; default chat)")
+    parser.add_argument("--explain", metavar="RULE", help="print what a rule (or every rule of a preset) measures, then exit")
     parser.add_argument("--tokenizer", help="tokenizer.json for token counts (overrides tag.tokenizer)")
     parser.add_argument("--languages", help="comma-separated keep-list, e.g. en,de (overrides filter.languages)")
     parser.add_argument("--force", action="store_true", help="recompute every stage")
@@ -53,8 +65,39 @@ def stages_from(sections: dict) -> list[tuple[str, dict]]:
     return [(name, sections.get(name, {})) for name in SECTIONS if name in ("tag", "filter") or name in sections]
 
 
+def explain(name: str) -> int:
+    if name in PRESETS:
+        found = [(name, rule) for rule in map(dict, preset_rules(name))]
+        title = f"preset {name}: {preset_description(name)}"
+    else:
+        found = [(preset, spec.model_dump(by_alias=True, exclude_none=True)) for preset, spec in find_rule(name)]
+        title = f"rule {name}"
+    if not found:
+        known = sorted({rule["name"] for preset in PRESETS for rule in preset_rules(preset)})
+        raise ConfigError(f"--explain: no preset or rule named {name!r} (presets: {', '.join(PRESETS)}; rules: {', '.join(known)})")
+    from curate.filters.thresholds import RuleSpec
+
+    table = Table(title=title, show_lines=True)
+    table.add_column("preset", no_wrap=True)
+    table.add_column("rule", no_wrap=True)  # a name users copy into their config: never broken
+    table.add_column("test", overflow="fold")
+    table.add_column("why", overflow="fold")
+    for preset, rule in found:
+        spec = RuleSpec.model_validate(rule)
+        test = describe_rule(spec) + (" (skipped when the column is absent)" if spec.optional else "")
+        table.add_row(preset, spec.name, test, spec.why or "")
+    console.print(table, markup=False)
+    return 0
+
+
 def handle(args) -> int:
+    if args.explain:
+        return explain(args.explain)
+    if not args.inputs or args.out is None:
+        raise ConfigError("curate filter: give INPUT files and --out DIR (or --explain RULE)")
     sections = load_sections(args.config)
+    if args.preset:
+        sections.setdefault("filter", {})["preset"] = args.preset
     if args.tokenizer:
         sections.setdefault("tag", {})["tokenizer"] = str(Path(args.tokenizer).resolve())
     if args.languages:

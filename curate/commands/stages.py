@@ -1,10 +1,10 @@
-"""`curate stages`: list the registered stage types and their config fields."""
+"""`curate stages`: list the registered stage types, each config field with its default and what it does."""
 
 from __future__ import annotations
 
 from rich.table import Table
 
-from curate.display import console
+from curate.display import console, styled
 from curate.stage import registered_stages
 
 
@@ -13,16 +13,23 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=handle)
 
 
+def _default(field) -> str:
+    return "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
 def handle(args) -> int:
-    table = Table(title="stage types")
-    table.add_column("type")
-    table.add_column("config fields (default)")
-    table.add_column("what it does")
     for name, spec in registered_stages().items():
-        fields = ", ".join(
-            f"{key}={field.get_default(call_default_factory=True)!r}" if not field.is_required() else f"{key} (required)"
-            for key, field in spec.config_model.model_fields.items()
-        )
-        table.add_row(name, fields, spec.description)
-    console.print(table)
+        fields = spec.config_model.model_fields
+        # Field names are what users type: never cut or wrapped, however narrow the terminal.
+        table = Table(title=styled(f"{name}: {_one_line(spec.description)}"), title_justify="left", show_lines=False)
+        table.add_column("field", no_wrap=True, min_width=max((len(key) for key in fields), default=5))
+        table.add_column("default", overflow="fold", max_width=30)
+        table.add_column("what it does", overflow="fold")
+        for key, field in fields.items():
+            table.add_row(styled(key), styled(_one_line(_default(field))), styled(_one_line(field.description)))
+        console.print(table)
     return 0

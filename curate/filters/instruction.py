@@ -11,6 +11,17 @@ Columns (all computed by the `tag` stage):
   closing bracket/quote, a code fence, an emoji or symbol, and does not end in a sign-off block
   ("Best regards,\nAlex\nTeam"): a response cut off by a length limit. A reply ending in a list item
   without a full stop counts as cut (disable `drop_truncated` for data written that way).
+- `assistant_truncation`: null, or the evidence that the final assistant turn was cut off:
+  `unclosed_code_fence` (an odd number of ``` fences), `ends_on_connector` (last word is one no sentence
+  ends on: 'the', 'and', 'your', ...), `ends_on_comma_or_colon`, or `unfinished_last_sentence` (a reply of
+  25+ words whose writer ended 2+ sentences with punctuation, but not the last one), or
+  `open_end_in_punctuated_source` (the turn ends without punctuation while at least 90% of the final
+  assistant turns from the same source file do: a corpus written that carefully was cut here; needs
+  20+ rows from that file, so it is computed over the whole table by the tag stage). A missing final
+  period alone is not evidence: casual chat lines have none ('see you tmrw').
+- `last_assistant_alnum_count`: letters and digits in the final assistant turn (0: empty or symbols only).
+- `last_assistant_max_char_run`: longest run of one repeated character in the final assistant turn
+  (whitespace runs folded to one space; first 200 characters).
 - `response_echo_containment`: share of the last assistant turn's distinct words that occur in the
   last user turn (1.0 = the reply only repeats the prompt, even when the prompt has extra lines).
 - `turn_structure_error`: null, or the first structural problem found (see TURN_ERRORS).
@@ -120,6 +131,9 @@ def instruction_scores(refusal_phrases: list[str]) -> list[pl.Expr]:
         matches.list.first().str.to_lowercase().alias("refusal_phrase"),
         matches.list.len().cast(pl.Int64).alias("refusal_phrase_count"),
         ends_mid_sentence(pl.col(LAST_ASSISTANT)).alias("assistant_ends_mid_sentence"),
+        truncation_evidence(pl.col(LAST_ASSISTANT)).alias("assistant_truncation"),
+        pl.col(LAST_ASSISTANT).str.count_matches(r"[\p{L}\p{N}]").cast(pl.Int64).alias("last_assistant_alnum_count"),
+        max_char_run(pl.col(LAST_ASSISTANT)).alias("last_assistant_max_char_run"),
         turn_structure_error().alias("turn_structure_error"),
     ]
 
@@ -150,6 +164,51 @@ def ends_mid_sentence(text: pl.Expr) -> pl.Expr:
         & ~last_line.str.contains(CODE_LINE)
         & ~stripped.str.contains(SIGN_OFF_BLOCK)
     ).fill_null(False)
+
+
+# Words no English sentence ends on: a reply stopping on one was cut ("... include the adapter and").
+# Kept short on purpose: 'to', 'of', 'in', 'on', 'so' end casual lines ("I'd love to", "log in").
+CONNECTOR_END = r"(?i)\b(?:the|a|an|and|or|but|your|my|our|their|its|with|from|into|whether|than)$"
+SENTENCE_END = r"[.!?…](?:\s|$)"
+
+
+PUNCTUATED_SOURCE_MIN_ROWS = 20
+PUNCTUATED_SOURCE_MIN_SHARE = 0.9
+
+
+def truncation_evidence(text: pl.Expr) -> pl.Expr:
+    """Why the text looks cut off (see module docstring), or null. Evidence, not style: an unpunctuated
+    line is only 'unfinished' when its writer (or its source file as a whole) punctuates."""
+    stripped = text.str.strip_chars()
+    open_end = ends_mid_sentence(text)
+    words = stripped.str.count_matches(r"\S+")
+    source = pl.col("source").struct.field("file")
+    source_rows = pl.len().over(source)
+    source_closed_share = 1.0 - open_end.cast(pl.Float64).mean().over(source)
+    return (
+        pl.when(stripped.str.count_matches("```") % 2 == 1)
+        .then(pl.lit("unclosed_code_fence"))
+        .when(open_end & stripped.str.contains(CONNECTOR_END))
+        .then(pl.lit("ends_on_connector"))
+        .when(open_end & stripped.str.contains(r"[,:;]$"))
+        .then(pl.lit("ends_on_comma_or_colon"))
+        .when(open_end & (words >= 25) & (stripped.str.count_matches(SENTENCE_END) >= 2))
+        .then(pl.lit("unfinished_last_sentence"))
+        .when(
+            open_end
+            & (source_rows >= PUNCTUATED_SOURCE_MIN_ROWS)
+            & (source_closed_share >= PUNCTUATED_SOURCE_MIN_SHARE)
+        )
+        .then(pl.lit("open_end_in_punctuated_source"))
+        .otherwise(None)
+    )
+
+
+def max_char_run(text: pl.Expr) -> pl.Expr:
+    """Longest run of one character (whitespace runs count as one space), over the first 200 chars: junk
+    like "aaaa…" or "!!!!…" shows there, and the char-level split costs per character."""
+    chars = text.str.slice(0, 400).str.replace_all(r"\s+", " ").str.slice(0, 200).str.split("")
+    return chars.list.eval(pl.element().rle().struct.field("len").max()).list.first().fill_null(0).cast(pl.Int64)
 
 
 def _roles(messages: pl.Expr) -> pl.Expr:

@@ -1,286 +1,200 @@
-"""The `filter` stage's thresholds and the rules they become.
+"""The `filter` stage's rules: data, not code (as dolma's mixer).
 
-Every threshold reads a score column the `tag` stage (or `decontaminate`) wrote; none computes a score,
-so changing one reruns only the filter stage. A threshold set to null disables its rule. A rule whose
-score column is absent (e.g. `max_token_count` when the tag stage has no tokenizer) is skipped and
-listed in the report. The rule name — the config field, with n filled in for the n-gram maps — is the
-`reason` of a dropped row; `reasons` lists every failing rule in this order.
+A rule reads one score column the `tag` stage (or `decontaminate`) wrote and states what a row must
+satisfy to stay:
 
-Defaults are chosen for short customer-support chat, not web pages: the Gopher (Rae et al. 2021) and
-FineWeb anchors assume documents of hundreds of words, where one repeated phrase or a line without a
-full stop means boilerplate. In a three-sentence support answer the same signals are normal, so the
-repetition and line thresholds are looser, and the line-shape rules FineWeb uses are off by default.
+    {name: min_last_assistant_words, column: last_assistant_word_count, min: 2, why: "..."}
+
+Tests: `min` (column >= value), `max` (column <= value), `in` (column is one of the values; a null
+never passes a keep-list), `not_in`, `is_null: true` (the column must be null: flag columns such as
+`refusal_phrase`). `when: {column, min|max}` limits a rule to rows meeting that condition. A null
+score never fails a `min`/`max` test. `optional: true` skips the rule (listed in the report) when its
+column is absent; any other rule whose column is absent is a config error, never a silent no-op.
+
+Presets are named YAML blocks shipped in curate/filters/presets/ (`chat`, `short_answer`, `code`,
+`preference`), each rule with its rationale. A config picks one (`preset: short_answer`), overrides a
+rule by naming it in `rules` (only the keys given change), appends new rules the same way, and turns
+rules off with `disable`. The rule name is the `reason` of a dropped row; `reasons` lists every failing
+rule, in rule order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
 
 import polars as pl
-from typing import Literal
+import yaml
+from pydantic import Field, ValidationError, model_validator
 
-from pydantic import Field
+from curate.errors import ConfigError
+from curate.stage import StageConfig
 
-from curate.filters.heuristics import DUP_NGRAM_SIZES, TOP_NGRAM_SIZES
-from curate.stage import Fraction, StageConfig
+PRESETS = ("chat", "short_answer", "code", "preference")
+LANGUAGE_RULE = "languages"
+TESTS = ("min", "max", "in", "not_in", "is_null")
+Value = str | int | float | bool
+
+
+class Condition(StageConfig):
+    column: str = Field(..., min_length=1, description="Score column the condition reads.")
+    min: float | None = Field(None, description="Condition holds when column >= min.")
+    max: float | None = Field(None, description="Condition holds when column <= max.")
+
+
+class RuleSpec(StageConfig):
+    """One rule as written in a preset or a config's `rules` list."""
+
+    model_config = StageConfig.model_config | {"populate_by_name": True}
+
+    name: str = Field(..., min_length=1, description="Rule name: the `reason` of the rows it drops.")
+    column: str | None = Field(None, description="Score column the rule reads (from a preset when overriding).")
+    min: float | None = Field(None, description="Keep rows with column >= min.")
+    max: float | None = Field(None, description="Keep rows with column <= max.")
+    in_: list[Value] | None = Field(None, alias="in", description="Keep rows whose column is one of these (null never is).")
+    not_in: list[Value] | None = Field(None, description="Drop rows whose column is one of these.")
+    is_null: bool | None = Field(None, description="true: keep rows whose column is null (flag columns).")
+    when: Condition | None = Field(None, description="Apply the rule only to rows meeting this condition.")
+    optional: bool = Field(False, description="Skip (and report) instead of refusing when the column is absent.")
+    why: str | None = Field(None, description="Rationale, shown by `curate filter --explain`.")
 
 
 class FilterConfig(StageConfig):
-    # --- structure and emptiness (cheap and unambiguous: checked first, so they become the reason)
-    drop_turn_structure_errors: bool = Field(
-        True,
-        description="Drop rows whose `turn_structure_error` is set (unknown role, empty message, roles not "
-        "alternating, not ending with an assistant turn, chosen == rejected, ...): they cannot be trained on.",
+    preset: str | None = Field(
+        "chat",
+        description="Named rule set from curate/filters/presets/: chat, short_answer, code, preference "
+        "(`curate filter --explain RULE` shows what a rule measures). Null: only the rules listed here.",
     )
-    min_last_assistant_words: int | None = Field(
-        2,
-        ge=0,
-        description="Minimum words in the final assistant turn. 2, not Gopher's 50: support replies are short "
-        "('Refund issued.' is fine) but a one-word 'ok' or an empty reply teaches nothing.",
-    )
-    min_user_words: int | None = Field(
-        1, ge=0, description="Minimum words over all user turns: a conversation without a question is not a sample."
-    )
-    drop_contaminated: bool = Field(
-        True,
-        description="Drop rows the `decontaminate` stage flagged (non-null `contamination_eval_id`) — used when "
-        "that stage runs in mode 'flag'. Training on evaluation items invalidates the evaluation.",
-    )
-    # --- language
     languages: list[str] | None = Field(
-        default_factory=lambda: ["en"],
-        description="Keep-list of ISO 639-1 codes for `lang`. Rows whose text has no letters (null `lang`) are "
-        "not dropped by this rule (other rules judge them). Null keeps every language.",
-    )
-    min_lang_score: float | None = Field(
         None,
-        ge=0.0,
-        le=1.0,
-        description="Minimum lingua confidence `lang_score`. Off by default: with a dozen candidate languages "
-        "a clearly English 15-word message often scores 0.6-0.8 because close languages share the mass; "
-        "the label is reliable well below the confidence one would guess.",
+        description="Shorthand for the `languages` rule's keep-list (ISO codes of the tag stage's detector, e.g. "
+        "[en, de]). Unset: the preset's; null: rule off. Rows of unknown or low-confidence language never pass.",
     )
-    # --- instruction checks
-    drop_refusals: bool = Field(
-        True,
-        description="Drop rows whose assistant text contains a configured refusal/boilerplate phrase "
-        "(`refusal_phrase`, e.g. 'as an AI language model'): a support assistant should not learn them.",
+    rules: list[RuleSpec] = Field(
+        default_factory=list,
+        description="Rules to add, or to override by name (only the keys given change a preset rule).",
     )
-    drop_truncated: bool = Field(
-        True,
-        description="Drop rows whose final assistant turn ends mid-sentence (`assistant_ends_mid_sentence`): "
-        "typically a reply cut by an export or length limit; the model would learn to stop mid-thought.",
+    disable: list[str] = Field(
+        default_factory=list, description="Names of preset rules to turn off (an unknown name is an error, not a no-op)."
     )
-    max_response_echo_containment: float | None = Field(
-        0.8,
-        ge=0.0,
-        le=1.0,
-        description="Maximum share of the last reply's distinct words found in the last user turn (checked "
-        "only for replies of 5+ words). Above 0.8 the reply repeats the question instead of answering it; "
-        "answers quoting an order number or product name stay far below (sample data: < 0.5).",
-    )
-    max_response_echo_jaccard: float | None = Field(
-        None,
-        ge=0.0,
-        le=1.0,
-        description="Maximum word-set Jaccard between the last user and last assistant turns. Off by default: "
-        "containment catches echoes even when the prompt carries extra lines (plan, device) the reply drops.",
-    )
-    min_response_prompt_word_ratio: float | None = Field(
-        None,
-        ge=0.0,
-        description="Minimum assistant/user word ratio. Off by default: in support chat a long complaint "
-        "answered by 'Done, refunded.' is a good sample.",
-    )
-    max_token_count: int | None = Field(
-        4096,
-        ge=1,
-        description="Maximum tokens of the whole row (`token_count`, needs a tokenizer in the tag stage): rows "
-        "longer than the training sequence length would be truncated. Skipped when no tokenizer is set.",
-    )
-    max_assistant_words: int | None = Field(
-        1500,
-        ge=1,
-        description="Maximum assistant words: support replies of several thousand words are pasted manuals or "
-        "logs, not conversation.",
-    )
-    # --- Gopher-style quality (assistant text: what the model learns to write)
-    min_assistant_mean_word_length: float | None = Field(
-        2.0,
-        ge=0.0,
-        description="Minimum mean word length (Gopher: 3). 2 because chat uses short words ('ok, I'll do it'), "
-        "while letter soup of 1-character tokens still fails.",
-    )
-    max_assistant_mean_word_length: float | None = Field(
-        15.0,
-        gt=0.0,
-        description="Maximum mean word length (Gopher: 10). 15 because support replies carry URLs, order ids and "
-        "e-mail placeholders; runs of base64 or minified code still exceed it.",
-    )
-    max_assistant_symbol_word_ratio: float | None = Field(
-        0.5,
-        ge=0.0,  # symbols per word: may exceed 1
-        description="Maximum (`#` + ellipses) per word (Gopher: 0.1). Short replies citing 'order #A7X-20931' "
-        "reach 0.1-0.3 legitimately; hashtag spam and '...' chains exceed 0.5.",
-    )
-    max_assistant_non_alpha_word_ratio: float | None = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        description="Maximum share of words without a letter (Gopher: 0.2). Prices, dates and ids are common in "
-        "support; a reply that is mostly numbers or symbols is still junk.",
-    )
-    min_assistant_stop_words: int | None = Field(
-        None,
-        ge=0,
-        description="Minimum English stop words (Gopher: 2). Off by default: 'Refund issued, see email.' has "
-        "none, and non-English rows are the language rule's job.",
-    )
-    max_assistant_bullet_line_ratio: float | None = Field(
-        None,
-        ge=0.0,
-        le=1.0,
-        description="Maximum share of bullet lines (Gopher: 0.9). Off by default: step-by-step support "
-        "instructions are bullet lists.",
-    )
-    max_assistant_ellipsis_line_ratio: float | None = Field(
-        0.5,
-        ge=0.0,
-        le=1.0,
-        description="Maximum share of lines ending with an ellipsis (Gopher: 0.3). With the 1-3 lines of a chat "
-        "reply, one trailing '...' is already 0.33-1.0; 0.5 tolerates one in a multi-line reply.",
-    )
-    max_assistant_dup_line_fraction: float | None = Field(
-        0.3, ge=0.0, le=1.0, description="Maximum share of repeated lines (Gopher: 0.3; kept — repeated lines are junk in chat too)."
-    )
-    max_assistant_dup_paragraph_fraction: float | None = Field(
-        0.3, ge=0.0, le=1.0, description="Maximum share of repeated paragraphs (Gopher: 0.3; kept)."
-    )
-    # Keys: the n-gram sizes the tag stage scores (an unknown n would name a column that does not exist).
-    max_assistant_top_ngram_char_frac: dict[Literal[TOP_NGRAM_SIZES], Fraction] | None = Field(
-        default_factory=lambda: {2: 0.30, 3: 0.28, 4: 0.26},
-        description="Maximum character share of the most frequent repeated word n-gram, n = 2, 3, 4 (Gopher: "
-        "0.20, 0.18, 0.16). Looser because one repeated phrase ('your order') in a 20-word reply is a large "
-        "share of a short text.",
-    )
-    max_assistant_dup_ngram_char_frac: dict[Literal[DUP_NGRAM_SIZES], Fraction] | None = Field(
-        default_factory=lambda: {5: 0.30, 6: 0.29, 7: 0.28, 8: 0.27, 9: 0.26, 10: 0.25},
-        description="Maximum character share covered by repeated word n-grams, n = 5..10 (Gopher: 0.15 .. 0.10). "
-        "Looser for short texts where one repeated sentence is a third of the reply; loops of generated text "
-        "are far above.",
-    )
-    # --- FineWeb line shape (off for chat by default)
-    min_assistant_line_punct_ratio: float | None = Field(
-        None,
-        ge=0.0,
-        le=1.0,
-        description="Minimum share of lines ending in terminal punctuation (FineWeb: 0.12). Off by default: "
-        "chat lines ('Hi Sam,') often do not; cut-offs are caught by `drop_truncated`.",
-    )
-    max_assistant_short_line_ratio: float | None = Field(
-        None,
-        ge=0.0,
-        le=1.0,
-        description="Maximum share of lines under 30 characters (FineWeb: 0.67). Off by default: chat lines are "
-        "short by nature.",
-    )
+
+    @model_validator(mode="after")
+    def _known_preset(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+        return self
 
 
 @dataclass(frozen=True)
 class Rule:
     name: str
     columns: tuple[str, ...]
-    fails: pl.Expr  # true when the row breaks the rule (null scores never fail)
+    fails: pl.Expr  # true when the row breaks the rule
+    optional: bool = False
 
 
-def _min(column: str, value) -> pl.Expr:
-    return pl.col(column) < value
-
-
-def _max(column: str, value) -> pl.Expr:
-    return pl.col(column) > value
-
-
-def rules_from_config(config: FilterConfig) -> list[Rule]:
-    """The enabled rules, in config field order (the order `reason` picks the first failing one from)."""
-    rules: list[Rule] = []
-    add = lambda name, columns, fails: rules.append(Rule(name, tuple(columns), fails))  # noqa: E731
-    if config.drop_turn_structure_errors:
-        add("drop_turn_structure_errors", ["turn_structure_error"], pl.col("turn_structure_error").is_not_null())
-    if config.min_last_assistant_words is not None:
-        add(
-            "min_last_assistant_words",
-            ["last_assistant_word_count"],
-            _min("last_assistant_word_count", config.min_last_assistant_words),
-        )
-    if config.min_user_words is not None:
-        add("min_user_words", ["user_word_count"], _min("user_word_count", config.min_user_words))
-    if config.drop_contaminated:
-        add("drop_contaminated", ["contamination_eval_id"], pl.col("contamination_eval_id").is_not_null())
-    if config.languages is not None:
-        keep = [code.lower() for code in config.languages]
-        add("languages", ["lang"], pl.col("lang").is_not_null() & ~pl.col("lang").is_in(keep))
-    if config.min_lang_score is not None:
-        add("min_lang_score", ["lang_score"], _min("lang_score", config.min_lang_score))
-    if config.drop_refusals:
-        add("drop_refusals", ["refusal_phrase"], pl.col("refusal_phrase").is_not_null())
-    if config.drop_truncated:
-        add("drop_truncated", ["assistant_ends_mid_sentence"], pl.col("assistant_ends_mid_sentence"))
-    if config.max_response_echo_containment is not None:
-        add(
-            "max_response_echo_containment",
-            ["response_echo_containment", "last_assistant_word_count"],
-            _max("response_echo_containment", config.max_response_echo_containment)
-            & (pl.col("last_assistant_word_count") >= 5),
-        )
-    if config.max_response_echo_jaccard is not None:
-        add(
-            "max_response_echo_jaccard",
-            ["response_echo_jaccard"],
-            _max("response_echo_jaccard", config.max_response_echo_jaccard),
-        )
-    if config.min_response_prompt_word_ratio is not None:
-        add(
-            "min_response_prompt_word_ratio",
-            ["response_prompt_word_ratio"],
-            _min("response_prompt_word_ratio", config.min_response_prompt_word_ratio),
-        )
-    if config.max_token_count is not None:
-        add("max_token_count", ["token_count"], _max("token_count", config.max_token_count))
-    if config.max_assistant_words is not None:
-        add("max_assistant_words", ["assistant_word_count"], _max("assistant_word_count", config.max_assistant_words))
-    simple = [
-        ("min_assistant_mean_word_length", "assistant_mean_word_length", _min),
-        ("max_assistant_mean_word_length", "assistant_mean_word_length", _max),
-        ("max_assistant_symbol_word_ratio", "assistant_symbol_word_ratio", _max),
-        ("max_assistant_non_alpha_word_ratio", "assistant_non_alpha_word_ratio", _max),
-        ("min_assistant_stop_words", "assistant_stop_word_count", _min),
-        ("max_assistant_bullet_line_ratio", "assistant_bullet_line_ratio", _max),
-        ("max_assistant_ellipsis_line_ratio", "assistant_ellipsis_line_ratio", _max),
-        ("max_assistant_dup_line_fraction", "assistant_dup_line_fraction", _max),
-        ("max_assistant_dup_paragraph_fraction", "assistant_dup_paragraph_fraction", _max),
-    ]
-    for field_name, column, compare in simple:
-        value = getattr(config, field_name)
-        if value is not None:
-            add(field_name, [column], compare(column, value))
-    for n, value in sorted((config.max_assistant_top_ngram_char_frac or {}).items()):
-        column = f"assistant_top_{n}gram_char_frac"
-        add(f"max_{column}", [column], _max(column, value))
-    for n, value in sorted((config.max_assistant_dup_ngram_char_frac or {}).items()):
-        column = f"assistant_dup_{n}gram_char_frac"
-        add(f"max_{column}", [column], _max(column, value))
-    if config.min_assistant_line_punct_ratio is not None:
-        add(
-            "min_assistant_line_punct_ratio",
-            ["assistant_line_punct_ratio", "assistant_line_count"],
-            _min("assistant_line_punct_ratio", config.min_assistant_line_punct_ratio)
-            & (pl.col("assistant_line_count") > 0),
-        )
-    if config.max_assistant_short_line_ratio is not None:
-        add(
-            "max_assistant_short_line_ratio",
-            ["assistant_short_line_ratio"],
-            _max("assistant_short_line_ratio", config.max_assistant_short_line_ratio),
-        )
+@cache
+def preset_rules(name: str) -> tuple[dict, ...]:
+    """The rules of a shipped preset, as written (validated as RuleSpec on load)."""
+    data = yaml.safe_load((files("curate.filters") / "presets" / f"{name}.yaml").read_text(encoding="utf-8"))
+    rules = tuple(dict(rule) for rule in data["rules"])
+    for rule in rules:
+        RuleSpec.model_validate(rule)
     return rules
+
+
+def preset_description(name: str) -> str:
+    data = yaml.safe_load((files("curate.filters") / "presets" / f"{name}.yaml").read_text(encoding="utf-8"))
+    return str(data.get("description", ""))
+
+
+def resolve_rules(config: FilterConfig) -> list[RuleSpec]:
+    """Preset rules, then the config's overrides/additions, the `languages` shorthand and `disable`."""
+    merged: dict[str, dict] = {rule["name"]: dict(rule) for rule in preset_rules(config.preset)} if config.preset else {}
+    for rule in config.rules:
+        given = rule.model_dump(by_alias=True, exclude_unset=True)
+        if rule.name in merged and set(given) & set(TESTS):
+            # A new test replaces the preset's (min: 1 on a max rule would combine two tests silently).
+            merged[rule.name] = {k: v for k, v in merged[rule.name].items() if k not in TESTS}
+        merged.setdefault(rule.name, {}).update(given)
+    if "languages" in config.model_fields_set:
+        if config.languages is None:
+            merged.pop(LANGUAGE_RULE, None)
+        else:
+            merged.setdefault(LANGUAGE_RULE, {"name": LANGUAGE_RULE, "column": "lang"})["in"] = list(config.languages)
+    unknown = [name for name in config.disable if name not in merged]
+    if unknown:
+        raise ConfigError(f"filter.disable: no rule named {unknown[0]!r} (rules: {', '.join(merged)})")
+    specs = []
+    for name, fields in merged.items():
+        if name in config.disable:
+            continue
+        spec = _validated(fields)
+        if spec.column is None:
+            raise ConfigError(f"filter.rules: rule {name!r} has no column (it is not a preset rule to override)")
+        if not any(getattr(spec, "in_" if test == "in" else test) is not None for test in TESTS):
+            raise ConfigError(f"filter.rules: rule {name!r} has no test (give min, max, in, not_in or is_null)")
+        specs.append(spec)
+    return specs
+
+
+def _validated(fields: dict) -> RuleSpec:
+    try:
+        return RuleSpec.model_validate(fields)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"filter.rules: rule {fields.get('name')!r}: {where}: {first['msg']}") from None
+
+
+def _condition(column: str, minimum, maximum) -> pl.Expr:
+    holds = pl.lit(True)
+    if minimum is not None:
+        holds = holds & (pl.col(column) >= minimum)
+    if maximum is not None:
+        holds = holds & (pl.col(column) <= maximum)
+    return holds
+
+
+def compile_rule(spec: RuleSpec) -> Rule:
+    column = pl.col(spec.column)
+    fails = pl.lit(False)
+    if spec.min is not None or spec.max is not None:
+        fails = fails | ~_condition(spec.column, spec.min, spec.max).fill_null(True)  # null scores never fail
+    if spec.in_ is not None:
+        fails = fails | column.is_null() | ~column.is_in(spec.in_)
+    if spec.not_in is not None:
+        fails = fails | column.is_in(spec.not_in).fill_null(False)
+    if spec.is_null:
+        fails = fails | column.is_not_null()
+    columns = [spec.column]
+    if spec.when is not None:
+        fails = fails & _condition(spec.when.column, spec.when.min, spec.when.max).fill_null(False)
+        columns.append(spec.when.column)
+    return Rule(spec.name, tuple(columns), fails.fill_null(False), spec.optional)
+
+
+def describe_rule(spec: RuleSpec) -> str:
+    """The rule's test in words: `last_assistant_word_count >= 2`, `refusal_phrase is null`, ..."""
+    parts = []
+    if spec.min is not None:
+        parts.append(f"{spec.column} >= {spec.min:g}")
+    if spec.max is not None:
+        parts.append(f"{spec.column} <= {spec.max:g}")
+    if spec.in_ is not None:
+        parts.append(f"{spec.column} in {spec.in_}")
+    if spec.not_in is not None:
+        parts.append(f"{spec.column} not in {spec.not_in}")
+    if spec.is_null:
+        parts.append(f"{spec.column} is null")
+    text = "keep rows with " + " and ".join(parts)
+    if spec.when is not None:
+        when = describe_rule(RuleSpec(name="when", column=spec.when.column, min=spec.when.min, max=spec.when.max))
+        text += f" (only checked for rows with {when.removeprefix('keep rows with ')})"
+    return text
+
+
+def find_rule(name: str) -> list[tuple[str, RuleSpec]]:
+    """Every preset defining a rule of this name, with its spec."""
+    return [(preset, RuleSpec.model_validate(rule)) for preset in PRESETS for rule in preset_rules(preset) if rule["name"] == name]
