@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from curate.records import message_struct
 from schemas import MESSAGES_DTYPE
 
 MESSAGE_LIST = MESSAGES_DTYPE
@@ -194,12 +195,70 @@ def _shape_problem(value, shape: str) -> str | None:
             if not isinstance(item, dict):
                 return f"message {index} is {_json_type(item)}, expected an object"
             for key in (role_key, text_key):
+                if key == "content" and item.get(key) is None and item.get("tool_calls"):
+                    continue  # an assistant turn that only calls tools
                 if key not in item or item[key] is None:
                     return f"message {index} has no {key!r}"
                 if not isinstance(item[key], str):
                     return f"message {index} {key!r} is {_json_type(item[key])}, expected a string"
         return None
     raise ValueError(shape)
+
+
+def text_of_parts(parts: list) -> str | None:
+    """OpenAI content given as a list of parts → its text parts joined by newlines; None when a part
+    is not text (an image cannot become canonical text)."""
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            return None
+    return "\n".join(texts)
+
+
+def coerce_message_shapes(messages) -> bool:
+    """Bring the OpenAI spellings a strict decode cannot read into the canonical shape, in place:
+    content as a list of text parts → text; a tool call's `arguments` given as an object → JSON
+    text; `content: null` on a turn that calls tools → "". Returns whether anything changed.
+
+    Runs only on rows the vectorized decode rejected (see ingest), so the common path stays columnar."""
+    changed = False
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            text = text_of_parts(content)
+            if text is not None:
+                message["content"], changed = text, True
+        elif content is None and message.get("tool_calls"):
+            message["content"], changed = "", True
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and not isinstance(function.get("arguments"), str) and "arguments" in function:
+                function["arguments"], changed = json.dumps(function["arguments"], ensure_ascii=False), True
+    return changed
+
+
+def coerce_row_text(raw: str, plan: FormatPlan) -> str | None:
+    """The row's JSON text with its message fields coerced (see coerce_message_shapes), or None when
+    nothing needed (or could get) coercing."""
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    changed = False
+    for spec in plan.fields:
+        if spec.shape == "messages":
+            changed |= coerce_message_shapes(value.get(spec.name))
+    return json.dumps(value, ensure_ascii=False) if changed else None
 
 
 def _json_type(value) -> str:
@@ -225,7 +284,30 @@ def _field(plan_field: FieldSpec) -> pl.Expr:
 
 
 def _message(role: str, content: pl.Expr) -> pl.Expr:
-    return pl.concat_list(pl.struct(pl.lit(role).alias("role"), content.alias("content")))
+    return pl.concat_list(message_struct(pl.lit(role), content))
+
+
+def _sharegpt_turn() -> pl.Expr:
+    """One ShareGPT turn as a canonical message. `function_call` turns hold the call as JSON text
+    ({"name": ..., "arguments": ...}) and become an assistant turn with `tool_calls`; `observation`
+    turns are tool results (the role alias maps them)."""
+    speaker = pl.element().struct.field("from")
+    value = pl.element().struct.field("value")
+    is_call = speaker.str.strip_chars().str.to_lowercase() == "function_call"
+    call = pl.struct(
+        pl.lit(None, dtype=pl.String).alias("id"),
+        pl.lit("function").alias("type"),
+        pl.struct(
+            value.str.json_path_match("$.name").alias("name"),
+            value.str.json_path_match("$.arguments").fill_null("{}").alias("arguments"),
+        ).alias("function"),
+    )
+    return pl.struct(
+        pl.when(is_call).then(pl.lit("assistant")).otherwise(speaker).alias("role"),
+        pl.when(is_call).then(pl.lit("")).otherwise(value).alias("content"),
+        pl.when(is_call).then(pl.concat_list(call)).otherwise(pl.lit(None, dtype=MESSAGE_LIST.inner.to_schema()["tool_calls"])).alias("tool_calls"),
+        pl.lit(None, dtype=pl.String).alias("tool_call_id"),
+    )
 
 
 def _optional_system(system: pl.Expr) -> pl.Expr:
@@ -247,15 +329,13 @@ def _transcript_messages(text: pl.Expr) -> pl.Expr:
     marked = text.str.replace_all(r"(?:^|\n\n)(Human|Assistant|System):", "\x1e$1\x1f")
     turns = marked.str.split("\x1e").list.eval(pl.element().filter(pl.element().str.strip_chars() != ""))
     return turns.list.eval(
-        pl.struct(
+        message_struct(
             pl.when(pl.element().str.contains("\x1f"))
             .then(pl.element().str.split_exact("\x1f", 1).struct.field("field_0"))
-            .otherwise(pl.lit(None, dtype=pl.String))
-            .alias("role"),
+            .otherwise(pl.lit(None, dtype=pl.String)),
             pl.when(pl.element().str.contains("\x1f"))
             .then(pl.element().str.split_exact("\x1f", 1).struct.field("field_1"))
-            .otherwise(pl.element())
-            .alias("content"),
+            .otherwise(pl.element()),
         )
     )
 
@@ -278,11 +358,7 @@ def canonical_columns_from(plan: FormatPlan) -> dict[str, pl.Expr]:
         return {"messages": messages, "prompt": empty, "chosen": empty, "rejected": empty}
     if plan.format == "sharegpt":
         turns, system = (by_name[n] for n in names)
-        messages = _field(turns).list.eval(
-            pl.struct(
-                pl.element().struct.field("from").alias("role"), pl.element().struct.field("value").alias("content")
-            )
-        )
+        messages = _field(turns).list.eval(_sharegpt_turn())
         return {
             "messages": pl.concat_list(_optional_system(_field(system)), messages),
             "prompt": empty,

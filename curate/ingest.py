@@ -35,6 +35,7 @@ from curate.formats import (
     FORMATS,
     FormatPlan,
     canonical_columns_from,
+    coerce_row_text,
     detect_format,
     diagnose_row,
     plan_format,
@@ -653,24 +654,48 @@ def _first_true(conditions: list[tuple[str, pl.Expr]]) -> pl.Expr:
     return expression
 
 
+def _turn_kinds(messages: pl.Expr) -> pl.Expr:
+    """Per message: its role, or `call` for an assistant turn that carries tool_calls."""
+    role = pl.element().struct.field("role")
+    calls = pl.element().struct.field("tool_calls").list.len().fill_null(0) > 0
+    return messages.list.eval(pl.when((role == "assistant") & calls).then(pl.lit("call")).otherwise(role))
+
+
+def _tool_turns_ok(kinds: pl.Expr) -> pl.Expr:
+    """Tool results follow a tool call (or another result), and every call gets a result."""
+    element, before, after = pl.element(), pl.element().shift(1), pl.element().shift(-1)
+    stray_result = (element == "tool") & ~before.is_in(["call", "tool"]).fill_null(False)
+    unanswered_call = (element == "call") & (after != "tool").fill_null(True)
+    return ~kinds.list.eval(stray_result | unanswered_call).list.any()
+
+
 def _messages_problems(column: str, expect: str) -> list[tuple[str, pl.Expr, pl.Expr]]:
     """(reason, condition, field-description) checks on one canonical messages column.
 
     expect: 'conversation' (user/assistant alternating, ending with assistant), 'prompt' (ending with
-    user), 'reply' (exactly one assistant message)."""
+    user), 'reply' (one assistant message, after any tool calls and their results). A tool call and
+    its results belong to the assistant's reply: they are not turns of the alternation."""
     messages = pl.col(column)
     roles = messages.list.eval(pl.element().struct.field("role"))
-    contents = messages.list.eval(pl.element().struct.field("content"))
+    kinds = _turn_kinds(messages)
+    # Content may be empty only on a turn that calls tools.
+    empty = pl.element().struct.field("content").is_null() | (pl.element().struct.field("content").str.len_chars() == 0)
+    calls = pl.element().struct.field("tool_calls").list.len().fill_null(0) > 0
+    empty_flags = messages.list.eval(empty & ~calls)
     unknown_role_at = roles.list.eval(pl.element().is_null()).list.arg_max()
-    empty_at = contents.list.eval(pl.element().is_null() | (pl.element().str.len_chars() == 0)).list.arg_max()
+    empty_at = empty_flags.list.arg_max()
     has_unknown = roles.list.eval(pl.element().is_null()).list.any()
-    has_empty = (messages.list.len() == 0) | contents.list.eval(
-        pl.element().is_null() | (pl.element().str.len_chars() == 0)
-    ).list.any()
+    has_empty = (messages.list.len() == 0) | empty_flags.list.any()
+    tools_ok = _tool_turns_ok(kinds)
     if expect == "reply":
-        order_ok = (messages.list.len() == 1) & (roles.list.first() == "assistant")
+        before_last = kinds.list.slice(0, kinds.list.len() - 1)
+        order_ok = (
+            (kinds.list.last() == "assistant")
+            & before_last.list.eval(pl.element().is_in(["call", "tool"])).list.all()
+            & tools_ok
+        )
     else:
-        turns = roles.list.eval(pl.element().filter(pl.element() != "system"))
+        turns = kinds.list.eval(pl.element().filter(~pl.element().is_in(["system", "call", "tool"])))
         alternating = turns.list.eval(
             pl.element()
             == pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("user")).otherwise(pl.lit("assistant"))
@@ -678,10 +703,10 @@ def _messages_problems(column: str, expect: str) -> list[tuple[str, pl.Expr, pl.
         system_count = roles.list.eval((pl.element() == "system").cast(pl.Int32)).list.sum()
         system_ok = (system_count == 0) | ((system_count == 1) & (roles.list.first() == "system"))
         if expect == "conversation":
-            shape_ok = (turns.list.len() >= 2) & (turns.list.len() % 2 == 0)
+            shape_ok = (turns.list.len() >= 2) & (turns.list.len() % 2 == 0) & (kinds.list.last() == "assistant")
         else:
-            shape_ok = turns.list.len() % 2 == 1
-        order_ok = alternating & system_ok & shape_ok
+            shape_ok = (turns.list.len() % 2 == 1) & ~kinds.list.last().is_in(["call", "assistant"])
+        order_ok = alternating & system_ok & shape_ok & tools_ok
     return [
         ("unknown_role", has_unknown, pl.format(f"{column}[{{}}].role", unknown_role_at)),
         ("empty_content", has_empty, pl.format(f"{column}[{{}}].content", empty_at.fill_null(0))),
@@ -692,8 +717,9 @@ def _messages_problems(column: str, expect: str) -> list[tuple[str, pl.Expr, pl.
 def _nested_missing(column: str) -> tuple[pl.Expr, pl.Expr]:
     """(has a message with a null role/content, 'column[i].role|content' of the first such message)."""
     messages = pl.col(column)
+    calls = pl.element().struct.field("tool_calls").list.len().fill_null(0) > 0
     null_at = messages.list.eval(
-        pl.element().struct.field("role").is_null() | pl.element().struct.field("content").is_null()
+        pl.element().struct.field("role").is_null() | (pl.element().struct.field("content").is_null() & ~calls)
     )
     index = null_at.list.arg_max()
     role_missing = messages.list.get(index, null_on_oob=True).struct.field("role").is_null()
@@ -720,6 +746,24 @@ def decode_chunk(
     return _checked_batch(frame, display, options, kinds=(plan.kind,), check_nested=plan.format != "transcript")
 
 
+def _coerced_rows(texts: pl.Series, failed: np.ndarray, plan: FormatPlan) -> tuple[pl.Series, np.ndarray]:
+    """Rewrite the rows the strict decode rejected whose messages use an OpenAI spelling the decode
+    cannot read (coerce_row_text); returns the texts and a mask of rows rewritten."""
+    coerced = np.zeros(len(texts), dtype=bool)
+    if not any(spec.shape == "messages" for spec in plan.fields):
+        return texts, coerced
+    replacements = {}
+    for index in np.flatnonzero(failed).tolist():
+        rewritten = coerce_row_text(texts[index], plan)
+        if rewritten is not None:
+            replacements[index] = rewritten
+    if not replacements:
+        return texts, coerced
+    indices = sorted(replacements)
+    coerced[indices] = True
+    return texts.scatter(indices, [replacements[i] for i in indices]), coerced
+
+
 def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptions) -> pl.DataFrame:
     """Raw rows → canonical content columns, with __pre_reason/__pre_field/__pre_detail for rows that
     fail before any content check (bytes, JSON, types, missing fields)."""
@@ -732,6 +776,10 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
     decodable = raw["__raw"].set(pl.Series(precheck_bad), "{}") if precheck_bad.any() else raw["__raw"]
     decoded, failed = _decode_strict(decodable, plan.struct_dtype())
     failed &= ~precheck_bad
+    decodable, coerced = _coerced_rows(decodable, failed, plan)
+    if coerced.any():  # OpenAI spellings (content parts, object arguments): decode again as rewritten
+        decoded, failed = _decode_strict(decodable, plan.struct_dtype())
+        failed &= ~precheck_bad
 
     diagnosis: dict[int, tuple[str, str, str]] = {}
     candidates = set(np.flatnonzero(failed).tolist())
@@ -739,7 +787,7 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
     if scalar_pattern is not None:
         suspicious = raw["__raw"].str.contains(scalar_pattern).fill_null(False).to_numpy() & ~precheck_bad
         candidates |= set(np.flatnonzero(suspicious).tolist())
-    raw_texts = raw["__raw"]
+    raw_texts = decodable
     for index in sorted(candidates):  # rows that failed the strict decode: rare, explained one by one
         found = diagnose_row(raw_texts[index], plan)
         if found is not None:
@@ -794,7 +842,7 @@ def _with_pre_problem(frame: pl.DataFrame, field_name: pl.Expr | None, reason: s
 CONTENT_COLUMNS = ("messages", "prompt", "chosen", "rejected")
 CHECK_ORDER = ("unknown_role", "empty_content", "broken_turn_order", "transcript_prompt_mismatch")
 CHECK_DETAILS = {
-    "unknown_role": "role is not one of user/assistant/system (or an alias)",
+    "unknown_role": "role is not one of user/assistant/system/tool (or an alias)",
     "empty_content": "message content is empty after whitespace normalization",
     "transcript_prompt_mismatch": "chosen and rejected transcripts differ before the last assistant turn",
 }
