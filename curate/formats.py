@@ -70,7 +70,9 @@ def detect_format(sample: list[dict], columns: dict[str, str] | None = None) -> 
 
     if has("chosen", "rejected"):
         if not has("prompt"):
-            return "transcript"
+            # TRL's implicit-prompt form: chosen/rejected are whole conversations sharing a prefix.
+            chosen = [row.get(columns.get("chosen", "chosen")) for row in sample if isinstance(row, dict)]
+            return "preference" if any(_is_message_list(v) for v in chosen) else "transcript"
         return "preference"
     if has("conversations"):
         return "sharegpt"
@@ -120,7 +122,10 @@ def plan_format(fmt: str, sample: list[dict], columns: dict[str, str] | None = N
     if fmt == "preference":
         variant = {}
         fields = []
-        for role_key in ("prompt", "chosen", "rejected"):
+        sample_keys = {key for row in sample if isinstance(row, dict) for key in row}
+        # No prompt field at all: the implicit-prompt form (the prompt is chosen/rejected's shared prefix).
+        implicit = names["prompt"] not in sample_keys
+        for role_key in ("chosen", "rejected") if implicit else ("prompt", "chosen", "rejected"):
             column = names[role_key]
             values = [row.get(column) for row in sample if isinstance(row, dict) and row.get(column) is not None]
             as_messages = bool(values) and sum(_is_message_list(v) for v in values) * 2 > len(values)
@@ -129,6 +134,8 @@ def plan_format(fmt: str, sample: list[dict], columns: dict[str, str] | None = N
                 FieldSpec(column, MESSAGE_LIST if as_messages else S, shape="messages" if as_messages else "string")
             )
         fields.append(FieldSpec(names["system"], S, required=False))
+        if implicit:
+            variant["prompt"] = "implicit"
         return FormatPlan(fmt, tuple(fields), "preference", variant)
     if fmt == "transcript":
         sample_keys = {key for row in sample if isinstance(row, dict) for key in row}
@@ -373,6 +380,14 @@ def canonical_columns_from(plan: FormatPlan) -> dict[str, pl.Expr]:
             _optional_system(_field(system)), _message("user", _field(prompt)), _message("assistant", _field(response))
         )
         return {"messages": messages, "prompt": empty, "chosen": empty, "rejected": empty}
+    if plan.format == "preference" and plan.variant.get("prompt") == "implicit":
+        chosen, rejected, system = (by_name[n] for n in names)
+        return {
+            "messages": empty,
+            "prompt": _optional_system(_field(system)),  # the shared prefix is added by split_shared_prefix
+            "chosen": _string_or_messages(chosen, "assistant"),
+            "rejected": _string_or_messages(rejected, "assistant"),
+        }
     if plan.format == "preference":
         prompt, chosen, rejected, system = (by_name[n] for n in names)
         return {
@@ -400,3 +415,52 @@ def canonical_columns_from(plan: FormatPlan) -> dict[str, pl.Expr]:
             "__rejected_prompt": rejected_turns.list.slice(0, rejected_turns.list.len() - 1),
         }
     raise ValueError(plan.format)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preference pairs given as whole conversations (TRL's implicit prompt, UltraFeedback-binarized): the
+# messages chosen and rejected share form the prompt, as TRL's `extract_prompt` does.
+
+
+def shared_prefix_length(chosen: pl.Series, rejected: pl.Series) -> pl.Series:
+    """Per row, how many leading messages chosen and rejected share; each side keeps at least its last
+    message (identical replies stay a pair, for the checks and dedup to judge). One vectorized
+    comparison per message position."""
+    frame = pl.DataFrame({"c": chosen, "r": rejected}).with_columns(
+        (pl.min_horizontal(pl.col("c").list.len(), pl.col("r").list.len()) - 1).clip(0).fill_null(0).alias("limit")
+    )
+    shared = pl.Series("shared", [0] * frame.height, dtype=pl.Int64)
+    still = pl.Series([True] * frame.height)
+    for position in range(int(frame["limit"].max() or 0)):
+        same = frame.select(
+            (pl.col("c").list.get(position, null_on_oob=True).struct.json_encode()
+             == pl.col("r").list.get(position, null_on_oob=True).struct.json_encode()).fill_null(False)
+            & (pl.col("limit") > position)
+        ).to_series()  # fmt: skip
+        still = still & same
+        if not still.any():
+            break
+        shared = shared + still.cast(pl.Int64)
+    return shared
+
+
+def split_shared_prefix(frame: pl.DataFrame, plan: FormatPlan) -> pl.DataFrame:
+    """Move the prefix chosen and rejected share into `prompt`. For an explicit prompt (UltraFeedback
+    writes the prompt text and repeats it as chosen[0]), the shared prefix is the prompt whenever there
+    is one: it holds the whole conversation before the replies."""
+    if plan.format != "preference" or "messages" not in (plan.variant.get("chosen"), plan.variant.get("rejected")):
+        return frame
+    shared = shared_prefix_length(frame["chosen"], frame["rejected"])
+    frame = frame.with_columns(shared.alias("__shared"))
+    prefix = pl.col("chosen").list.slice(0, pl.col("__shared"))
+    implicit = plan.variant.get("prompt") == "implicit"
+    # The optional `system` field comes first, unless the shared prefix opens with its own system turn.
+    system = pl.col("prompt") if implicit else _optional_system(_field(plan.fields[-1]))  # `system` is the last field
+    prefix_has_system = prefix.list.first().struct.field("role").str.to_lowercase().is_in(["system", "developer"]).fill_null(False)
+    new_prompt = pl.when(prefix_has_system).then(prefix).otherwise(pl.concat_list(system, prefix))
+    moved = pl.col("__shared") > 0
+    return frame.with_columns(
+        pl.when(moved | pl.lit(implicit)).then(new_prompt).otherwise(pl.col("prompt")).alias("prompt"),
+        pl.col("chosen").list.slice(pl.col("__shared")).alias("chosen"),
+        pl.col("rejected").list.slice(pl.col("__shared")).alias("rejected"),
+    ).drop("__shared")

@@ -40,8 +40,9 @@ from curate.formats import (
     diagnose_row,
     plan_format,
     scalar_for_string_pattern,
+    split_shared_prefix,
 )
-from curate.records import normalize_messages_series, with_record_id
+from curate.records import normalize_messages_series, normalize_role, with_record_id
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA
 
 SUPPORTED_SUFFIXES = (
@@ -821,10 +822,16 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
                               "missing_field", pl.lit("required field is missing or null"))  # fmt: skip
     ok_so_far = pl.col("__pre_reason").is_null()
     content = canonical_columns_from(plan)
-    return frame.with_columns(
+    frame = frame.with_columns(
         *[pl.when(ok_so_far).then(expr).otherwise(pl.lit(None, dtype=expr_dtype(name))).alias(name)
           for name, expr in content.items()]
-    ).drop("__rec", "__bytes", "__utf8_ok")  # fmt: skip
+    )  # fmt: skip
+    frame = split_shared_prefix(frame, plan)
+    if plan.variant.get("prompt") == "implicit":
+        no_user_turn = ~pl.col("prompt").list.eval(normalize_role(pl.element().struct.field("role")) == "user").list.any()
+        frame = _with_pre_problem(frame, pl.when(no_user_turn).then(pl.lit("chosen/rejected")), "no_shared_prompt",
+                                  pl.lit("chosen and rejected share no prompt (no user turn before the replies)"))  # fmt: skip
+    return frame.drop("__rec", "__bytes", "__utf8_ok")
 
 
 def _with_pre_problem(frame: pl.DataFrame, field_name: pl.Expr | None, reason: str, detail: pl.Expr) -> pl.DataFrame:

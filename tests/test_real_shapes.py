@@ -96,3 +96,48 @@ def test_sharegpt_function_call_and_observation(tmp_path):
             {"role": "assistant", "content": "10 USD is about 9.20 EUR."},
         ]
     ]
+
+
+# ----------------------------------------------------------------------------------- preference
+
+
+def test_implicit_prompt_pairs_take_the_shared_prefix_as_prompt(tmp_path):
+    records, quarantine, manifest = ingest_cli(tmp_path, "implicit_prompt.jsonl")
+    assert records.height + quarantine.height == lines_in("implicit_prompt.jsonl") == manifest["accounting"]["rows_in"]
+    assert records["kind"].to_list() == ["preference", "preference"]
+    assert plain(records.select("prompt", "chosen", "rejected").to_dicts()) == [
+        {
+            "prompt": [{"role": "user", "content": "What color is the sky?"}],
+            "chosen": [{"role": "assistant", "content": "It is blue."}],
+            "rejected": [{"role": "assistant", "content": "It is green."}],
+        },
+        {
+            "prompt": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": "Capital of France?"},
+            ],
+            "chosen": [{"role": "assistant", "content": "Paris."}],
+            "rejected": [{"role": "assistant", "content": "I think it might be Lyon, but I am not sure."}],
+        },
+    ]
+    # Pairs that share no prompt are not pairs: quarantined, never guessed.
+    assert quarantine.select("row", "reason", "field").rows() == [(3, "no_shared_prompt", "chosen/rejected")]
+
+
+def test_ultrafeedback_binarized(tmp_path):
+    records, quarantine, _ = ingest_cli(tmp_path, "ultrafeedback_binarized.jsonl")
+    assert quarantine.height == 0
+    assert plain(records.select("prompt", "chosen", "rejected").to_dicts()) == [
+        {
+            "prompt": [{"role": "user", "content": "how can i develop a habit of drawing daily"}],
+            "chosen": [{"role": "assistant", "content": "Start small: set a timer for 10 minutes each day and keep a sketchbook by your bed."}],
+            "rejected": [{"role": "assistant", "content": "Just draw."}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "Name two prime numbers."}],
+            "chosen": [{"role": "assistant", "content": "2 and 3."}],
+            "rejected": [{"role": "assistant", "content": "4 and 9."}],
+        },
+    ]
