@@ -52,6 +52,8 @@ class FormatPlan:
     fields: tuple[FieldSpec, ...]
     kind: str  # sft | preference
     variant: dict[str, str] = field(default_factory=dict)  # e.g. {"chosen": "string"} for preference
+    # Input fields the format does not consume, kept in the `metadata` struct column (name → dtype).
+    metadata: tuple[tuple[str, pl.DataType], ...] = ()
 
     def struct_dtype(self) -> pl.Struct:
         return pl.Struct({spec.name: spec.dtype for spec in self.fields})
@@ -464,3 +466,35 @@ def split_shared_prefix(frame: pl.DataFrame, plan: FormatPlan) -> pl.DataFrame:
         pl.col("chosen").list.slice(pl.col("__shared")).alias("chosen"),
         pl.col("rejected").list.slice(pl.col("__shared")).alias("rejected"),
     ).drop("__shared")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fields the format does not consume (`score`, `lang`, ids) travel on in one `metadata` struct column.
+
+
+def metadata_fields(sample: list[dict], plan: FormatPlan, keep: list[str] | None) -> tuple[tuple[str, pl.DataType], ...]:
+    """The unconsumed fields of a file (all, or those in `keep`), typed as the first rows have them; a
+    field whose sample values do not share a type is kept as text."""
+    consumed = {spec.name for spec in plan.fields}
+    names = sorted({key for row in sample if isinstance(row, dict) for key in row} - consumed)
+    if keep is not None:
+        names = [name for name in names if name in keep]
+    if not names:
+        return ()
+    try:
+        schema = pl.DataFrame([{name: row.get(name) for name in names} for row in sample], infer_schema_length=None).schema
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError):
+        schema = {name: pl.String() for name in names}
+    return tuple((name, pl.String() if schema[name] == pl.Null else schema[name]) for name in names)
+
+
+def metadata_column(raw: pl.Series, fields: tuple[tuple[str, pl.DataType], ...]) -> pl.Series:
+    """The `metadata` struct for raw JSON rows: typed as planned, or (a chunk where some row deviates)
+    every field as text, so a stray type never costs a row its metadata."""
+    try:
+        return raw.str.json_decode(pl.Struct(dict(fields))).alias("metadata")
+    except (pl.exceptions.PolarsError, OverflowError, ValueError):
+        pass
+    frame = pl.DataFrame({"raw": raw})
+    as_text = [pl.col("raw").str.json_path_match(f"$[{json.dumps(name)}]").alias(name) for name, _ in fields]
+    return frame.select(pl.struct(as_text).alias("metadata")).to_series()

@@ -11,6 +11,7 @@ Containers: JSONL (plain, .gz, .zst), JSON arrays, CSV, Parquet, folders saved b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -39,6 +40,8 @@ from curate.formats import (
     detect_format,
     diagnose_row,
     plan_format,
+    metadata_column,
+    metadata_fields,
     scalar_for_string_pattern,
     split_shared_prefix,
 )
@@ -59,6 +62,8 @@ class InputSpec:
     format: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
     name: str | None = None
+    # Unconsumed input fields kept in `metadata`: None keeps them all, [] none.
+    keep_columns: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -808,6 +813,8 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
     for index, (reason, field_name, detail) in diagnosis.items():
         pre_reason[index], pre_field[index], pre_detail[index] = reason, field_name, detail
 
+    if plan.metadata:
+        raw = raw.with_columns(metadata_column(raw["__raw"].set(pl.Series(precheck_bad), "{}") if precheck_bad.any() else raw["__raw"], plan.metadata))
     frame = raw.with_columns(
         decoded,
         pl.Series("__pre_reason", pre_reason.tolist(), dtype=pl.String),
@@ -991,7 +998,8 @@ def _plan_for(sample: list[dict], keys: list[str], spec: InputSpec, display: str
                 f"{display}: cannot detect the record format from fields {sorted(keys)[:12]}; set `format:` "
                 f"(one of {', '.join(FORMATS)}) and `columns:` for this input"
             )
-    return plan_format(fmt, sample, spec.columns)
+    plan = plan_format(fmt, sample, spec.columns)
+    return dataclasses.replace(plan, metadata=metadata_fields(sample, plan, spec.keep_columns))
 
 
 def _text_batches(

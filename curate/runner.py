@@ -116,7 +116,10 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
     ingest_raw = raw.get("ingest", {})
     options = IngestOptions(**ingest_raw)
     inputs = [
-        InputSpec(path=item["path"], format=item.get("format", "auto"), columns=dict(item.get("columns", {})), name=item.get("name"))
+        InputSpec(
+            path=item["path"], format=item.get("format", "auto"), columns=dict(item.get("columns", {})), name=item.get("name"),
+            keep_columns=item.get("keep_columns"),
+        )
         for item in raw["inputs"]
     ]
     stages: list[StageEntry] = []
@@ -134,7 +137,7 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
     source = {
         "name": name,
         "seed": raw.get("seed", 0),
-        "inputs": [dict(path=i.path, format=i.format, columns=i.columns, name=i.name) for i in inputs],
+        "inputs": [_input_source(i) for i in inputs],
         "ingest": options.__dict__,
         "stages": [
             {"name": s.name, "type": s.type, "version": s.spec.version, "config": s.config.model_dump(mode="json")}
@@ -152,6 +155,15 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
         source=source,
         path=path,
     )
+
+
+def _input_source(spec: InputSpec) -> dict:
+    """An input as the manifest records it; options left at their defaults are left out, so configs
+    written before an option existed keep their config hash."""
+    source = dict(path=spec.path, format=spec.format, columns=spec.columns, name=spec.name)
+    if spec.keep_columns is not None:
+        source["keep_columns"] = list(spec.keep_columns)
+    return source
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -141,3 +141,58 @@ def test_ultrafeedback_binarized(tmp_path):
             "rejected": [{"role": "assistant", "content": "4 and 9."}],
         },
     ]
+
+
+# ----------------------------------------------------------------------------------- extra columns
+
+
+EXTRA_METADATA = [
+    {"annotator": {"id": "a17", "shift": "night"}, "lang": "en", "score": 4.5, "tags": ["network", "howto"]},
+    {"annotator": {"id": "b02", "shift": "day"}, "lang": "de", "score": 3.0, "tags": []},
+    {"annotator": {"id": "c33", "shift": "day"}, "lang": "en", "score": 2.0, "tags": ["dup"]},
+    {"annotator": None, "lang": "en", "score": None, "tags": None},
+]
+
+
+def test_unconsumed_fields_are_kept_typed_in_metadata(tmp_path):
+    records, quarantine, _ = ingest_cli(tmp_path, "openai_with_extras.jsonl")
+    assert quarantine.height == 0
+    assert records.schema["metadata"] == pl.Struct(
+        {"annotator": pl.Struct({"id": pl.String, "shift": pl.String}), "lang": pl.String,
+         "score": pl.Float64, "tags": pl.List(pl.String)}
+    )  # fmt: skip
+    assert records["metadata"].to_list() == EXTRA_METADATA
+
+
+def test_keep_columns_selects_the_metadata(tmp_path):
+    records, _, _ = ingest_cli(tmp_path, "openai_with_extras.jsonl", "--keep-columns", "score,lang")
+    assert records["metadata"].to_list() == [{"lang": m["lang"], "score": m["score"]} for m in EXTRA_METADATA]
+    records, _, _ = ingest_cli(tmp_path, "openai_with_extras.jsonl", "--keep-columns", "")
+    assert "metadata" not in records.columns
+
+
+def test_metadata_flows_through_every_stage_into_the_split_files(tmp_path):
+    pipeline = {
+        "inputs": [{"path": "openai_with_extras.jsonl"}],
+        "stages": [
+            {"type": "dedup"},
+            {"type": "pii"},
+            {"type": "tag"},
+            {"type": "split", "config": {"train": 0.5, "validation": 0.5, "test": 0.0, "extra_columns": ["metadata"]}},
+        ],
+    }
+    _, _, manifest = run_cli(tmp_path, "openai_with_extras.jsonl", pipeline)
+    assert manifest["accounting"]["reconciled"] and manifest["accounting"]["rows_in"] == 4
+    run = tmp_path / "run"
+    # The exact duplicate (row 3) is dropped by dedup, and its metadata stays with it in dropped.parquet.
+    dropped = pl.read_parquet(run / "dedup" / "dropped.parquet")
+    assert dropped["metadata"].to_list() == [EXTRA_METADATA[2]]
+    for stage in ("dedup", "pii", "tag", "split"):
+        kept = pl.read_parquet(run / stage / "data.parquet").sort(pl.col("source").struct.field("row"))
+        assert kept["metadata"].to_list() == [EXTRA_METADATA[0], EXTRA_METADATA[1], EXTRA_METADATA[3]], stage
+    exported = pl.concat([pl.read_parquet(p) for p in sorted((run / "sft").glob("*.parquet"))])
+    assert sorted(exported["metadata"].to_list(), key=str) == sorted(
+        [EXTRA_METADATA[0], EXTRA_METADATA[1], EXTRA_METADATA[3]], key=str
+    )
+    card = (run / "sft" / "README.md").read_text()
+    assert "`metadata` (annotator, lang, score, tags)" in card

@@ -17,6 +17,12 @@ def register(subparsers) -> None:
         "OUT/quarantine.parquet with file, row, reason and the raw text.",
     )
     add_input_arguments(parser, "files, folders or quoted globs")
+    parser.add_argument(
+        "--keep-columns",
+        metavar="NAMES",
+        help="comma-separated input fields to keep in the `metadata` column (default: every field the format "
+        "does not consume; '' keeps none)",
+    )
     parser.add_argument("--max-row-bytes", type=int, default=200_000)
     parser.add_argument("--force", action="store_true")
     parser.set_defaults(handler=handle)
@@ -27,7 +33,7 @@ def handle(args) -> int:
     pipeline = {
         "name": "ingest",
         # Paths stay as typed: `source.file` is then relative to where the command runs.
-        "inputs": [{"path": p, "format": args.format, "columns": columns} for p in args.inputs],
+        "inputs": [{"path": p, "format": args.format, "columns": columns, **_keep(args)} for p in args.inputs],
         "ingest": {"max_row_bytes": args.max_row_bytes},
         "stages": [],
     }
@@ -37,3 +43,9 @@ def handle(args) -> int:
     console.print(f"records: {result.run_dir / 'ingest' / 'data.parquet'}")
     console.print(f"quarantine: {result.run_dir / 'quarantine.parquet'}")
     return 0
+
+
+def _keep(args) -> dict:
+    if args.keep_columns is None:
+        return {}
+    return {"keep_columns": [name.strip() for name in args.keep_columns.split(",") if name.strip()]}
