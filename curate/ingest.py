@@ -45,6 +45,7 @@ from curate.formats import (
     scalar_for_string_pattern,
     split_shared_prefix,
 )
+from curate.mapping import Mapping, RepairCounts, RowProblem, map_row_text
 from curate.records import normalize_messages_series, normalize_role, with_record_id
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA
 
@@ -64,6 +65,7 @@ class InputSpec:
     name: str | None = None
     # Unconsumed input fields kept in `metadata`: None keeps them all, [] none.
     keep_columns: list[str] | None = None
+    mapping: Mapping | None = None  # the mapping language (curate.mapping); None: the format's own fields
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,15 @@ class FileReport:
     blank_lines: int = 0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     sha256: str | None = None  # of the bytes the rows were read from
+    rows_added: int = 0  # records beyond one per raw row (a mapping's `answers: explode`)
+    repairs: RepairCounts = field(default_factory=RepairCounts)
 
 
 @dataclass
 class IngestBatch:
     records: pl.DataFrame
     quarantine: pl.DataFrame
+    added: int = 0  # records beyond one per raw row
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -776,7 +781,9 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
     raw = chunk.with_columns(pl.col("__raw").str.len_bytes().alias("__bytes"))
     too_large = raw["__bytes"] > options.max_row_bytes
     utf8_bad = ~raw["__utf8_ok"]
-    precheck_bad = (too_large | utf8_bad).to_numpy()
+    map_bad = raw["__map_reason"].is_not_null() if "__map_reason" in raw.columns else pl.Series([False] * raw.height)
+    too_large = too_large & ~map_bad
+    precheck_bad = (too_large | utf8_bad | map_bad).to_numpy()
 
     # Decode everything that passed the byte-level checks; huge rows are not even parsed.
     decodable = raw["__raw"].set(pl.Series(precheck_bad), "{}") if precheck_bad.any() else raw["__raw"]
@@ -812,6 +819,11 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
     pre_detail[large] = [f"{size} bytes > max_row_bytes {options.max_row_bytes}" for size in raw["__bytes"].to_numpy()[large]]
     for index, (reason, field_name, detail) in diagnosis.items():
         pre_reason[index], pre_field[index], pre_detail[index] = reason, field_name, detail
+    if map_bad.any():
+        where = map_bad.to_numpy()
+        pre_reason[where] = raw["__map_reason"].to_numpy()[where]
+        pre_field[where] = raw["__map_field"].to_numpy()[where]
+        pre_detail[where] = raw["__map_detail"].to_numpy()[where]
 
     if plan.metadata:
         raw = raw.with_columns(metadata_column(raw["__raw"].set(pl.Series(precheck_bad), "{}") if precheck_bad.any() else raw["__raw"], plan.metadata))
@@ -922,7 +934,7 @@ def _checked_batch(
         pl.col("__reason").alias("reason"),
         pl.col("__field").fill_null("").alias("field"),
         pl.col("__detail").fill_null("").alias("detail"),
-        pl.col("__raw").str.slice(0, options.quarantine_raw_chars).alias("raw"),
+        pl.col("__orig_raw" if "__orig_raw" in frame.columns else "__raw").str.slice(0, options.quarantine_raw_chars).alias("raw"),
     )
     extra = [name for name in frame.columns if not name.startswith("__") and name not in CANONICAL_SCHEMA]
     records = frame.filter(pl.col("__reason").is_null()).select("kind", *CONTENT_COLUMNS, "source", *extra)
@@ -977,6 +989,62 @@ def _canonical_batch(frame: pl.DataFrame, first_row: int, display: str, options:
 # Whole files
 
 
+def _mapped(rows: pl.DataFrame, spec: InputSpec, options: IngestOptions, report: FileReport) -> tuple[pl.DataFrame, int]:
+    """Raw rows through the input's mapping (curate.mapping): one row per record it becomes, the raw
+    text kept for the quarantine, and rows it cannot map marked with why. Rows the byte checks will
+    quarantine anyway (invalid UTF-8, too large) pass through untouched."""
+    if spec.mapping is None:
+        return rows, 0
+    out: dict[str, list] = {name: [] for name in ("__row", "__raw", "__utf8_ok", "__orig_raw", "__map_reason", "__map_field", "__map_detail")}
+    for row, raw, utf8_ok in rows.select("__row", "__raw", "__utf8_ok").iter_rows():
+        problem, texts = None, [raw]
+        if utf8_ok and len(raw.encode("utf-8")) <= options.max_row_bytes:
+            try:
+                texts = map_row_text(raw, spec.mapping, report.repairs)
+            except RowProblem as error:
+                problem, texts = error, ["{}"]
+        for text in texts:
+            out["__row"].append(row)
+            out["__raw"].append(text)
+            out["__utf8_ok"].append(utf8_ok)
+            out["__orig_raw"].append(raw)
+            out["__map_reason"].append(problem.reason if problem else None)
+            out["__map_field"].append(problem.field_name if problem else None)
+            out["__map_detail"].append(problem.detail if problem else None)
+    schema = {"__row": pl.Int64, "__utf8_ok": pl.Boolean, **{name: pl.String for name in out if name not in ("__row", "__utf8_ok")}}
+    mapped = pl.DataFrame(out, schema=schema)
+    return mapped, mapped.height - rows.height
+
+
+def _json_object_chunks(source: InputBytes, chunk_rows: int, key_field: str) -> Iterator[RawChunk]:
+    """A file holding one JSON object whose values are the records (keyed by conversation id): each value
+    is a row, numbered in file order, with its key added as `key_field`."""
+    data = source.read_all()
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise InputFileError(f"{source.display}: not UTF-8 at byte {error.start}") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise InputFileError(f"{source.display}: not a valid JSON object ({getattr(error, 'msg', 'nested too deeply')})") from None
+    if not isinstance(document, dict):
+        raise InputFileError(f"{source.display}: mapping.records is `values` but the file holds a JSON {type(document).__name__}, not an object")
+    texts = [
+        json.dumps({key_field: key, **value} if isinstance(value, dict) else value, ensure_ascii=False)
+        for key, value in document.items()
+    ]
+    for start in range(0, len(texts), chunk_rows):
+        piece = texts[start : start + chunk_rows]
+        yield RawChunk(
+            rows=pl.DataFrame(
+                {
+                    "__row": pl.Series(np.arange(start + 1, start + 1 + len(piece), dtype=np.int64)),
+                    "__raw": pl.Series(piece, dtype=pl.String),
+                    "__utf8_ok": pl.Series([True] * len(piece), dtype=pl.Boolean),
+                }
+            )
+        )
+
+
 def _sample_rows(chunk: pl.DataFrame, limit: int = 200) -> list[dict]:
     sample = []
     for text in chunk.filter(pl.col("__utf8_ok"))["__raw"].head(limit).to_list():
@@ -991,7 +1059,10 @@ def _sample_rows(chunk: pl.DataFrame, limit: int = 200) -> list[dict]:
 
 def _plan_for(sample: list[dict], keys: list[str], spec: InputSpec, display: str) -> FormatPlan:
     fmt = spec.format
-    if fmt == "auto":
+    if spec.mapping is not None:
+        # Mapped rows are written in the shape of these two formats.
+        fmt = "preference" if spec.mapping.kind == "preference" else "openai"
+    elif fmt == "auto":
         fmt = detect_format(sample, spec.columns)
         if fmt is None:
             raise InputFileError(
@@ -1007,16 +1078,21 @@ def _text_batches(
 ) -> Iterator[IngestBatch]:
     source = InputBytes(path, display)
     chunks = _jsonl_chunks if container == "jsonl" else _json_array_chunks
+    if spec.mapping is not None and spec.mapping.records == "values":
+        chunks = lambda source, rows: _json_object_chunks(source, rows, spec.mapping.key_field)  # noqa: E731
     plan: FormatPlan | None = None
     for chunk in chunks(source, options.chunk_rows):
         report.blank_lines += chunk.blank_lines
         if chunk.rows.height == 0:
             continue
+        rows, added = _mapped(chunk.rows, spec, options, report)
         if plan is None:
-            sample = _sample_rows(chunk.rows)
+            sample = _sample_rows(rows)
             plan = _plan_for(sample, list({key for row in sample for key in row}), spec, display)
-            report.format = plan.format
-        yield decode_chunk(chunk.rows, plan, display, options)
+            report.format = "mapping" if spec.mapping is not None else plan.format
+        batch = decode_chunk(rows, plan, display, options)
+        batch.added = added
+        yield batch
     report.sha256 = source.sha256
 
 
@@ -1025,7 +1101,21 @@ def _typed_batches(
 ) -> Iterator[IngestBatch]:
     source = TYPED_SOURCES[container](path, display)
     first_row = 1
-    if container == "parquet" and set(CANONICAL_SCHEMA) <= set(source.names):
+    if spec.mapping is not None:
+        # A mapping reads any column; every column JSON can carry goes through it.
+        columns = [name for name in source.names if name in source.json_native] or source.names[:1]
+        plan: FormatPlan | None = None
+        for frame in source.batches(columns, options.chunk_rows, True):
+            rows, added = _mapped(_frame_to_json_rows(frame, first_row), spec, options, report)
+            first_row += frame.height
+            if plan is None:
+                sample = _sample_rows(rows)
+                plan = _plan_for(sample, list({key for row in sample for key in row}), spec, display)
+                report.format = "mapping"
+            batch = decode_chunk(rows, plan, display, options)
+            batch.added = added
+            yield batch
+    elif container == "parquet" and set(CANONICAL_SCHEMA) <= set(source.names):
         report.format = CANONICAL_FORMAT
         for frame in source.batches(source.names, options.chunk_rows, False):
             yield _canonical_batch(frame, first_row, display, options)
@@ -1057,7 +1147,7 @@ def ingest_file(
 ) -> Iterator[tuple[IngestBatch, FileReport]]:
     """Yield (batch, running report) per chunk of one raw file. The last report carries the sha256 of
     the bytes the rows were read from."""
-    if spec.format not in ("auto", *FORMATS):
+    if spec.format not in ("auto", "mapping", *FORMATS):
         raise InputFileError(f"{display}: unknown format {spec.format!r}; expected auto or one of {', '.join(FORMATS)}")
     if not os.access(path, os.R_OK):
         raise InputFileError(f"{display}: not readable (permission denied)")
@@ -1065,7 +1155,8 @@ def ingest_file(
     report = FileReport(file=display, format=spec.format)
     read = _typed_batches if container in TYPED_SOURCES else _text_batches
     for batch in read(path, display, container, spec, options, report):
-        report.rows += batch.records.height + batch.quarantine.height
+        report.rows += batch.records.height + batch.quarantine.height - batch.added
+        report.rows_added += batch.added
         report.kept += batch.records.height
         report.quarantined += batch.quarantine.height
         for reason, count in batch.quarantine.group_by("reason").len().iter_rows():

@@ -196,3 +196,91 @@ def test_metadata_flows_through_every_stage_into_the_split_files(tmp_path):
     )
     card = (run / "sft" / "README.md").read_text()
     assert "`metadata` (annotator, lang, score, tags)" in card
+
+
+# ----------------------------------------------------------------------------------- mapping language
+
+EVAL_SYSTEM = {"role": "system", "content": "Translate to French."}
+
+
+def test_eval_registry_input_plus_ideal_explodes_answers_via_cli_flags(tmp_path):
+    records, quarantine, manifest = ingest_cli(
+        tmp_path, "eval_registry.jsonl", "--map", "messages=input", "--map", "append=[{field: ideal}]", "--map", "answers=explode"
+    )
+    assert plain(records["messages"].to_list()) == [
+        [{"role": "system", "content": "Answer with a single number."}, {"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"}],
+        *[
+            [EVAL_SYSTEM, {"role": "user", "content": "cat"}, {"role": "assistant", "content": "chat"},
+             {"role": "user", "content": "dog"}, {"role": "assistant", "content": answer}]
+            for answer in ("chien", "le chien")
+        ],
+        *[[{"role": "user", "content": "Name a primary color."}, {"role": "assistant", "content": c}] for c in ("red", "blue", "yellow")],
+    ]  # fmt: skip
+    assert records["source"].struct.field("row").to_list() == [1, 2, 2, 3, 3, 3]
+    assert quarantine.select("row", "reason", "field").rows() == [(4, "missing_field", "ideal")]
+    ingest_stage = manifest["stages"][0]
+    assert ingest_stage["repairs"] == {"exploded_rows": 3, "few_shot_turns": 2}
+    accounting = manifest["accounting"]
+    assert (accounting["rows_in"], accounting["rows_added"], accounting["kept"], accounting["quarantined"]) == (4, 3, 6, 1)
+    assert accounting["reconciled"]
+
+
+def test_eval_registry_first_join_and_few_shot_as_system_context(tmp_path):
+    records, _, _ = ingest_cli(tmp_path, "eval_registry.jsonl", "--map", "messages=input", "--map", "append=[{field: ideal}]")
+    assert [m[-1]["content"] for m in records["messages"].to_list()] == ["42", "chien", "red"]  # answers: first
+    records, _, manifest = ingest_cli(
+        tmp_path, "eval_registry.jsonl", "--map", "messages=input", "--map", "append=[{field: ideal}]",
+        "--map", "answers=join", "--map", "join_with=' / '", "--map", "few_shot=system",
+    )  # fmt: skip
+    assert plain(records["messages"].to_list()[1]) == [
+        {"role": "system", "content": "Translate to French.\n\nExamples:\nUser: cat\nAssistant: chat"},
+        {"role": "user", "content": "dog"},
+        {"role": "assistant", "content": "chien / le chien"},
+    ]
+    assert manifest["stages"][0]["repairs"] == {"few_shot_to_system": 1, "joined_answers": 2}
+
+
+CHITCHAT_MAPPING = {
+    "records": "values",
+    "key_field": "dialog_id",
+    "messages": "turns",
+    "role_field": "speaker",
+    "content_field": "text",
+    "first_speaker": "user",
+}
+
+
+def test_chitchat_object_keyed_by_id_with_turn_groups_and_repairs(tmp_path):
+    pipeline = {"inputs": [{"path": "chitchat_by_id.json", "mapping": {**CHITCHAT_MAPPING, "merge_consecutive": True, "trim_trailing_user": True}}]}
+    records, quarantine, manifest = run_cli(tmp_path, "chitchat_by_id.json", pipeline)
+    assert plain(records["messages"].to_list()) == [
+        [
+            {"role": "user", "content": "hey! any plans for the weekend\ni'm bored lol"},
+            {"role": "assistant", "content": "going hiking if it doesn't rain"},
+            {"role": "user", "content": "nice, where"},
+            {"role": "assistant", "content": "up near the lake, the trail by the old mill"},
+        ],
+        [
+            {"role": "user", "content": "what did you have for dinner"},
+            {"role": "assistant", "content": "pasta again haha\ni cook it every tuesday"},
+        ],
+    ]
+    assert records["metadata"].to_list() == [{"dialog_id": "dlg-0001", "topic": "weekend"}, {"dialog_id": "dlg-0002", "topic": "food"}]
+    # A lone opening line is not a conversation, repaired or not.
+    assert quarantine.select("row", "reason").rows() == [(3, "broken_turn_order")]
+    assert manifest["stages"][0]["repairs"] == {"merged_turns": 2, "trimmed_trailing_user": 1}
+    assert manifest["accounting"]["rows_in"] == 3 and manifest["accounting"]["reconciled"]
+
+
+def test_chitchat_without_repairs_is_quarantined_not_guessed(tmp_path):
+    records, quarantine, _ = run_cli(tmp_path, "chitchat_by_id.json", {"inputs": [{"path": "chitchat_by_id.json", "mapping": CHITCHAT_MAPPING}]})
+    assert records.height == 0
+    assert quarantine["reason"].to_list() == ["broken_turn_order"] * 3
+
+
+def test_a_bad_mapping_is_a_one_line_config_error(tmp_path, capsys):
+    shutil.copy(FIXTURES / "eval_registry.jsonl", tmp_path / "eval_registry.jsonl")
+    code = main(["ingest", str(tmp_path / "eval_registry.jsonl"), "--map", "messages=input[", "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mapping path 'input['" in err[0]
