@@ -284,3 +284,31 @@ def test_a_bad_mapping_is_a_one_line_config_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mapping path 'input['" in err[0]
+
+
+def test_doc_examples_csv_qa_forum_pairs_and_role_maps(tmp_path):
+    for name in ("qa.csv", "forum_pairs.jsonl", "bot_logs.jsonl"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    pipeline = {
+        "inputs": [
+            {"path": "qa.csv", "mapping": {"system": "context", "prompt": "question", "response": "answer"}},
+            {"path": "forum_pairs.jsonl", "mapping": {"prompt": "post.body", "chosen": "answers[0].text", "rejected": "answers[-1].text"}},
+            {"path": "bot_logs.jsonl", "mapping": {"messages": "log", "role_field": "who", "content_field": "msg", "roles": {"customer": "user", "agent": "assistant"}}},
+        ]
+    }
+    records, quarantine, manifest = run_cli(tmp_path, "qa.csv", pipeline)
+    assert quarantine.height == 0 and manifest["accounting"]["rows_in"] == 4
+    rows = plain(records.select("messages", "prompt", "chosen", "rejected", "metadata").to_dicts())
+    assert rows[0]["messages"] == [
+        {"role": "system", "content": "You answer science questions briefly."},
+        {"role": "user", "content": "What is the boiling point of water at sea level?"},
+        {"role": "assistant", "content": "100 °C."},
+    ]
+    assert rows[1]["messages"] == [{"role": "user", "content": 'Who wrote "Hamlet"?'}, {"role": "assistant", "content": "William Shakespeare."}]
+    assert (rows[2]["prompt"], rows[2]["chosen"], rows[2]["rejected"]) == (
+        [{"role": "user", "content": "How do I undo my last commit but keep the changes?"}],
+        [{"role": "assistant", "content": "git reset --soft HEAD~1 keeps your changes staged."}],
+        [{"role": "assistant", "content": "Delete the repo and clone again."}],
+    )
+    assert rows[2]["metadata"] == {"forum": "vcs"}
+    assert rows[3]["messages"] == [{"role": "user", "content": "My parcel is late."}, {"role": "assistant", "content": "Sorry! It ships tomorrow."}]
