@@ -46,7 +46,7 @@ from curate.formats import (
     split_shared_prefix,
 )
 from curate.mapping import Mapping, RepairCounts, RowProblem, map_row_text
-from curate.records import normalize_messages_series, normalize_role, with_record_id
+from curate.records import normalize_messages_series, normalize_role, with_message_fields, with_record_id
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA
 
 SUPPORTED_SUFFIXES = (
@@ -953,7 +953,14 @@ def expr_dtype(name: str) -> pl.DataType:
 # recomputed from the content (an id is a hash of it), kinds, roles, turn order and content checked.
 
 
+_ROLE_CONTENT_MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+
+
 def _canonical_batch(frame: pl.DataFrame, first_row: int, display: str, options: IngestOptions) -> IngestBatch:
+    # Files written before messages carried tool fields hold {role, content} turns: the same records.
+    frame = frame.with_columns(
+        with_message_fields(pl.col(name)).alias(name) for name in CONTENT_COLUMNS if frame.schema[name] == _ROLE_CONTENT_MESSAGES
+    )
     for name, dtype in CANONICAL_SCHEMA.items():
         if frame.schema[name] != dtype:
             raise InputFileError(f"{display}: column {name!r} is {frame.schema[name]}, the canonical schema has {dtype}")

@@ -312,3 +312,23 @@ def test_doc_examples_csv_qa_forum_pairs_and_role_maps(tmp_path):
     )
     assert rows[2]["metadata"] == {"forum": "vcs"}
     assert rows[3]["messages"] == [{"role": "user", "content": "My parcel is late."}, {"role": "assistant", "content": "Sorry! It ships tomorrow."}]
+
+
+def test_canonical_parquet_from_before_tool_fields_is_read_as_the_same_records(tmp_path):
+    # A stage output written by an earlier version: messages are {role, content} only.
+    old = pl.DataFrame(
+        {
+            "id": ["0" * 32],
+            "kind": ["sft"],
+            "messages": [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]],
+            "prompt": [None], "chosen": [None], "rejected": [None],
+            "source": [{"file": "raw.jsonl", "row": 1, "format": "openai"}],
+        },
+        schema_overrides={name: pl.List(pl.Struct({"role": pl.String, "content": pl.String})) for name in ("messages", "prompt", "chosen", "rejected")},
+    )  # fmt: skip
+    old.write_parquet(tmp_path / "data.parquet")
+    out = tmp_path / "run"
+    assert main(["ingest", str(tmp_path / "data.parquet"), "--out", str(out)]) == 0
+    records, quarantine, _ = _outputs(out)
+    assert quarantine.height == 0
+    assert plain(records["messages"].to_list()) == [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
