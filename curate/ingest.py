@@ -1154,7 +1154,7 @@ def ingest_file(
 ) -> Iterator[tuple[IngestBatch, FileReport]]:
     """Yield (batch, running report) per chunk of one raw file. The last report carries the sha256 of
     the bytes the rows were read from."""
-    if spec.format not in ("auto", "mapping", *FORMATS):
+    if spec.format not in ("auto", *FORMATS):
         raise InputFileError(f"{display}: unknown format {spec.format!r}; expected auto or one of {', '.join(FORMATS)}")
     if not os.access(path, os.R_OK):
         raise InputFileError(f"{display}: not readable (permission denied)")

@@ -313,7 +313,7 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
              **({"repairs": r.repairs.as_dict()} if r.repairs.as_dict() else {}), **({"rows_added": r.rows_added} if r.rows_added else {})}
             for inp, r in zip(input_records, reports)
         ],
-        "report": {},
+        "report": dict(sorted(repairs.items())),  # the mapping's repairs: shown in the summary and report
     }
     write_json(stage_dir / SUCCESS_FILE, redact_value(record))  # credentials in configs/reports never persist
     record = {**record, "skipped": False}
