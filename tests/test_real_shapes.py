@@ -332,3 +332,24 @@ def test_canonical_parquet_from_before_tool_fields_is_read_as_the_same_records(t
     records, quarantine, _ = _outputs(out)
     assert quarantine.height == 0
     assert plain(records["messages"].to_list()) == [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]
+
+
+def test_mapped_inputs_quarantine_bad_rows_with_their_raw_text(tmp_path):
+    lines = [
+        '{"input": [{"role": "user", "content": "ok?"}], "ideal": "ok"}',
+        '{"input": [{"role": "user", "content": "broken"}], "ideal": ',
+        '["not", "an", "object"]',
+        '{"input": [{"role": "user", "content": "number answer"}], "ideal": 7}',
+        '{"input": [{"role": "user", "content": "' + "x" * 600 + '"}], "ideal": "long"}',
+    ]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    flags = ["--map", "messages=input", "--map", "append=[{field: ideal}]", "--max-row-bytes", "500"]
+    assert main(["ingest", str(tmp_path / "bad.jsonl"), *flags, "--out", str(out)]) == 0
+    records, quarantine, manifest = _outputs(out)
+    assert records.height == 1
+    assert quarantine.select("row", "reason", "field").rows() == [
+        (2, "malformed_json", ""), (3, "wrong_type", ""), (4, "wrong_type", "ideal"), (5, "row_too_large", ""),
+    ]  # fmt: skip
+    assert quarantine["raw"].to_list()[:3] == lines[1:4]
+    assert manifest["accounting"]["rows_in"] == 5 and manifest["accounting"]["reconciled"]
