@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cached_property, lru_cache
 from typing import Any
 
 from curate.errors import ConfigError
@@ -66,7 +67,8 @@ class Mapping:
     def as_config(self) -> dict:
         """The mapping as written in config (defaults left out), for the manifest and fingerprints."""
         defaults = Mapping()
-        config = {name: value for name, value in self.__dict__.items() if value != getattr(defaults, name) and name != "append"}
+        values = {item.name: getattr(self, item.name) for item in fields(self) if item.name != "append"}
+        config = {name: value for name, value in values.items() if value != getattr(defaults, name)}
         if self.append:
             config["append"] = [{"field": path, "role": role} for path, role in self.append]
         return config
@@ -88,9 +90,10 @@ class Mapping:
         named = [self.messages, self.system, self.prompt, self.response, self.chosen, self.rejected]
         return [path for path in named if path] + [path for path, _ in self.append]
 
-    def consumed_fields(self) -> set[str]:
+    @cached_property
+    def consumed_fields(self) -> frozenset[str]:
         """Top-level fields the mapping reads: the others go on to `metadata`."""
-        return {parse_path(path, "mapping")[0] for path in self.paths()}
+        return frozenset(parse_path(path, "mapping")[0] for path in self.paths())
 
 
 class RowProblem(Exception):
@@ -101,17 +104,25 @@ class RowProblem(Exception):
         self.reason, self.field_name, self.detail = reason, field_name, detail
 
 
-def parse_path(path: str, where: str) -> list[str | int]:
+def parse_path(path: str, where: str) -> tuple[str | int, ...]:
+    parts = _parsed_path(path)
+    if parts is None:
+        raise ConfigError(f"{where}: mapping path {path!r} is not `key.key[index]`")
+    return parts
+
+
+@lru_cache(maxsize=256)
+def _parsed_path(path: str) -> tuple[str | int, ...] | None:
     parts: list[str | int] = []
     position = 0
     for match in _PATH_PART.finditer(path):
         if match.start() != position and path[position:match.start()] != ".":
-            raise ConfigError(f"{where}: mapping path {path!r} is not `key.key[index]`")
+            return None
         parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
         position = match.end()
     if not parts or position != len(path) or not isinstance(parts[0], str):
-        raise ConfigError(f"{where}: mapping path {path!r} is not `key.key[index]`")
-    return parts
+        return None
+    return tuple(parts)
 
 
 def get_path(record: Any, path: str, required: bool = True) -> Any:
@@ -149,7 +160,7 @@ def map_record(record: Any, mapping: Mapping, counts: RepairCounts) -> list[dict
     """One raw record → the canonical-shaped objects it becomes (several when answers explode)."""
     if not isinstance(record, dict):
         raise RowProblem("wrong_type", "", f"expected a JSON object, got {type(record).__name__}")
-    extras = {key: value for key, value in record.items() if key not in mapping.consumed_fields()}
+    extras = {key: value for key, value in record.items() if key not in mapping.consumed_fields}
     if mapping.kind == "preference":
         prompt = _turns_at(record, mapping.prompt, mapping, "user", required=False) if mapping.prompt else []
         return [{
