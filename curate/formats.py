@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from curate.records import message_struct
 from schemas import MESSAGES_DTYPE
 
 MESSAGE_LIST = MESSAGES_DTYPE
@@ -51,6 +52,8 @@ class FormatPlan:
     fields: tuple[FieldSpec, ...]
     kind: str  # sft | preference
     variant: dict[str, str] = field(default_factory=dict)  # e.g. {"chosen": "string"} for preference
+    # Input fields the format does not consume, kept in the `metadata` struct column (name → dtype).
+    metadata: tuple[tuple[str, pl.DataType], ...] = ()
 
     def struct_dtype(self) -> pl.Struct:
         return pl.Struct({spec.name: spec.dtype for spec in self.fields})
@@ -69,7 +72,9 @@ def detect_format(sample: list[dict], columns: dict[str, str] | None = None) -> 
 
     if has("chosen", "rejected"):
         if not has("prompt"):
-            return "transcript"
+            # TRL's implicit-prompt form: chosen/rejected are whole conversations sharing a prefix.
+            chosen = [row.get(columns.get("chosen", "chosen")) for row in sample if isinstance(row, dict)]
+            return "preference" if any(_is_message_list(v) for v in chosen) else "transcript"
         return "preference"
     if has("conversations"):
         return "sharegpt"
@@ -119,7 +124,10 @@ def plan_format(fmt: str, sample: list[dict], columns: dict[str, str] | None = N
     if fmt == "preference":
         variant = {}
         fields = []
-        for role_key in ("prompt", "chosen", "rejected"):
+        sample_keys = {key for row in sample if isinstance(row, dict) for key in row}
+        # No prompt field at all: the implicit-prompt form (the prompt is chosen/rejected's shared prefix).
+        implicit = names["prompt"] not in sample_keys
+        for role_key in ("chosen", "rejected") if implicit else ("prompt", "chosen", "rejected"):
             column = names[role_key]
             values = [row.get(column) for row in sample if isinstance(row, dict) and row.get(column) is not None]
             as_messages = bool(values) and sum(_is_message_list(v) for v in values) * 2 > len(values)
@@ -128,6 +136,8 @@ def plan_format(fmt: str, sample: list[dict], columns: dict[str, str] | None = N
                 FieldSpec(column, MESSAGE_LIST if as_messages else S, shape="messages" if as_messages else "string")
             )
         fields.append(FieldSpec(names["system"], S, required=False))
+        if implicit:
+            variant["prompt"] = "implicit"
         return FormatPlan(fmt, tuple(fields), "preference", variant)
     if fmt == "transcript":
         sample_keys = {key for row in sample if isinstance(row, dict) for key in row}
@@ -194,12 +204,70 @@ def _shape_problem(value, shape: str) -> str | None:
             if not isinstance(item, dict):
                 return f"message {index} is {_json_type(item)}, expected an object"
             for key in (role_key, text_key):
+                if key == "content" and item.get(key) is None and item.get("tool_calls"):
+                    continue  # an assistant turn that only calls tools
                 if key not in item or item[key] is None:
                     return f"message {index} has no {key!r}"
                 if not isinstance(item[key], str):
                     return f"message {index} {key!r} is {_json_type(item[key])}, expected a string"
         return None
     raise ValueError(shape)
+
+
+def text_of_parts(parts: list) -> str | None:
+    """OpenAI content given as a list of parts → its text parts joined by newlines; None when a part
+    is not text (an image cannot become canonical text)."""
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            return None
+    return "\n".join(texts)
+
+
+def coerce_message_shapes(messages) -> bool:
+    """Bring the OpenAI spellings a strict decode cannot read into the canonical shape, in place:
+    content as a list of text parts → text; a tool call's `arguments` given as an object → JSON
+    text; `content: null` on a turn that calls tools → "". Returns whether anything changed.
+
+    Runs only on rows the vectorized decode rejected (see ingest), so the common path stays columnar."""
+    changed = False
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            text = text_of_parts(content)
+            if text is not None:
+                message["content"], changed = text, True
+        elif content is None and message.get("tool_calls"):
+            message["content"], changed = "", True
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and not isinstance(function.get("arguments"), str) and "arguments" in function:
+                function["arguments"], changed = json.dumps(function["arguments"], ensure_ascii=False), True
+    return changed
+
+
+def coerce_row_text(raw: str, plan: FormatPlan) -> str | None:
+    """The row's JSON text with its message fields coerced (see coerce_message_shapes), or None when
+    nothing needed (or could get) coercing."""
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    changed = False
+    for spec in plan.fields:
+        if spec.shape == "messages":
+            changed |= coerce_message_shapes(value.get(spec.name))
+    return json.dumps(value, ensure_ascii=False) if changed else None
 
 
 def _json_type(value) -> str:
@@ -225,7 +293,30 @@ def _field(plan_field: FieldSpec) -> pl.Expr:
 
 
 def _message(role: str, content: pl.Expr) -> pl.Expr:
-    return pl.concat_list(pl.struct(pl.lit(role).alias("role"), content.alias("content")))
+    return pl.concat_list(message_struct(pl.lit(role), content))
+
+
+def _sharegpt_turn() -> pl.Expr:
+    """One ShareGPT turn as a canonical message. `function_call` turns hold the call as JSON text
+    ({"name": ..., "arguments": ...}) and become an assistant turn with `tool_calls`; `observation`
+    turns are tool results (the role alias maps them)."""
+    speaker = pl.element().struct.field("from")
+    value = pl.element().struct.field("value")
+    is_call = speaker.str.strip_chars().str.to_lowercase() == "function_call"
+    call = pl.struct(
+        pl.lit(None, dtype=pl.String).alias("id"),
+        pl.lit("function").alias("type"),
+        pl.struct(
+            value.str.json_path_match("$.name").alias("name"),
+            value.str.json_path_match("$.arguments").fill_null("{}").alias("arguments"),
+        ).alias("function"),
+    )
+    return pl.struct(
+        pl.when(is_call).then(pl.lit("assistant")).otherwise(speaker).alias("role"),
+        pl.when(is_call).then(pl.lit("")).otherwise(value).alias("content"),
+        pl.when(is_call).then(pl.concat_list(call)).otherwise(pl.lit(None, dtype=MESSAGE_LIST.inner.to_schema()["tool_calls"])).alias("tool_calls"),
+        pl.lit(None, dtype=pl.String).alias("tool_call_id"),
+    )
 
 
 def _optional_system(system: pl.Expr) -> pl.Expr:
@@ -247,15 +338,13 @@ def _transcript_messages(text: pl.Expr) -> pl.Expr:
     marked = text.str.replace_all(r"(?:^|\n\n)(Human|Assistant|System):", "\x1e$1\x1f")
     turns = marked.str.split("\x1e").list.eval(pl.element().filter(pl.element().str.strip_chars() != ""))
     return turns.list.eval(
-        pl.struct(
+        message_struct(
             pl.when(pl.element().str.contains("\x1f"))
             .then(pl.element().str.split_exact("\x1f", 1).struct.field("field_0"))
-            .otherwise(pl.lit(None, dtype=pl.String))
-            .alias("role"),
+            .otherwise(pl.lit(None, dtype=pl.String)),
             pl.when(pl.element().str.contains("\x1f"))
             .then(pl.element().str.split_exact("\x1f", 1).struct.field("field_1"))
-            .otherwise(pl.element())
-            .alias("content"),
+            .otherwise(pl.element()),
         )
     )
 
@@ -278,11 +367,7 @@ def canonical_columns_from(plan: FormatPlan) -> dict[str, pl.Expr]:
         return {"messages": messages, "prompt": empty, "chosen": empty, "rejected": empty}
     if plan.format == "sharegpt":
         turns, system = (by_name[n] for n in names)
-        messages = _field(turns).list.eval(
-            pl.struct(
-                pl.element().struct.field("from").alias("role"), pl.element().struct.field("value").alias("content")
-            )
-        )
+        messages = _field(turns).list.eval(_sharegpt_turn())
         return {
             "messages": pl.concat_list(_optional_system(_field(system)), messages),
             "prompt": empty,
@@ -297,6 +382,14 @@ def canonical_columns_from(plan: FormatPlan) -> dict[str, pl.Expr]:
             _optional_system(_field(system)), _message("user", _field(prompt)), _message("assistant", _field(response))
         )
         return {"messages": messages, "prompt": empty, "chosen": empty, "rejected": empty}
+    if plan.format == "preference" and plan.variant.get("prompt") == "implicit":
+        chosen, rejected, system = (by_name[n] for n in names)
+        return {
+            "messages": empty,
+            "prompt": _optional_system(_field(system)),  # the shared prefix is added by split_shared_prefix
+            "chosen": _string_or_messages(chosen, "assistant"),
+            "rejected": _string_or_messages(rejected, "assistant"),
+        }
     if plan.format == "preference":
         prompt, chosen, rejected, system = (by_name[n] for n in names)
         return {
@@ -324,3 +417,84 @@ def canonical_columns_from(plan: FormatPlan) -> dict[str, pl.Expr]:
             "__rejected_prompt": rejected_turns.list.slice(0, rejected_turns.list.len() - 1),
         }
     raise ValueError(plan.format)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preference pairs given as whole conversations (TRL's implicit prompt, UltraFeedback-binarized): the
+# messages chosen and rejected share form the prompt, as TRL's `extract_prompt` does.
+
+
+def shared_prefix_length(chosen: pl.Series, rejected: pl.Series) -> pl.Series:
+    """Per row, how many leading messages chosen and rejected share; each side keeps at least its last
+    message (identical replies stay a pair, for the checks and dedup to judge). One vectorized
+    comparison per message position."""
+    frame = pl.DataFrame({"c": chosen, "r": rejected}).with_columns(
+        (pl.min_horizontal(pl.col("c").list.len(), pl.col("r").list.len()) - 1).clip(0).fill_null(0).alias("limit")
+    )
+    shared = pl.Series("shared", [0] * frame.height, dtype=pl.Int64)
+    still = pl.Series([True] * frame.height)
+    for position in range(int(frame["limit"].max() or 0)):
+        same = frame.select(
+            (pl.col("c").list.get(position, null_on_oob=True).struct.json_encode()
+             == pl.col("r").list.get(position, null_on_oob=True).struct.json_encode()).fill_null(False)
+            & (pl.col("limit") > position)
+        ).to_series()  # fmt: skip
+        still = still & same
+        if not still.any():
+            break
+        shared = shared + still.cast(pl.Int64)
+    return shared
+
+
+def split_shared_prefix(frame: pl.DataFrame, plan: FormatPlan) -> pl.DataFrame:
+    """Move the prefix chosen and rejected share into `prompt`. For an explicit prompt (UltraFeedback
+    writes the prompt text and repeats it as chosen[0]), the shared prefix is the prompt whenever there
+    is one: it holds the whole conversation before the replies."""
+    if plan.format != "preference" or "messages" not in (plan.variant.get("chosen"), plan.variant.get("rejected")):
+        return frame
+    shared = shared_prefix_length(frame["chosen"], frame["rejected"])
+    frame = frame.with_columns(shared.alias("__shared"))
+    prefix = pl.col("chosen").list.slice(0, pl.col("__shared"))
+    implicit = plan.variant.get("prompt") == "implicit"
+    # The optional `system` field comes first, unless the shared prefix opens with its own system turn.
+    system = pl.col("prompt") if implicit else _optional_system(_field(plan.fields[-1]))  # `system` is the last field
+    prefix_has_system = prefix.list.first().struct.field("role").str.to_lowercase().is_in(["system", "developer"]).fill_null(False)
+    new_prompt = pl.when(prefix_has_system).then(prefix).otherwise(pl.concat_list(system, prefix))
+    moved = pl.col("__shared") > 0
+    return frame.with_columns(
+        pl.when(moved | pl.lit(implicit)).then(new_prompt).otherwise(pl.col("prompt")).alias("prompt"),
+        pl.col("chosen").list.slice(pl.col("__shared")).alias("chosen"),
+        pl.col("rejected").list.slice(pl.col("__shared")).alias("rejected"),
+    ).drop("__shared")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fields the format does not consume (`score`, `lang`, ids) travel on in one `metadata` struct column.
+
+
+def metadata_fields(sample: list[dict], plan: FormatPlan, keep: list[str] | None) -> tuple[tuple[str, pl.DataType], ...]:
+    """The unconsumed fields of a file (all, or those in `keep`), typed as the first rows have them; a
+    field whose sample values do not share a type is kept as text."""
+    consumed = {spec.name for spec in plan.fields}
+    names = sorted({key for row in sample if isinstance(row, dict) for key in row} - consumed)
+    if keep is not None:
+        names = [name for name in names if name in keep]
+    if not names:
+        return ()
+    try:
+        schema = pl.DataFrame([{name: row.get(name) for name in names} for row in sample], infer_schema_length=None).schema
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError):
+        schema = {name: pl.String() for name in names}
+    return tuple((name, pl.String() if schema[name] == pl.Null else schema[name]) for name in names)
+
+
+def metadata_column(raw: pl.Series, fields: tuple[tuple[str, pl.DataType], ...]) -> pl.Series:
+    """The `metadata` struct for raw JSON rows: typed as planned, or (a chunk where some row deviates)
+    every field as text, so a stray type never costs a row its metadata."""
+    try:
+        return raw.str.json_decode(pl.Struct(dict(fields))).alias("metadata")
+    except (pl.exceptions.PolarsError, OverflowError, ValueError):
+        pass
+    frame = pl.DataFrame({"raw": raw})
+    as_text = [pl.col("raw").str.json_path_match(f"$[{json.dumps(name)}]").alias(name) for name, _ in fields]
+    return frame.select(pl.struct(as_text).alias("metadata")).to_series()

@@ -11,6 +11,7 @@ Containers: JSONL (plain, .gz, .zst), JSON arrays, CSV, Parquet, folders saved b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -35,12 +36,17 @@ from curate.formats import (
     FORMATS,
     FormatPlan,
     canonical_columns_from,
+    coerce_row_text,
     detect_format,
     diagnose_row,
     plan_format,
+    metadata_column,
+    metadata_fields,
     scalar_for_string_pattern,
+    split_shared_prefix,
 )
-from curate.records import normalize_messages_series, with_record_id
+from curate.mapping import Mapping, RepairCounts, RowProblem, map_row_text
+from curate.records import normalize_messages_series, normalize_role, with_message_fields, with_record_id
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA
 
 SUPPORTED_SUFFIXES = (
@@ -57,6 +63,9 @@ class InputSpec:
     format: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
     name: str | None = None
+    # Unconsumed input fields kept in `metadata`: None keeps them all, [] none.
+    keep_columns: list[str] | None = None
+    mapping: Mapping | None = None  # the mapping language (curate.mapping); None: the format's own fields
 
 
 @dataclass(frozen=True)
@@ -76,12 +85,15 @@ class FileReport:
     blank_lines: int = 0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     sha256: str | None = None  # of the bytes the rows were read from
+    rows_added: int = 0  # records beyond one per raw row (a mapping's `answers: explode`)
+    repairs: RepairCounts = field(default_factory=RepairCounts)
 
 
 @dataclass
 class IngestBatch:
     records: pl.DataFrame
     quarantine: pl.DataFrame
+    added: int = 0  # records beyond one per raw row
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -653,24 +665,48 @@ def _first_true(conditions: list[tuple[str, pl.Expr]]) -> pl.Expr:
     return expression
 
 
+def _turn_kinds(messages: pl.Expr) -> pl.Expr:
+    """Per message: its role, or `call` for an assistant turn that carries tool_calls."""
+    role = pl.element().struct.field("role")
+    calls = pl.element().struct.field("tool_calls").list.len().fill_null(0) > 0
+    return messages.list.eval(pl.when((role == "assistant") & calls).then(pl.lit("call")).otherwise(role))
+
+
+def _tool_turns_ok(kinds: pl.Expr) -> pl.Expr:
+    """Tool results follow a tool call (or another result), and every call gets a result."""
+    element, before, after = pl.element(), pl.element().shift(1), pl.element().shift(-1)
+    stray_result = (element == "tool") & ~before.is_in(["call", "tool"]).fill_null(False)
+    unanswered_call = (element == "call") & (after != "tool").fill_null(True)
+    return ~kinds.list.eval(stray_result | unanswered_call).list.any()
+
+
 def _messages_problems(column: str, expect: str) -> list[tuple[str, pl.Expr, pl.Expr]]:
     """(reason, condition, field-description) checks on one canonical messages column.
 
     expect: 'conversation' (user/assistant alternating, ending with assistant), 'prompt' (ending with
-    user), 'reply' (exactly one assistant message)."""
+    user), 'reply' (one assistant message, after any tool calls and their results). A tool call and
+    its results belong to the assistant's reply: they are not turns of the alternation."""
     messages = pl.col(column)
     roles = messages.list.eval(pl.element().struct.field("role"))
-    contents = messages.list.eval(pl.element().struct.field("content"))
+    kinds = _turn_kinds(messages)
+    # Content may be empty only on a turn that calls tools.
+    empty = pl.element().struct.field("content").is_null() | (pl.element().struct.field("content").str.len_chars() == 0)
+    calls = pl.element().struct.field("tool_calls").list.len().fill_null(0) > 0
+    empty_flags = messages.list.eval(empty & ~calls)
     unknown_role_at = roles.list.eval(pl.element().is_null()).list.arg_max()
-    empty_at = contents.list.eval(pl.element().is_null() | (pl.element().str.len_chars() == 0)).list.arg_max()
+    empty_at = empty_flags.list.arg_max()
     has_unknown = roles.list.eval(pl.element().is_null()).list.any()
-    has_empty = (messages.list.len() == 0) | contents.list.eval(
-        pl.element().is_null() | (pl.element().str.len_chars() == 0)
-    ).list.any()
+    has_empty = (messages.list.len() == 0) | empty_flags.list.any()
+    tools_ok = _tool_turns_ok(kinds)
     if expect == "reply":
-        order_ok = (messages.list.len() == 1) & (roles.list.first() == "assistant")
+        before_last = kinds.list.slice(0, kinds.list.len() - 1)
+        order_ok = (
+            (kinds.list.last() == "assistant")
+            & before_last.list.eval(pl.element().is_in(["call", "tool"])).list.all()
+            & tools_ok
+        )
     else:
-        turns = roles.list.eval(pl.element().filter(pl.element() != "system"))
+        turns = kinds.list.eval(pl.element().filter(~pl.element().is_in(["system", "call", "tool"])))
         alternating = turns.list.eval(
             pl.element()
             == pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("user")).otherwise(pl.lit("assistant"))
@@ -678,10 +714,10 @@ def _messages_problems(column: str, expect: str) -> list[tuple[str, pl.Expr, pl.
         system_count = roles.list.eval((pl.element() == "system").cast(pl.Int32)).list.sum()
         system_ok = (system_count == 0) | ((system_count == 1) & (roles.list.first() == "system"))
         if expect == "conversation":
-            shape_ok = (turns.list.len() >= 2) & (turns.list.len() % 2 == 0)
+            shape_ok = (turns.list.len() >= 2) & (turns.list.len() % 2 == 0) & (kinds.list.last() == "assistant")
         else:
-            shape_ok = turns.list.len() % 2 == 1
-        order_ok = alternating & system_ok & shape_ok
+            shape_ok = (turns.list.len() % 2 == 1) & ~kinds.list.last().is_in(["call", "assistant"])
+        order_ok = alternating & system_ok & shape_ok & tools_ok
     return [
         ("unknown_role", has_unknown, pl.format(f"{column}[{{}}].role", unknown_role_at)),
         ("empty_content", has_empty, pl.format(f"{column}[{{}}].content", empty_at.fill_null(0))),
@@ -692,8 +728,9 @@ def _messages_problems(column: str, expect: str) -> list[tuple[str, pl.Expr, pl.
 def _nested_missing(column: str) -> tuple[pl.Expr, pl.Expr]:
     """(has a message with a null role/content, 'column[i].role|content' of the first such message)."""
     messages = pl.col(column)
+    calls = pl.element().struct.field("tool_calls").list.len().fill_null(0) > 0
     null_at = messages.list.eval(
-        pl.element().struct.field("role").is_null() | pl.element().struct.field("content").is_null()
+        pl.element().struct.field("role").is_null() | (pl.element().struct.field("content").is_null() & ~calls)
     )
     index = null_at.list.arg_max()
     role_missing = messages.list.get(index, null_on_oob=True).struct.field("role").is_null()
@@ -720,18 +757,42 @@ def decode_chunk(
     return _checked_batch(frame, display, options, kinds=(plan.kind,), check_nested=plan.format != "transcript")
 
 
+def _coerced_rows(texts: pl.Series, failed: np.ndarray, plan: FormatPlan) -> tuple[pl.Series, np.ndarray]:
+    """Rewrite the rows the strict decode rejected whose messages use an OpenAI spelling the decode
+    cannot read (coerce_row_text); returns the texts and a mask of rows rewritten."""
+    coerced = np.zeros(len(texts), dtype=bool)
+    if not any(spec.shape == "messages" for spec in plan.fields):
+        return texts, coerced
+    replacements = {}
+    for index in np.flatnonzero(failed).tolist():
+        rewritten = coerce_row_text(texts[index], plan)
+        if rewritten is not None:
+            replacements[index] = rewritten
+    if not replacements:
+        return texts, coerced
+    indices = sorted(replacements)
+    coerced[indices] = True
+    return texts.scatter(indices, [replacements[i] for i in indices]), coerced
+
+
 def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptions) -> pl.DataFrame:
     """Raw rows → canonical content columns, with __pre_reason/__pre_field/__pre_detail for rows that
     fail before any content check (bytes, JSON, types, missing fields)."""
     raw = chunk.with_columns(pl.col("__raw").str.len_bytes().alias("__bytes"))
     too_large = raw["__bytes"] > options.max_row_bytes
     utf8_bad = ~raw["__utf8_ok"]
-    precheck_bad = (too_large | utf8_bad).to_numpy()
+    map_bad = raw["__map_reason"].is_not_null() if "__map_reason" in raw.columns else pl.Series([False] * raw.height)
+    too_large = too_large & ~map_bad
+    precheck_bad = (too_large | utf8_bad | map_bad).to_numpy()
 
     # Decode everything that passed the byte-level checks; huge rows are not even parsed.
     decodable = raw["__raw"].set(pl.Series(precheck_bad), "{}") if precheck_bad.any() else raw["__raw"]
     decoded, failed = _decode_strict(decodable, plan.struct_dtype())
     failed &= ~precheck_bad
+    decodable, coerced = _coerced_rows(decodable, failed, plan)
+    if coerced.any():  # OpenAI spellings (content parts, object arguments): decode again as rewritten
+        decoded, failed = _decode_strict(decodable, plan.struct_dtype())
+        failed &= ~precheck_bad
 
     diagnosis: dict[int, tuple[str, str, str]] = {}
     candidates = set(np.flatnonzero(failed).tolist())
@@ -739,7 +800,7 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
     if scalar_pattern is not None:
         suspicious = raw["__raw"].str.contains(scalar_pattern).fill_null(False).to_numpy() & ~precheck_bad
         candidates |= set(np.flatnonzero(suspicious).tolist())
-    raw_texts = raw["__raw"]
+    raw_texts = decodable
     for index in sorted(candidates):  # rows that failed the strict decode: rare, explained one by one
         found = diagnose_row(raw_texts[index], plan)
         if found is not None:
@@ -758,7 +819,14 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
     pre_detail[large] = [f"{size} bytes > max_row_bytes {options.max_row_bytes}" for size in raw["__bytes"].to_numpy()[large]]
     for index, (reason, field_name, detail) in diagnosis.items():
         pre_reason[index], pre_field[index], pre_detail[index] = reason, field_name, detail
+    if map_bad.any():
+        where = map_bad.to_numpy()
+        pre_reason[where] = raw["__map_reason"].to_numpy()[where]
+        pre_field[where] = raw["__map_field"].to_numpy()[where]
+        pre_detail[where] = raw["__map_detail"].to_numpy()[where]
 
+    if plan.metadata:
+        raw = raw.with_columns(metadata_column(raw["__raw"].set(pl.Series(precheck_bad), "{}") if precheck_bad.any() else raw["__raw"], plan.metadata))
     frame = raw.with_columns(
         decoded,
         pl.Series("__pre_reason", pre_reason.tolist(), dtype=pl.String),
@@ -773,10 +841,16 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
                               "missing_field", pl.lit("required field is missing or null"))  # fmt: skip
     ok_so_far = pl.col("__pre_reason").is_null()
     content = canonical_columns_from(plan)
-    return frame.with_columns(
+    frame = frame.with_columns(
         *[pl.when(ok_so_far).then(expr).otherwise(pl.lit(None, dtype=expr_dtype(name))).alias(name)
           for name, expr in content.items()]
-    ).drop("__rec", "__bytes", "__utf8_ok")  # fmt: skip
+    )  # fmt: skip
+    frame = split_shared_prefix(frame, plan)
+    if plan.variant.get("prompt") == "implicit":
+        no_user_turn = ~pl.col("prompt").list.eval(normalize_role(pl.element().struct.field("role")) == "user").list.any()
+        frame = _with_pre_problem(frame, pl.when(no_user_turn).then(pl.lit("chosen/rejected")), "no_shared_prompt",
+                                  pl.lit("chosen and rejected share no prompt (no user turn before the replies)"))  # fmt: skip
+    return frame.drop("__rec", "__bytes", "__utf8_ok")
 
 
 def _with_pre_problem(frame: pl.DataFrame, field_name: pl.Expr | None, reason: str, detail: pl.Expr) -> pl.DataFrame:
@@ -794,7 +868,7 @@ def _with_pre_problem(frame: pl.DataFrame, field_name: pl.Expr | None, reason: s
 CONTENT_COLUMNS = ("messages", "prompt", "chosen", "rejected")
 CHECK_ORDER = ("unknown_role", "empty_content", "broken_turn_order", "transcript_prompt_mismatch")
 CHECK_DETAILS = {
-    "unknown_role": "role is not one of user/assistant/system (or an alias)",
+    "unknown_role": "role is not one of user/assistant/system/tool (or an alias)",
     "empty_content": "message content is empty after whitespace normalization",
     "transcript_prompt_mismatch": "chosen and rejected transcripts differ before the last assistant turn",
 }
@@ -860,7 +934,7 @@ def _checked_batch(
         pl.col("__reason").alias("reason"),
         pl.col("__field").fill_null("").alias("field"),
         pl.col("__detail").fill_null("").alias("detail"),
-        pl.col("__raw").str.slice(0, options.quarantine_raw_chars).alias("raw"),
+        pl.col("__orig_raw" if "__orig_raw" in frame.columns else "__raw").str.slice(0, options.quarantine_raw_chars).alias("raw"),
     )
     extra = [name for name in frame.columns if not name.startswith("__") and name not in CANONICAL_SCHEMA]
     records = frame.filter(pl.col("__reason").is_null()).select("kind", *CONTENT_COLUMNS, "source", *extra)
@@ -879,7 +953,14 @@ def expr_dtype(name: str) -> pl.DataType:
 # recomputed from the content (an id is a hash of it), kinds, roles, turn order and content checked.
 
 
+_ROLE_CONTENT_MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+
+
 def _canonical_batch(frame: pl.DataFrame, first_row: int, display: str, options: IngestOptions) -> IngestBatch:
+    # Files written before messages carried tool fields hold {role, content} turns: the same records.
+    frame = frame.with_columns(
+        with_message_fields(pl.col(name)).alias(name) for name in CONTENT_COLUMNS if frame.schema[name] == _ROLE_CONTENT_MESSAGES
+    )
     for name, dtype in CANONICAL_SCHEMA.items():
         if frame.schema[name] != dtype:
             raise InputFileError(f"{display}: column {name!r} is {frame.schema[name]}, the canonical schema has {dtype}")
@@ -915,6 +996,62 @@ def _canonical_batch(frame: pl.DataFrame, first_row: int, display: str, options:
 # Whole files
 
 
+def _mapped(rows: pl.DataFrame, spec: InputSpec, options: IngestOptions, report: FileReport) -> tuple[pl.DataFrame, int]:
+    """Raw rows through the input's mapping (curate.mapping): one row per record it becomes, the raw
+    text kept for the quarantine, and rows it cannot map marked with why. Rows the byte checks will
+    quarantine anyway (invalid UTF-8, too large) pass through untouched."""
+    if spec.mapping is None:
+        return rows, 0
+    out: dict[str, list] = {name: [] for name in ("__row", "__raw", "__utf8_ok", "__orig_raw", "__map_reason", "__map_field", "__map_detail")}
+    for row, raw, utf8_ok in rows.select("__row", "__raw", "__utf8_ok").iter_rows():
+        problem, texts = None, [raw]
+        if utf8_ok and len(raw.encode("utf-8")) <= options.max_row_bytes:
+            try:
+                texts = map_row_text(raw, spec.mapping, report.repairs)
+            except RowProblem as error:
+                problem, texts = error, ["{}"]
+        for text in texts:
+            out["__row"].append(row)
+            out["__raw"].append(text)
+            out["__utf8_ok"].append(utf8_ok)
+            out["__orig_raw"].append(raw)
+            out["__map_reason"].append(problem.reason if problem else None)
+            out["__map_field"].append(problem.field_name if problem else None)
+            out["__map_detail"].append(problem.detail if problem else None)
+    schema = {"__row": pl.Int64, "__utf8_ok": pl.Boolean, **{name: pl.String for name in out if name not in ("__row", "__utf8_ok")}}
+    mapped = pl.DataFrame(out, schema=schema)
+    return mapped, mapped.height - rows.height
+
+
+def _json_object_chunks(source: InputBytes, chunk_rows: int, key_field: str) -> Iterator[RawChunk]:
+    """A file holding one JSON object whose values are the records (keyed by conversation id): each value
+    is a row, numbered in file order, with its key added as `key_field`."""
+    data = source.read_all()
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise InputFileError(f"{source.display}: not UTF-8 at byte {error.start}") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise InputFileError(f"{source.display}: not a valid JSON object ({getattr(error, 'msg', 'nested too deeply')})") from None
+    if not isinstance(document, dict):
+        raise InputFileError(f"{source.display}: mapping.records is `values` but the file holds a JSON {type(document).__name__}, not an object")
+    texts = [
+        json.dumps({key_field: key, **value} if isinstance(value, dict) else value, ensure_ascii=False)
+        for key, value in document.items()
+    ]
+    for start in range(0, len(texts), chunk_rows):
+        piece = texts[start : start + chunk_rows]
+        yield RawChunk(
+            rows=pl.DataFrame(
+                {
+                    "__row": pl.Series(np.arange(start + 1, start + 1 + len(piece), dtype=np.int64)),
+                    "__raw": pl.Series(piece, dtype=pl.String),
+                    "__utf8_ok": pl.Series([True] * len(piece), dtype=pl.Boolean),
+                }
+            )
+        )
+
+
 def _sample_rows(chunk: pl.DataFrame, limit: int = 200) -> list[dict]:
     sample = []
     for text in chunk.filter(pl.col("__utf8_ok"))["__raw"].head(limit).to_list():
@@ -929,14 +1066,18 @@ def _sample_rows(chunk: pl.DataFrame, limit: int = 200) -> list[dict]:
 
 def _plan_for(sample: list[dict], keys: list[str], spec: InputSpec, display: str) -> FormatPlan:
     fmt = spec.format
-    if fmt == "auto":
+    if spec.mapping is not None:
+        # Mapped rows are written in the shape of these two formats.
+        fmt = "preference" if spec.mapping.kind == "preference" else "openai"
+    elif fmt == "auto":
         fmt = detect_format(sample, spec.columns)
         if fmt is None:
             raise InputFileError(
                 f"{display}: cannot detect the record format from fields {sorted(keys)[:12]}; set `format:` "
                 f"(one of {', '.join(FORMATS)}) and `columns:` for this input"
             )
-    return plan_format(fmt, sample, spec.columns)
+    plan = plan_format(fmt, sample, spec.columns)
+    return dataclasses.replace(plan, metadata=metadata_fields(sample, plan, spec.keep_columns))
 
 
 def _text_batches(
@@ -944,16 +1085,21 @@ def _text_batches(
 ) -> Iterator[IngestBatch]:
     source = InputBytes(path, display)
     chunks = _jsonl_chunks if container == "jsonl" else _json_array_chunks
+    if spec.mapping is not None and spec.mapping.records == "values":
+        chunks = lambda source, rows: _json_object_chunks(source, rows, spec.mapping.key_field)  # noqa: E731
     plan: FormatPlan | None = None
     for chunk in chunks(source, options.chunk_rows):
         report.blank_lines += chunk.blank_lines
         if chunk.rows.height == 0:
             continue
+        rows, added = _mapped(chunk.rows, spec, options, report)
         if plan is None:
-            sample = _sample_rows(chunk.rows)
+            sample = _sample_rows(rows)
             plan = _plan_for(sample, list({key for row in sample for key in row}), spec, display)
-            report.format = plan.format
-        yield decode_chunk(chunk.rows, plan, display, options)
+            report.format = "mapping" if spec.mapping is not None else plan.format
+        batch = decode_chunk(rows, plan, display, options)
+        batch.added = added
+        yield batch
     report.sha256 = source.sha256
 
 
@@ -962,7 +1108,21 @@ def _typed_batches(
 ) -> Iterator[IngestBatch]:
     source = TYPED_SOURCES[container](path, display)
     first_row = 1
-    if container == "parquet" and set(CANONICAL_SCHEMA) <= set(source.names):
+    if spec.mapping is not None:
+        # A mapping reads any column; every column JSON can carry goes through it.
+        columns = [name for name in source.names if name in source.json_native] or source.names[:1]
+        plan: FormatPlan | None = None
+        for frame in source.batches(columns, options.chunk_rows, True):
+            rows, added = _mapped(_frame_to_json_rows(frame, first_row), spec, options, report)
+            first_row += frame.height
+            if plan is None:
+                sample = _sample_rows(rows)
+                plan = _plan_for(sample, list({key for row in sample for key in row}), spec, display)
+                report.format = "mapping"
+            batch = decode_chunk(rows, plan, display, options)
+            batch.added = added
+            yield batch
+    elif container == "parquet" and set(CANONICAL_SCHEMA) <= set(source.names):
         report.format = CANONICAL_FORMAT
         for frame in source.batches(source.names, options.chunk_rows, False):
             yield _canonical_batch(frame, first_row, display, options)
@@ -1002,7 +1162,8 @@ def ingest_file(
     report = FileReport(file=display, format=spec.format)
     read = _typed_batches if container in TYPED_SOURCES else _text_batches
     for batch in read(path, display, container, spec, options, report):
-        report.rows += batch.records.height + batch.quarantine.height
+        report.rows += batch.records.height + batch.quarantine.height - batch.added
+        report.rows_added += batch.added
         report.kept += batch.records.height
         report.quarantined += batch.quarantine.height
         for reason, count in batch.quarantine.group_by("reason").len().iter_rows():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import polars as pl
 import polars_hash as plh
 
-from schemas import CANONICAL_SCHEMA, MESSAGES_DTYPE, SOURCE_DTYPE
+from schemas import CANONICAL_SCHEMA, MESSAGE_DTYPE, MESSAGES_DTYPE, SOURCE_DTYPE
 
 # The role spellings of the common raw formats (ShareGPT's human/gpt, bots' "bot"); anything else is
 # an unknown role and quarantined rather than guessed.
@@ -20,6 +20,14 @@ ROLE_ALIASES: dict[str, str] = {
     "gpt": "assistant",
     "bot": "assistant",
     "system": "system",
+    # OpenAI's newer name for the system turn.
+    "developer": "system",
+    # Tool results: OpenAI `tool` (and the older `function`), ShareGPT/LLaMA-Factory `observation`,
+    # Llama 3's `ipython`.
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+    "ipython": "tool",
 }
 
 ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are not a practical concern, ids stay readable
@@ -46,12 +54,35 @@ def normalize_role(role: pl.Expr) -> pl.Expr:
     return role.str.strip_chars().str.to_lowercase().replace_strict(ROLE_ALIASES, default=None, return_dtype=pl.String)
 
 
+TOOL_FIELDS = tuple(name for name in MESSAGE_DTYPE.to_schema() if name not in ("role", "content"))
+
+
+def message_struct(role: pl.Expr, content: pl.Expr) -> pl.Expr:
+    """A canonical message from a role and a content expression (the tool fields null)."""
+    return pl.struct(
+        role.alias("role"),
+        content.alias("content"),
+        *[pl.lit(None, dtype=MESSAGE_DTYPE.to_schema()[name]).alias(name) for name in TOOL_FIELDS],
+    )
+
+
+def with_message_fields(messages: pl.Expr) -> pl.Expr:
+    """A list of {role, content} structs (older files, hand-built frames) as canonical messages."""
+    return messages.list.eval(message_struct(pl.element().struct.field("role"), pl.element().struct.field("content")))
+
+
+def _call_content(content: pl.Expr, tool_calls: pl.Expr) -> pl.Expr:
+    """A turn that only calls tools has content "" (OpenAI writes null): templates expect a string."""
+    return pl.when(content.is_null() & (tool_calls.list.len().fill_null(0) > 0)).then(pl.lit("")).otherwise(content)
+
+
 def normalize_messages(messages: pl.Expr) -> pl.Expr:
-    """Normalize role and content of every message in a list-of-struct column."""
+    """Normalize role and content of every message in a list-of-struct column (tool fields kept)."""
     return messages.list.eval(
         pl.struct(
             normalize_role(pl.element().struct.field("role")).alias("role"),
-            normalize_text(pl.element().struct.field("content")).alias("content"),
+            _call_content(normalize_text(pl.element().struct.field("content")), pl.element().struct.field("tool_calls")).alias("content"),
+            *[pl.element().struct.field(name) for name in TOOL_FIELDS],
         )
     )
 
@@ -73,8 +104,10 @@ def normalize_messages_series(messages: pl.Series) -> pl.Series:
     if len(todo):
         fixed = pl.select(normalize_text(pl.lit(content.gather(todo)))).to_series()
         content = content.scatter(todo, fixed)
-    flat = flat.with_columns(content=content).with_columns(normalize_role(pl.col("role")).alias("role"))
-    rebuilt = flat.group_by("__row", maintain_order=True).agg(pl.struct("role", "content").alias("m"))["m"]
+    flat = flat.with_columns(content=content).with_columns(
+        normalize_role(pl.col("role")).alias("role"), _call_content(pl.col("content"), pl.col("tool_calls")).alias("content")
+    )
+    rebuilt = flat.group_by("__row", maintain_order=True).agg(pl.struct("role", "content", *TOOL_FIELDS).alias("m"))["m"]
     # Explode turned null and empty lists into one null element each: give them back unchanged.
     untouched = messages.is_null() | (messages.list.len() == 0)
     return pl.select(
@@ -83,9 +116,15 @@ def normalize_messages_series(messages: pl.Series) -> pl.Series:
 
 
 def _serialize_messages(messages: pl.Expr) -> pl.Expr:
-    # Unit/record separators cannot occur in normalized text, so the serialization is unambiguous.
+    # Unit/record separators cannot occur in normalized text, so the serialization is unambiguous. Tool
+    # fields join the key only where set, so ids of plain conversations are what they always were.
+    tool_part = pl.struct(*[pl.element().struct.field(name) for name in TOOL_FIELDS]).struct.json_encode()
+    has_tool = pl.any_horizontal(*[pl.element().struct.field(name).is_not_null() for name in TOOL_FIELDS])
     return messages.list.eval(
-        pl.element().struct.field("role") + pl.lit("\x1f") + pl.element().struct.field("content")
+        pl.element().struct.field("role")
+        + pl.lit("\x1f")
+        + pl.element().struct.field("content")
+        + pl.when(has_tool).then(pl.lit("\x1f") + tool_part).otherwise(pl.lit(""))
     ).list.join("\x1e")
 
 

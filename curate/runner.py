@@ -34,6 +34,7 @@ import yaml
 import curate
 from curate.atomic import atomic_path, disk_full_as_error, write_json, write_parquet
 from curate.errors import ConfigError, InputFileError, RunStateError
+from curate.mapping import Mapping
 from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file, path_sha256
 from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
 from safety.locking import exclusive_lock
@@ -116,8 +117,12 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
     ingest_raw = raw.get("ingest", {})
     options = IngestOptions(**ingest_raw)
     inputs = [
-        InputSpec(path=item["path"], format=item.get("format", "auto"), columns=dict(item.get("columns", {})), name=item.get("name"))
-        for item in raw["inputs"]
+        InputSpec(
+            path=item["path"], format=item.get("format", "auto"), columns=dict(item.get("columns", {})), name=item.get("name"),
+            keep_columns=item.get("keep_columns"),
+            mapping=Mapping.from_config(item["mapping"], f"{label}: inputs.{index}") if item.get("mapping") else None,
+        )
+        for index, item in enumerate(raw["inputs"])
     ]
     stages: list[StageEntry] = []
     seen: set[str] = {INGEST_STAGE}
@@ -134,7 +139,7 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
     source = {
         "name": name,
         "seed": raw.get("seed", 0),
-        "inputs": [dict(path=i.path, format=i.format, columns=i.columns, name=i.name) for i in inputs],
+        "inputs": [_input_source(i) for i in inputs],
         "ingest": options.__dict__,
         "stages": [
             {"name": s.name, "type": s.type, "version": s.spec.version, "config": s.config.model_dump(mode="json")}
@@ -152,6 +157,17 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
         source=source,
         path=path,
     )
+
+
+def _input_source(spec: InputSpec) -> dict:
+    """An input as the manifest records it; options left at their defaults are left out, so configs
+    written before an option existed keep their config hash."""
+    source = dict(path=spec.path, format=spec.format, columns=spec.columns, name=spec.name)
+    if spec.keep_columns is not None:
+        source["keep_columns"] = list(spec.keep_columns)
+    if spec.mapping is not None:
+        source["mapping"] = spec.mapping.as_config()
+    return source
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,10 +279,15 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
         write_parquet(quarantine, pipeline.run_dir / QUARANTINE_FILE)
 
     rows_in = sum(r.rows for r in reports)
+    rows_added = sum(r.rows_added for r in reports)
     kept = _parquet_rows(stage_dir / "data.parquet")
     quarantined = _parquet_rows(pipeline.run_dir / QUARANTINE_FILE)
-    if kept + quarantined != rows_in:
-        raise AssertionError(f"ingest lost rows: read {rows_in}, kept {kept}, quarantined {quarantined}")
+    if kept + quarantined != rows_in + rows_added:
+        raise AssertionError(f"ingest lost rows: read {rows_in} (+{rows_added} exploded), kept {kept}, quarantined {quarantined}")
+    repairs: dict[str, int] = {}
+    for report in reports:
+        for name, count in report.repairs.as_dict().items():
+            repairs[name] = repairs.get(name, 0) + count
     reasons: dict[str, int] = {}
     for report in reports:
         for reason, count in report.quarantine_reasons.items():
@@ -283,12 +304,16 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
         "rows_quarantined": quarantined,
         "dropped_by_reason": {},
         "quarantined_by_reason": dict(sorted(reasons.items())),
+        # Present only when a mapping changed rows, so manifests of plain inputs read as before.
+        **({"rows_added": rows_added} if rows_added else {}),
+        **({"repairs": dict(sorted(repairs.items()))} if repairs else {}),
         "seconds": round(time.perf_counter() - started, 3),
         "files": [
-            {**inp, **{"rows": r.rows, "kept": r.kept, "quarantined": r.quarantined, "blank_lines": r.blank_lines, "format": r.format}}
+            {**inp, **{"rows": r.rows, "kept": r.kept, "quarantined": r.quarantined, "blank_lines": r.blank_lines, "format": r.format},
+             **({"repairs": r.repairs.as_dict()} if r.repairs.as_dict() else {}), **({"rows_added": r.rows_added} if r.rows_added else {})}
             for inp, r in zip(input_records, reports)
         ],
-        "report": {},
+        "report": dict(sorted(repairs.items())),  # the mapping's repairs: shown in the summary and report
     }
     write_json(stage_dir / SUCCESS_FILE, redact_value(record))  # credentials in configs/reports never persist
     record = {**record, "skipped": False}
@@ -468,7 +493,7 @@ def build_manifest(pipeline: Pipeline, records: list[dict], seconds: float) -> d
     ingest = records[0]
     final = records[-1]
     dropped_total = sum(r["rows_dropped"] for r in records[1:])
-    added_total = sum(r.get("rows_added", 0) for r in records[1:])
+    added_total = sum(r.get("rows_added", 0) for r in records)  # ingest adds rows when answers explode
     quarantined = ingest["rows_quarantined"]
     rows_in = ingest["rows_in"]
     reconciled = rows_in + added_total == final["rows_out"] + dropped_total + quarantined

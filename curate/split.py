@@ -369,6 +369,7 @@ def dataset_card(
     lines += [
         f"Conversational {fmt} in TRL's format, with `id`, `source` and `dup_cluster` (near-duplicate",
         "cluster; every cluster lies in exactly one split).",
+        *_carried_columns_line(data, kind),
         "",
         "```python",
         "from datasets import load_dataset",
@@ -413,6 +414,16 @@ def dataset_card(
     else:
         lines += pipeline_card_lines(manifest, stage_name)
     return "\n".join(lines) + "\n"
+
+
+def _carried_columns_line(data: pl.DataFrame, kind: str) -> list[str]:
+    """The input columns the split carries besides the canonical ones (`extra_columns`), struct fields named."""
+    extra = [name for name in data.columns if name not in EXPORT_COLUMNS[kind] and name != "split"]
+    described = [
+        f"`{name}` ({', '.join(data.schema[name].to_schema())})" if isinstance(data.schema[name], pl.Struct) else f"`{name}`"
+        for name in extra
+    ]
+    return ["", "Carried input columns: " + ", ".join(described) + "."] if extra else []
 
 
 def _stage_configs(manifest: dict[str, Any]) -> dict[str, dict]:

@@ -21,6 +21,8 @@ def dtype_from_json_schema(node: dict) -> pl.DataType:
     if "const" in node:
         return _SCALARS[_json_type_of(node["const"])]()
     node_type = node.get("type")
+    if isinstance(node_type, list):  # ["array", "null"]: an optional field; Polars columns are nullable anyway
+        (node_type,) = [kind for kind in node_type if kind != "null"]
     if node_type == "object":
         return pl.Struct({key: dtype_from_json_schema(sub) for key, sub in node["properties"].items()})
     if node_type == "array":

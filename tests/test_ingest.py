@@ -42,8 +42,17 @@ def ingest(tmp_path: Path, *args: str) -> tuple[int, pl.DataFrame, pl.DataFrame,
     return code, pl.read_parquet(out / "ingest" / "data.parquet"), pl.read_parquet(out / "quarantine.parquet"), manifest
 
 
+def without_unset_fields(value):
+    """Messages as plain dicts: the tool fields a turn does not use (null) left out."""
+    if isinstance(value, list):
+        return [without_unset_fields(item) for item in value]
+    if isinstance(value, dict):
+        return {key: without_unset_fields(item) for key, item in value.items() if item is not None or key in ("role", "content")}
+    return value
+
+
 def messages_of(frame: pl.DataFrame) -> list:
-    return frame["messages"].to_list()
+    return without_unset_fields(frame["messages"].to_list())
 
 
 # --------------------------------------------------------------------------------------------- formats
@@ -134,8 +143,8 @@ def test_preference_strings_and_messages_parquet(tmp_path):
     code, records, quarantine, _ = ingest(tmp_path, str(strings), str(tmp_path / "pref.parquet"))
     assert code == 0 and quarantine.height == 0
     assert records["kind"].to_list() == ["preference", "preference"]
-    assert records["prompt"].to_list()[0] == [{"role": "user", "content": "Can I get a refund?"}]
-    assert records["rejected"].to_list()[1] == [{"role": "assistant", "content": "Figure it out."}]
+    assert without_unset_fields(records["prompt"].to_list())[0] == [{"role": "user", "content": "Can I get a refund?"}]
+    assert without_unset_fields(records["rejected"].to_list())[1] == [{"role": "assistant", "content": "Figure it out."}]
 
 
 def test_transcripts_zstd_single_and_hh_pairs(tmp_path):
@@ -155,7 +164,7 @@ def test_transcripts_zstd_single_and_hh_pairs(tmp_path):
     sft = records.filter(pl.col("kind") == "sft")
     assert [m["role"] for m in messages_of(sft)[0]] == ["user", "assistant", "user", "assistant"]
     pref = records.filter(pl.col("kind") == "preference")
-    assert pref["chosen"].to_list() == [[{"role": "assistant", "content": "I am sorry, it arrives Friday."}]]
+    assert without_unset_fields(pref["chosen"].to_list()) == [[{"role": "assistant", "content": "I am sorry, it arrives Friday."}]]
     assert quarantine["reason"].to_list() == ["transcript_prompt_mismatch"]
 
 

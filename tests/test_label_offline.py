@@ -157,12 +157,12 @@ def test_apply_labels_discard_correction_pairs_and_nothing_lost():
     }
     assert set(dropped["stage"]) == {"label_pull"}
     corrected = kept.filter(pl.col("label_corrected")).row(0, named=True)
-    assert corrected["messages"][-1] == {"role": "assistant", "content": "a better answer"}
+    assert corrected["messages"][-1] == {"role": "assistant", "content": "a better answer", "tool_calls": None, "tool_call_id": None}
     assert corrected["label_original_response"] == "answer 1"
     assert corrected["label_source_id"] == frame["id"][1] != corrected["id"]
     pair = kept.filter(pl.col("label_origin") == "correction").row(0, named=True)
     assert pair["kind"] == "preference" and pair["messages"] is None
-    assert pair["prompt"] == [{"role": "user", "content": "question 1"}]
+    assert pair["prompt"] == [{"role": "user", "content": "question 1", "tool_calls": None, "tool_call_id": None}]
     assert pair["chosen"][0]["content"] == "a better answer" and pair["rejected"][0]["content"] == "answer 1"
     swapped = kept.filter(pl.col("label_swapped")).row(0, named=True)
     assert (swapped["chosen"][0]["content"], swapped["rejected"][0]["content"]) == ("rejected 1", "chosen 1")

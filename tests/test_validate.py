@@ -13,7 +13,8 @@ from schemas.dtypes import dtype_from_json_schema
 
 
 def test_dtypes_are_derived_from_the_json_schemas():
-    assert MESSAGES_DTYPE == pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+    assert MESSAGES_DTYPE == pl.List(dtype_from_json_schema(load_schema("message")))
+    assert list(MESSAGES_DTYPE.inner.to_schema()) == ["role", "content", "tool_calls", "tool_call_id"]
     assert CANONICAL_SCHEMA["source"] == dtype_from_json_schema(load_schema("source"))
     assert set(load_schema("chat")["properties"]) <= set(CANONICAL_SCHEMA)
     assert set(load_schema("preference")["properties"]) <= set(CANONICAL_SCHEMA)

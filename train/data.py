@@ -12,6 +12,7 @@ template that is not prefix-consistent (later turns rewrite earlier text) is rep
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +60,23 @@ def _read_parquet_file(path: Path, columns: list[str], kind: str | None) -> pl.D
             raise DataError(f"{path}: column {column!r} is {frame.schema[column]}, expected a list of {{role, content}} strings")
     if "kind" in frame.columns and "kind" not in columns:
         frame = frame.filter(pl.col("kind") == kind).drop("kind")
-    # Keep only {role, content}, so shards whose messages carry extra fields still concatenate.
-    only_role_content = pl.struct(pl.element().struct.field("role"), pl.element().struct.field("content"))
-    return frame.with_columns(pl.col(c).list.eval(only_role_content) for c in columns)
+    # {role, content, tools}: `tools` holds a turn's tool_calls / tool_call_id as JSON text, so shards with
+    # and without tool fields (older files) concatenate.
+    return frame.with_columns(pl.col(c).list.eval(_with_tool_json(frame.schema[c].inner)) for c in columns)
+
+
+TOOL_FIELDS = ("tool_calls", "tool_call_id")
+
+
+def _with_tool_json(message_dtype) -> pl.Expr:
+    present = [f.name for f in message_dtype.fields if f.name in TOOL_FIELDS]
+    element = pl.element().struct
+    if present:
+        is_set = pl.any_horizontal(*[element.field(name).is_not_null() for name in present])
+        tools = pl.when(is_set).then(pl.struct(*[element.field(name) for name in present]).struct.json_encode())
+    else:
+        tools = pl.lit(None, dtype=pl.String)
+    return pl.struct(element.field("role"), element.field("content"), tools.alias("tools"))
 
 
 def read_split(split_dir: str | Path, split: str, columns: list[str], kind: str | None, limit: int | None = None) -> pl.DataFrame:
@@ -82,13 +97,90 @@ def read_split(split_dir: str | Path, split: str, columns: list[str], kind: str 
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if any("tool_calls" in m or m["role"] == "tool" for m in messages) and not template_renders_tools(tokenizer):
+        messages = plain_tool_messages(messages)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+_PROBE_NAME, _PROBE_RESULT = "probe_fn_7f3a", "probe_result_7f3a"
+
+
+def template_renders_tools(tokenizer) -> bool:
+    """Whether the chat template writes tool calls and tool results: a probe conversation is rendered
+    and both must appear (a template that ignores `tool_calls` would silently drop the call)."""
+    cached = getattr(tokenizer, "_curate_renders_tools", None)
+    if cached is not None:
+        return cached
+    probe = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c0", "type": "function", "function": {"name": _PROBE_NAME, "arguments": {"x": 1}}}]},
+        {"role": "tool", "content": _PROBE_RESULT, "tool_call_id": "c0"},
+        {"role": "assistant", "content": "a"},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+        renders = _PROBE_NAME in text and _PROBE_RESULT in text
+    except Exception:  # templates raise on roles they do not know (jinja2 exceptions, ValueError)
+        renders = False
+    try:
+        tokenizer._curate_renders_tools = renders
+    except AttributeError:
+        pass
+    return renders
+
+
+def plain_tool_messages(messages: list[dict]) -> list[dict]:
+    """The documented fallback for templates without tool support (docs/formats.md): an assistant turn's
+    calls are appended to its text as `<tool_call>{"name": ..., "arguments": ...}</tool_call>` lines, and
+    consecutive tool results become one user turn of `<tool_response>...</tool_response>` blocks (the
+    Hermes / Qwen convention), so the model learns to write calls and never learns the results."""
+    out: list[dict] = []
+    for message in messages:
+        if message["role"] == "tool":
+            block = f"<tool_response>\n{message['content']}\n</tool_response>"
+            if out and out[-1].get("_tool_results"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_results": True})
+            continue
+        calls = message.get("tool_calls") or []
+        lines = [message["content"]] if message["content"] else []
+        for call in calls:
+            function = call["function"]
+            payload = json.dumps({"name": function["name"], "arguments": function["arguments"]}, ensure_ascii=False)
+            lines.append(f"<tool_call>\n{payload}\n</tool_call>")
+        out.append({"role": message["role"], "content": "\n".join(lines)})
+    return [{"role": m["role"], "content": m["content"]} for m in out]
 
 
 def _as_messages(value, where: str) -> list[dict]:
     if any(m is None or m["role"] is None or m["content"] is None for m in value):
         raise DataError(f"{where}: a null message, role or content")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return [_as_message(m) for m in value]
+
+
+def _as_message(m: dict) -> dict:
+    """A canonical message as a chat template takes it: tool-call arguments as an object (what Hugging
+    Face templates expect), the tool fields only where set."""
+    message = {"role": m["role"], "content": m["content"]}
+    tools = json.loads(m["tools"]) if m.get("tools") else {}
+    if tools.get("tool_calls"):
+        message["tool_calls"] = [_template_call(call) for call in tools["tool_calls"]]
+    if tools.get("tool_call_id"):
+        message["tool_call_id"] = tools["tool_call_id"]
+    return message
+
+
+def _template_call(call: dict) -> dict:
+    arguments = call["function"]["arguments"]
+    try:
+        arguments = json.loads(arguments)
+    except (TypeError, json.JSONDecodeError):
+        pass  # not JSON text: handed on as written
+    out = {"type": call.get("type") or "function", "function": {"name": call["function"]["name"], "arguments": arguments}}
+    if call.get("id"):
+        out["id"] = call["id"]
+    return out
 
 
 def _encode(tokenizer, texts: list[str]):

@@ -26,7 +26,7 @@ import polars as pl
 from curate.label import schema
 from curate.label.aggregate import ANSWER_SCHEMA, RANKING_SCHEMA, aggregate_answers, agreement
 from curate.label.client import Connection, RestApi, check_server
-from curate.records import with_record_id
+from curate.records import message_struct, with_record_id
 from curate.stage import drop_rows
 
 PAGE = 1000
@@ -198,7 +198,7 @@ def apply_labels(
     changed = pl.col("label_corrected") | pl.col("label_swapped")
     new_messages = pl.concat_list(
         pl.col("messages").list.slice(0, pl.col("messages").list.len() - 1),
-        pl.concat_list(pl.struct(pl.lit("assistant").alias("role"), pl.col("label_correction").alias("content"))),
+        pl.concat_list(message_struct(pl.lit("assistant"), pl.col("label_correction"))),
     )
     kept = kept.with_columns(
         pl.when(changed).then(pl.col("id")).alias("label_source_id"),
@@ -219,9 +219,7 @@ def apply_labels(
                 pl.lit("preference").alias("kind"),
                 pl.col("messages").list.slice(0, pl.col("messages").list.len() - 1).alias("prompt"),
                 pl.col("messages").list.slice(-1, 1).alias("chosen"),
-                pl.concat_list(
-                    pl.struct(pl.lit("assistant").alias("role"), pl.col("label_original_response").alias("content"))
-                ).alias("rejected"),
+                pl.concat_list(message_struct(pl.lit("assistant"), pl.col("label_original_response"))).alias("rejected"),
                 pl.lit(None, frame.schema["messages"]).alias("messages"),
                 pl.lit("correction").alias("label_origin"),
                 pl.lit(False).alias("label_corrected"),
