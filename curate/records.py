@@ -30,22 +30,24 @@ ROLE_ALIASES: dict[str, str] = {
     "ipython": "tool",
 }
 
+_HORIZONTAL_SPACE = r"[\t\f\v \u00a0\u2000-\u200a\u202f\u205f\u3000]"
+
 ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are not a practical concern, ids stay readable
 
 
 def normalize_text(text: pl.Expr) -> pl.Expr:
-    """NFC, unified newlines, no trailing spaces, runs of spaces/tabs collapsed, at most one blank line.
+    """NFC, unified newlines, no zero-width spaces or BOMs, no trailing whitespace on any line, no
+    whitespace before the first character or after the last.
 
-    Line structure is kept on purpose: support answers use numbered steps and the quality filters look
-    at lines."""
+    Only changes that cannot change meaning: indentation (past the first line), tabs, runs of spaces and
+    blank lines inside the text are kept, because code, tables and poems carry meaning in them (dedup
+    collapses whitespace in its own key, so whitespace variants are still exact duplicates there)."""
     return (
         text.str.normalize("NFC")
         .str.replace_all(r"\r\n?", "\n")
-        .str.replace_all(r"[\t\f\v \u00a0\u2000-\u200a\u202f\u205f\u3000]+", " ")
         .str.replace_all(r"[\u200b\ufeff]", "")
-        .str.replace_all(r" *\n *", "\n")
-        .str.replace_all(r"\n{3,}", "\n\n")
-        .str.strip_chars()
+        .str.replace_all(_HORIZONTAL_SPACE + r"+\n", "\n")
+        .str.replace_all(r"^\s+|\s+$", "")
     )
 
 
@@ -87,10 +89,10 @@ def normalize_messages(messages: pl.Expr) -> pl.Expr:
     )
 
 
-# Text that normalize_text would change: anything but printable ASCII and newlines (non-ASCII needs
-# NFC, tabs/CR/NBSP/zero-width need rewriting), double spaces, spaces around or runs of newlines, and
-# leading/trailing whitespace. Most support text matches none of it.
-_NEEDS_NORMALIZING = r"[^\x20-\x7e\n]|  |\n\n\n| \n|\n |^[ \n]|[ \n]$"
+# Text that normalize_text would change: anything but printable ASCII, tabs and newlines (non-ASCII
+# needs NFC, CR/zero-width/NBSP need looking at), whitespace before a newline, and whitespace at the
+# start or the end. Most text matches none of it.
+_NEEDS_NORMALIZING = r"[^\x20-\x7e\n\t]|[ \t]\n|^\s|\s$"
 
 
 def normalize_messages_series(messages: pl.Series) -> pl.Series:

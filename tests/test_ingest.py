@@ -110,8 +110,9 @@ def test_openai_messages_gzip_and_normalization(tmp_path):
     code, records, quarantine, _ = ingest(tmp_path, str(path))
     assert code == 0 and quarantine.height == 0
     assert messages_of(records)[0] == [
-        {"role": "user", "content": "Caf\u00e9 menu\n\nplease"},
-        {"role": "assistant", "content": "Here it is."},
+        # NFC, CRLF, outer and trailing whitespace cleaned; the NBSP, blank lines and tab are content.
+        {"role": "user", "content": "Caf\u00e9\u00a0 menu\n\n\n\nplease"},
+        {"role": "assistant", "content": "Here\t it is."},
     ]
 
 
@@ -280,8 +281,8 @@ def test_corrupt_gzip_names_the_file(tmp_path, capsys):
 
 
 def test_ids_are_content_hashes_shared_by_exact_duplicates(tmp_path):
-    a = {"messages": [{"role": "user", "content": "Where is  my order?"}, {"role": "assistant", "content": "On its way."}]}
-    b = {"messages": [{"role": "human", "content": "Where is my order?"}, {"role": "gpt", "content": "On its way. "}]}
+    a = {"messages": [{"role": "user", "content": "Where is my order?"}, {"role": "assistant", "content": "On its way."}]}
+    b = {"messages": [{"role": "human", "content": " Where is my order?\r\n"}, {"role": "gpt", "content": "On its way. "}]}
     path = write_jsonl(tmp_path / "d.jsonl", [a, b])
     _, records, _, _ = ingest(tmp_path, str(path))
     assert records["id"][0] == records["id"][1]
@@ -316,3 +317,18 @@ def test_fast_normalization_equals_the_reference_expression():
         assert normalize_messages_series(series).to_list() == reference.to_list()
 
     check()
+
+
+def test_code_indentation_tabs_and_blank_lines_survive_ingest(tmp_path):
+    """Normalization may not change meaning: indentation, tabs, runs of spaces and blank lines inside an
+    answer are kept; only trailing whitespace, CRLF and a BOM/zero-width space are cleaned."""
+    import polars as pl
+
+    from curate.cli import main
+
+    answer = "def f(x):\r\n    if x:   \r\n\treturn  x\r\n\r\n\r\n\r\n| a  | b |\u200b\r\n  "
+    row = {"instruction": "  Write f.\n", "output": answer}
+    (tmp_path / "code.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    assert main(["ingest", str(tmp_path / "code.jsonl"), "--out", str(tmp_path / "run"), "--format", "alpaca"]) == 0
+    messages = pl.read_parquet(tmp_path / "run" / "ingest" / "data.parquet")["messages"][0]
+    assert [m["content"] for m in messages] == ["Write f.", "def f(x):\n    if x:\n\treturn  x\n\n\n\n| a  | b |"]
