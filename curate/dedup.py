@@ -64,7 +64,7 @@ from curate.stage import Seed, StageConfig
 from safety.redact import redact
 
 INDEX_FORMAT = "curate-minhash-index"
-INDEX_VERSION = 2  # 2: number_hash and per-part shingle sets
+INDEX_VERSION = 2  # 2: number_hash, digits_hash and per-part shingle sets
 KEY_HASH_CHARS = 32
 
 HashName = Literal["xxh32", "sha1"]
@@ -190,9 +190,21 @@ def simplify_text(
 
 
 def number_masked(text: pl.Expr) -> pl.Expr:
-    """A simplified key text with every run of digits replaced by `0`: rows with equal masked texts
-    but different texts differ only in their numbers."""
-    return text.str.replace_all(r"\p{Nd}+", "0")
+    """A text with every number replaced by `0` and punctuation and symbols removed: two texts with
+    equal masks but different `numbers_in` differ only in their numbers (17+25 / 18-25 included)."""
+    masked = text.str.replace_all(r"\p{Nd}+", "0").str.replace_all(r"[\p{P}\p{S}]+", " ")
+    return masked.str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def numbers_in(text: pl.Expr) -> pl.Expr:
+    """The digit runs of a text, in order."""
+    return text.str.extract_all(r"\p{Nd}+").list.join(" ")
+
+
+def number_variant(masked: pl.Series, numbers: pl.Series, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Whether each (left, right) pair of texts differs only in its numbers (see `number_masked`)."""
+    same_mask = (masked.gather(left) == masked.gather(right)).to_numpy()
+    return same_mask & (numbers.gather(left) != numbers.gather(right)).to_numpy()
 
 
 def simplified_parts(settings: MinHashSettings) -> list[pl.Expr]:
@@ -605,6 +617,21 @@ def connected_components(node_count: int, left: np.ndarray, right: np.ndarray) -
             parent = jumped
 
 
+def similar_pairs(
+    texts: pl.Series, threshold: float, settings: MinHashSettings = MinHashSettings(), max_bucket_pairs: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions `(left < right)` of already simplified texts whose shingle sets have an exact Jaccard
+    of at least `threshold`: the dedup stage's signatures, LSH banding (recall-weighted, aimed 0.1 under
+    the threshold) and verification, without its clustering. For callers that want every chain kept
+    together (connected components), such as the split's prompt groups."""
+    sets = shingle_sets(texts, settings)
+    signatures = signatures_of(sets, settings)
+    bands, rows = lsh_params(round(max(0.05, threshold - 0.1), 6), settings.num_perm, 0.2, 0.8)
+    left, right = candidate_pairs(band_table_from(signatures, sets.sizes > 0, bands, rows), max_bucket_pairs)
+    similar = verified_jaccard(sets, left, right) >= threshold
+    return left[similar], right[similar]
+
+
 @dataclass
 class Clustering:
     """Outcome for the nodes that were assigned to another node's cluster."""
@@ -752,6 +779,7 @@ def empty_index_records(num_perm: int) -> pl.DataFrame:
             "dup_cluster": pl.String,
             "key_hash": pl.String,
             "number_hash": pl.String,
+            "digits_hash": pl.String,
             "signature": pl.Array(pl.UInt32, num_perm),
             "shingles": pl.List(pl.UInt32),
             **{f"shingles_{name}": pl.List(pl.UInt32) for name in PART_NAMES},
@@ -799,8 +827,8 @@ class NodeFeatures:
     sets: ShingleSets | None  # whole key texts; None when candidates are judged by estimate
     part_sets: list[ShingleSets]  # prompt, chosen, rejected of preference pairs (empty for other rows)
     multipart: np.ndarray  # bool: compared part by part
-    key_code: np.ndarray  # uint64: exact key hash
-    number_code: np.ndarray  # uint64: key hash of the text with its numbers masked
+    number_code: np.ndarray  # uint64: hash of the text with numbers masked, punctuation removed
+    digits_code: np.ndarray  # uint64: hash of the text's numbers
 
     def similarity(self, a: np.ndarray, b: np.ndarray, verify: bool, merge_number_variants: bool) -> np.ndarray:
         """Similarity of each (a, b) pair, compared with the threshold: the Jaccard of the whole key
@@ -816,7 +844,7 @@ class NodeFeatures:
                 out[both] = np.minimum(out[both], part_jaccard(sets, a[both], b[both]))
         out[self.multipart[a] != self.multipart[b]] = 0.0
         if not merge_number_variants:
-            number_only = (self.number_code[a] == self.number_code[b]) & (self.key_code[a] != self.key_code[b])
+            number_only = (self.number_code[a] == self.number_code[b]) & (self.digits_code[a] != self.digits_code[b])
             out[number_only] = 0.0
         return out
 
@@ -1126,9 +1154,11 @@ def deduplicate(
         *[part.alias(column) for part, column in zip(simplified_parts(settings), part_columns)],
     ).with_columns(join_parts([pl.col(column) for column in part_columns]).alias("text"))
     hashes = texts.select(
-        key_hash(pl.col("text")).alias("key_hash"), key_hash(number_masked(pl.col("text"))).alias("number_hash")
+        key_hash(pl.col("text")).alias("key_hash"),
+        key_hash(number_masked(pl.col("text"))).alias("number_hash"),
+        key_hash(numbers_in(pl.col("text"))).alias("digits_hash"),
     )
-    keys, number_keys = hashes["key_hash"], hashes["number_hash"]
+    keys, number_keys, digit_keys = hashes["key_hash"], hashes["number_hash"], hashes["digits_hash"]
     # Rows compared part by part (preference pairs): the second part is present.
     multipart = texts[part_columns[1]].is_not_null().to_numpy()
     priority = keep_priority(frame, config)
@@ -1227,7 +1257,7 @@ def deduplicate(
                 for name, new_part in zip(PART_NAMES, new_part_sets)
             ],
             multipart=np.concatenate([index_records["shingles_chosen"].is_not_null().to_numpy(), multipart[survivors]]),
-            key_code=np.concatenate([hash_code(index_records["key_hash"]), hash_code(keys.gather(survivors))]),
+            digits_code=np.concatenate([hash_code(index_records["digits_hash"]), hash_code(digit_keys.gather(survivors))]),
             number_code=np.concatenate(
                 [hash_code(index_records["number_hash"]), hash_code(number_keys.gather(survivors))]
             ),
@@ -1380,6 +1410,7 @@ def deduplicate(
                 "dup_cluster": pl.Series(cluster[kept_rows].tolist(), dtype=pl.String),
                 "key_hash": keys.gather(kept_rows),
                 "number_hash": number_keys.gather(kept_rows),
+                "digits_hash": digit_keys.gather(kept_rows),
                 "signature": pl.Series(
                     np.ascontiguousarray(new_signatures[kept_new]), dtype=pl.Array(pl.UInt32, settings.num_perm)
                 ),
@@ -1445,6 +1476,10 @@ __all__ = [
     "shingle_rows",
     "shingle_sets",
     "signatures_of",
+    "similar_pairs",
     "simplify_text",
+    "number_masked",
+    "numbers_in",
+    "number_variant",
     "verified_jaccard",
 ]
