@@ -2,11 +2,27 @@
 
 The flow (datatrove's four MinHash steps, in one process, on columns instead of per-record objects):
 
-1. **Key text.** Each row becomes one normalized string: the whole conversation (SFT `messages`;
-   preference `prompt` + `chosen` + `rejected`) or only its prompt (SFT: every message but the final
-   assistant answer; preference: `prompt`), so "same question, different answers" can count as a
-   duplicate. Normalization (each switchable): lowercase, punctuation/symbols to spaces, every digit to
-   `0`, whitespace collapsed — the same simplification datatrove applies before exact dedup.
+1. **Key text.** Each row becomes one normalized string built from its *parts*: an SFT row has one
+   part, its whole conversation (`key: conversation`) or all but its final answer (`key: prompt`); a
+   preference row has three, prompt, chosen and rejected (`preference_key: pair`, the default whatever
+   `key` says), or only its prompt (`preference_key: prompt`, which must be asked for). Message and
+   field boundaries are marked (control characters), so text moved from one message or field to the
+   next is another key. Normalization, and what each step merges:
+   - Unicode NFC (done at ingest for every message): composed and decomposed accents (é / e + ◌́) —
+     the same text; it cannot merge distinct items.
+   - whitespace (always): runs of spaces, tabs and newlines become one space, ends are stripped — merges
+     copies re-wrapped or re-indented; distinct only for whitespace-sensitive content (Python
+     indentation), which chat data practically never differs in alone.
+   - `lowercase` (default **on**): merges copies that differ only in letter case (a shouted or
+     re-typed copy). It merges distinct items only if their entire content differs in case alone
+     (case-sensitive code or identifiers); set `lowercase: false` for such data.
+   - `strip_punctuation` (default **off**): punctuation and symbols to spaces — merges "17+25" with
+     "17-25" and "Hello, World!" with "hello world".
+   - `normalize_digits` (default **off**): every digit to `0` — merges every item of an arithmetic eval
+     and every person record that differs in dates or ids. datatrove folds both for web documents;
+     for conversational and eval data they merge distinct items, so they are opt-in.
+   Near duplicates are found on the same normalized text (no folding of its own), so their verified
+   Jaccard is measured on what the rows actually say.
 2. **Exact duplicates** share the sha256 of that key; all but one (the keep policy decides) are dropped.
 3. **Shingles** are built columnar in Polars (texts exploded to tokens, each n-gram the token joined to
    the next n-1 by `shift`; no Python loop over rows), hashed in bulk (xxh32 by default, sha1 —
@@ -23,8 +39,14 @@ The flow (datatrove's four MinHash steps, in one process, on columns instead of 
    (`MinHashLSH._optimal_param`, reimplemented in numpy and tested equal) for a candidate threshold
    0.1 under the dedup threshold, weighted towards recall, because every candidate is verified.
 6. **Verification and clustering.** Candidate pairs get their exact Jaccard on the (hashed) shingle
-   sets (a vectorized binary search of one sorted set in the other, all pairs at once); pairs under
-   the threshold are discarded. Connected components
+   sets (a vectorized binary search of one sorted set in the other, all pairs at once). Two preference
+   pairs score the lowest of that and each part's own Jaccard (prompt, chosen, rejected), so pairs
+   that share a long prompt but not their answers are not near duplicates (on the whole text the
+   shared transcript dominates); a preference pair and an SFT row are never near duplicates. Two rows
+   whose texts differ only in their numbers (punctuation aside: "What is 17+25? 42" / "What is
+   18-25? -7", person records with other dates and ids) score 0 unless `merge_number_variants`: such
+   rows are distinct items however long the text they share, and `normalize_digits: true` is the
+   switch that merges them on purpose. Pairs under the threshold are discarded. Connected components
    of the verified edges are clusters, but a chain A~B~C must not put A and C together when they are
    not similar: every member must itself pass the threshold against the cluster's kept representative,
    otherwise it is split off and clustered again among the remaining rows (repeat until stable).
@@ -886,17 +908,20 @@ class DedupConfig(StageConfig):
 
     exact: bool = True
     near: bool = True
-    key: KeyName = "conversation"
-    # Preference rows: `pair` compares prompt + chosen + rejected (each part must be similar for a near
-    # duplicate); `prompt` makes pairs that share a prompt duplicates whatever their answers.
-    preference_key: PreferenceKeyName = "pair"
-    lowercase: bool = True
-    strip_punctuation: bool = False
-    normalize_digits: bool = False
-    # Rows whose simplified texts differ only in their digits are distinct items (an arithmetic eval,
-    # person records), never near duplicates, unless this is true (`normalize_digits: true` instead
-    # makes them exact duplicates).
-    merge_number_variants: bool = False
+    key: KeyName = Field(
+        "conversation", description="SFT rows: the whole conversation, or `prompt` (all but the final answer)."
+    )
+    preference_key: PreferenceKeyName = Field(
+        "pair",
+        description="Preference rows: `pair` = prompt + chosen + rejected, each part similar for a near duplicate; "
+        "`prompt` = pairs sharing a prompt are duplicates whatever their answers.",
+    )
+    lowercase: bool = Field(True, description="Fold letter case (merges copies that differ only in case).")
+    strip_punctuation: bool = Field(False, description="Punctuation and symbols to spaces (merges 17+25 with 17-25).")
+    normalize_digits: bool = Field(False, description="Every digit to 0 (merges items that differ only in numbers).")
+    merge_number_variants: bool = Field(
+        False, description="Let rows that differ only in their numbers be near duplicates (off: distinct items)."
+    )
     include_system: bool = False
     shingle: ShingleKind = "char"
     ngram: int = Field(5, ge=1, le=64)
@@ -1043,7 +1068,9 @@ def dedup_against_redis(
     beside it three Redis hashes hold each indexed id's signature, `dup_cluster` and exact key, so a
     hit is confirmed by its estimated Jaccard (the shingle sets are not shared; `jaccard_verified`
     stays null) and exact keys match directly. datasketch's API is per record, so this path is a
-    Python loop over the rows that survived the local dedup: the price of a shared index."""
+    Python loop over the rows that survived the local dedup: the price of a shared index. Without the
+    shingle sets, the per-part check of preference pairs and the number-variant rule do not apply here:
+    a hit is judged on the whole-text estimate."""
     try:
         import redis
         from datasketch import LeanMinHash, MinHashLSH
