@@ -15,7 +15,7 @@ most of its validation prompts into train). Grouping only moves rows together, i
 A group's key is the smallest cluster key among its members, and its split is a pure function of that
 key and the seed (sha256 of both, read as a number in [0, 1) and compared with the cumulative
 fractions), so adding data never moves an existing group unless new rows join it to another.
-With stratification the clusters of each stratum are instead ordered by that hash and cut at the
+With stratification the groups of each stratum are instead ordered by that hash and cut at the
 fractions by row count, which keeps small strata represented in every split.
 
 Exports: `sft/` and `pref/` under the output folder, each with `<split>-00000-of-0000N.parquet` shards
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-
 import polars as pl
 import polars_hash  # noqa: F401  (registers the .chash namespace)
 from pydantic import Field, model_validator
@@ -140,8 +139,9 @@ def group_keys(rows: pl.DataFrame, config: SplitConfig) -> tuple[pl.Series, dict
         pl.when(has_prompt).then(pl.col("__node").first().over("__prompt").cast(pl.Int64)).alias("prompt_first"),
     )
     left = [np.arange(n), np.arange(n)]
-    prompt_first = table["prompt_first"].to_numpy(allow_copy=True)
-    right = [table["cluster_first"].to_numpy(), np.where(np.isnan(prompt_first), np.arange(n), prompt_first).astype(np.int64)]
+    # A row without a prompt is joined to itself only.
+    prompt_first = table.select(pl.coalesce("prompt_first", pl.int_range(n, dtype=pl.Int64)))["prompt_first"]
+    right = [table["cluster_first"].to_numpy(), prompt_first.to_numpy()]
     near_pairs = 0
     if config.group_prompts == "near":
         # One node per distinct prompt (its first row): near-duplicate pairs among distinct prompts only.
