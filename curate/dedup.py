@@ -1403,7 +1403,7 @@ def deduplicate(
                 "dup_cluster": cluster_id,
                 "size": int(size),
                 "in_saved_index": not has_kept,
-                "example": raw[example_row][:200],
+                "example": raw[example_row].replace(FIELD_SEPARATOR, "\n").replace(MESSAGE_SEPARATOR, "\n")[:200],
             }
         )
     report = {

@@ -189,3 +189,22 @@ def test_near_duplicate_triples_are_removed(tmp_path):
     assert dropped["reason"].to_list() == ["near_duplicate"]
     assert sorted(kept["row"].to_list()) == [0, 2] or sorted(kept["row"].to_list()) == [1, 2]
     assert dropped["jaccard_verified"][0] >= 0.7
+
+
+def test_saved_index_compares_preference_pairs_part_by_part_too(tmp_path):
+    first = write_jsonl(tmp_path / "first.jsonl", HH_PAIRS[:1])
+    dedup(tmp_path, first, out="run1")
+    near_copy = hh(
+        "Run the disposal with cold water first, then try a plunger on the right side while you hold a wet "
+        "cloth over the left drain!",
+        "Just call the plumber.",
+    )
+    other_rejected = hh(
+        "Run the disposal with cold water first, then try a plunger on the right side while you hold a wet "
+        "cloth over the left drain.",
+        "Pour bleach into both drains and leave it overnight.",
+    )
+    second = write_jsonl(tmp_path / "second.jsonl", [near_copy, other_rejected])
+    kept, dropped = dedup(tmp_path, second, "--index", str(tmp_path / "run1" / "dedup" / "index"), out="run2")
+    assert dropped["row"].to_list() == [0] and dropped["reason"].to_list() == ["near_duplicate"]
+    assert kept["row"].to_list() == [1]
