@@ -57,7 +57,7 @@ SIDES = ("datasketch-per-record", "datasketch-bulk", "datatrove", "datatrove-1pr
 
 def build_corpus(records: int, seed: int, edit_fraction: float = 0.1) -> list[str]:
     rng = np.random.default_rng(seed)
-    # Letters only: the default normalization maps digits to 0, which would merge "w12" and "w34".
+    # Letters only: records that differ only in numbers are never near duplicates (the number-variant rule).
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     vocabulary = np.unique(np.array(["".join(word) for word in letters[rng.integers(0, 26, (21_000, 6))]]))[:20_000]
     texts: list[str] = []

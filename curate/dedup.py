@@ -2,11 +2,27 @@
 
 The flow (datatrove's four MinHash steps, in one process, on columns instead of per-record objects):
 
-1. **Key text.** Each row becomes one normalized string: the whole conversation (SFT `messages`;
-   preference `prompt` + `chosen` + `rejected`) or only its prompt (SFT: every message but the final
-   assistant answer; preference: `prompt`), so "same question, different answers" can count as a
-   duplicate. Normalization (each switchable): lowercase, punctuation/symbols to spaces, every digit to
-   `0`, whitespace collapsed — the same simplification datatrove applies before exact dedup.
+1. **Key text.** Each row becomes one normalized string built from its *parts*: an SFT row has one
+   part, its whole conversation (`key: conversation`) or all but its final answer (`key: prompt`); a
+   preference row has three, prompt, chosen and rejected (`preference_key: pair`, the default whatever
+   `key` says), or only its prompt (`preference_key: prompt`, which must be asked for). Message and
+   field boundaries are marked (control characters), so text moved from one message or field to the
+   next is another key. Normalization, and what each step merges:
+   - Unicode NFC (done at ingest for every message): composed and decomposed accents (é / e + ◌́) —
+     the same text; it cannot merge distinct items.
+   - whitespace (always): runs of spaces, tabs and newlines become one space, ends are stripped — merges
+     copies re-wrapped or re-indented; distinct only for whitespace-sensitive content (Python
+     indentation), which chat data practically never differs in alone.
+   - `lowercase` (default **on**): merges copies that differ only in letter case (a shouted or
+     re-typed copy). It merges distinct items only if their entire content differs in case alone
+     (case-sensitive code or identifiers); set `lowercase: false` for such data.
+   - `strip_punctuation` (default **off**): punctuation and symbols to spaces — merges "17+25" with
+     "17-25" and "Hello, World!" with "hello world".
+   - `normalize_digits` (default **off**): every digit to `0` — merges every item of an arithmetic eval
+     and every person record that differs in dates or ids. datatrove folds both for web documents;
+     for conversational and eval data they merge distinct items, so they are opt-in.
+   Near duplicates are found on the same normalized text (no folding of its own), so their verified
+   Jaccard is measured on what the rows actually say.
 2. **Exact duplicates** share the sha256 of that key; all but one (the keep policy decides) are dropped.
 3. **Shingles** are built columnar in Polars (texts exploded to tokens, each n-gram the token joined to
    the next n-1 by `shift`; no Python loop over rows), hashed in bulk (xxh32 by default, sha1 —
@@ -23,8 +39,14 @@ The flow (datatrove's four MinHash steps, in one process, on columns instead of 
    (`MinHashLSH._optimal_param`, reimplemented in numpy and tested equal) for a candidate threshold
    0.1 under the dedup threshold, weighted towards recall, because every candidate is verified.
 6. **Verification and clustering.** Candidate pairs get their exact Jaccard on the (hashed) shingle
-   sets (a vectorized binary search of one sorted set in the other, all pairs at once); pairs under
-   the threshold are discarded. Connected components
+   sets (a vectorized binary search of one sorted set in the other, all pairs at once). Two preference
+   pairs score the lowest of that and each part's own Jaccard (prompt, chosen, rejected), so pairs
+   that share a long prompt but not their answers are not near duplicates (on the whole text the
+   shared transcript dominates); a preference pair and an SFT row are never near duplicates. Two rows
+   whose texts differ only in their numbers (punctuation aside: "What is 17+25? 42" / "What is
+   18-25? -7", person records with other dates and ids) score 0 unless `merge_number_variants`: such
+   rows are distinct items however long the text they share, and `normalize_digits: true` is the
+   switch that merges them on purpose. Pairs under the threshold are discarded. Connected components
    of the verified edges are clusters, but a chain A~B~C must not put A and C together when they are
    not similar: every member must itself pass the threshold against the cluster's kept representative,
    otherwise it is split off and clustered again among the remaining rows (repeat until stable).
@@ -64,12 +86,13 @@ from curate.stage import Seed, StageConfig
 from safety.redact import redact
 
 INDEX_FORMAT = "curate-minhash-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: number_hash, digits_hash and per-part shingle sets
 KEY_HASH_CHARS = 32
 
 HashName = Literal["xxh32", "sha1"]
 ShingleKind = Literal["char", "word"]
 KeyName = Literal["conversation", "prompt"]
+PreferenceKeyName = Literal["pair", "prompt"]
 
 # datasketch 2.x `affine32` constants: MurmurHash3 fmix32 pre-mix, then a*h+b mod 2^32 with a odd.
 _FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
@@ -85,7 +108,8 @@ _FMIX64 = (np.uint64(33), np.uint64(0xFF51AFD7ED558CCD), np.uint64(33), np.uint6
 
 @dataclass(frozen=True)
 class MinHashSettings:
-    """Everything that determines a signature; two indexes can be compared only if these match."""
+    """Everything that determines a key text and a signature; two indexes can be compared only if
+    these match. Defaults: see the module docstring (normalization that cannot merge distinct items)."""
 
     num_perm: int = 128
     seed: int = 1  # datasketch's default seed
@@ -93,9 +117,10 @@ class MinHashSettings:
     shingle: ShingleKind = "char"
     ngram: int = 5
     key: KeyName = "conversation"
+    preference_key: PreferenceKeyName = "pair"
     lowercase: bool = True
-    strip_punctuation: bool = True
-    normalize_digits: bool = True
+    strip_punctuation: bool = False
+    normalize_digits: bool = False
     include_system: bool = False
 
     def as_dict(self) -> dict:
@@ -105,43 +130,75 @@ class MinHashSettings:
 # --------------------------------------------------------------------------------------------------
 # Key text and shingles (Polars expressions)
 
+# Boundaries inside a key text, so that moving text from one message or field to the next never gives
+# the same key (prompt "A B" + chosen "C" is not prompt "A" + chosen "B C"). Control characters no
+# normalization touches; any inside the content itself become spaces.
+MESSAGE_SEPARATOR = "\x1e"
+FIELD_SEPARATOR = "\x1f"
+PART_NAMES = ("prompt", "chosen", "rejected")
+
 
 def _contents(messages: pl.Expr, include_system: bool = False) -> pl.Expr:
     if not include_system:
         messages = messages.list.filter(pl.element().struct.field("role") != "system")
-    return messages.list.eval(pl.element().struct.field("content")).list.join("\n")
+    content = pl.element().struct.field("content").str.replace_all(r"[\x1e\x1f]", " ")
+    return messages.list.eval(content).list.join(MESSAGE_SEPARATOR)
 
 
-def key_text(key: KeyName = "conversation", include_system: bool = False) -> pl.Expr:
-    """The raw (not yet simplified) text a row is deduplicated on, for both record kinds.
+def key_parts(
+    key: KeyName = "conversation", include_system: bool = False, preference_key: PreferenceKeyName = "pair"
+) -> list[pl.Expr]:
+    """The raw (not yet simplified) texts a row is compared on, one expression per part; a part a row
+    does not have is null.
 
-    `conversation`: every message's content (SFT) or prompt + chosen + rejected (preference).
-    `prompt`: SFT rows without their final assistant answer; preference rows' prompt.
+    SFT rows have one part: every message's content (`key: conversation`) or all but the final
+    assistant answer (`key: prompt`). Preference rows have three, prompt, chosen and rejected
+    (`preference_key: pair`, the default whatever `key` says: a preference pair is a duplicate only
+    when its answers are too), or only the prompt (`preference_key: prompt`, asked for explicitly).
     System messages are left out unless `include_system`: a shared system prompt is boilerplate that
     would make unrelated conversations look alike."""
+
     def _c(messages: pl.Expr) -> pl.Expr:
         return _contents(messages, include_system)
 
-    is_sft = pl.col("kind") == "sft"
     if key == "conversation":
-        preference = pl.concat_str(
-            [_c(pl.col("prompt")), _c(pl.col("chosen")), _c(pl.col("rejected"))],
-            separator="\n",
-            ignore_nulls=True,
-        )
         sft = _c(pl.col("messages"))
     elif key == "prompt":
-        preference = _c(pl.col("prompt"))
         sft = _c(pl.col("messages").list.slice(0, pl.col("messages").list.len() - 1))
     else:  # pragma: no cover - guarded by the config model
         raise ConfigError(f"dedup key must be 'conversation' or 'prompt', not {key!r}")
-    return pl.when(is_sft).then(sft).otherwise(preference).fill_null("")
+    if preference_key == "pair":
+        preference = [_c(pl.col(name)) for name in PART_NAMES]
+    elif preference_key == "prompt":
+        preference = [_c(pl.col("prompt")), None, None]
+    else:  # pragma: no cover - guarded by the config model
+        raise ConfigError(f"dedup preference_key must be 'pair' or 'prompt', not {preference_key!r}")
+    is_sft = pl.col("kind") == "sft"
+    nothing = pl.lit(None, pl.String)
+    first = pl.when(is_sft).then(sft).otherwise(preference[0]).fill_null("")
+    rest = [pl.when(is_sft).then(nothing).otherwise(part if part is not None else nothing) for part in preference[1:]]
+    return [first, *rest]
+
+
+def join_parts(parts: list[pl.Expr]) -> pl.Expr:
+    """One key text from the parts (missing parts skipped), fields marked by FIELD_SEPARATOR."""
+    return pl.concat_str(parts, separator=f" {FIELD_SEPARATOR} ", ignore_nulls=True)
+
+
+def key_text(
+    key: KeyName = "conversation", include_system: bool = False, preference_key: PreferenceKeyName = "pair"
+) -> pl.Expr:
+    """The raw (not yet simplified) text a row is deduplicated on: its parts joined (see `key_parts`)."""
+    return join_parts(key_parts(key, include_system, preference_key))
 
 
 def simplify_text(
-    text: pl.Expr, *, lowercase: bool = True, strip_punctuation: bool = True, normalize_digits: bool = True
+    text: pl.Expr, *, lowercase: bool = True, strip_punctuation: bool = False, normalize_digits: bool = False
 ) -> pl.Expr:
-    """Normalize text for duplicate detection; whitespace is always collapsed to single spaces."""
+    """Normalize text for duplicate detection. Always: whitespace runs collapse to one space (ends
+    stripped), and message/field separators stand alone as words. The text is NFC already (ingest
+    normalizes every message). Switches: lowercase (default on), punctuation and symbols to spaces
+    and every digit to `0` (both default off: they merge distinct items, see the module docstring)."""
     if lowercase:
         text = text.str.to_lowercase()
     if strip_punctuation:
@@ -150,16 +207,40 @@ def simplify_text(
         text = text.str.replace_all(r"\p{Nd}", "0")
     # Same as replacing `\s+` by one space, but a lone space (most of them) is not a match, which
     # makes this several times faster.
-    return text.str.replace_all(r"\s{2,}|[^\S ]", " ").str.strip_chars()
+    text = text.str.replace_all(r"\s{2,}|[^\S ]", " ").str.strip_chars()
+    return text.str.replace_all(r" ?([\x1e\x1f]) ?", " ${1} ")
 
 
-def dedup_text(settings: MinHashSettings) -> pl.Expr:
-    return simplify_text(
-        key_text(settings.key, settings.include_system),
+def number_masked(text: pl.Expr) -> pl.Expr:
+    """A text with every number replaced by `0` and punctuation and symbols removed: two texts with
+    equal masks but different `numbers_in` differ only in their numbers (17+25 / 18-25 included)."""
+    masked = text.str.replace_all(r"\p{Nd}+", "0").str.replace_all(r"[\p{P}\p{S}]+", " ")
+    return masked.str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def numbers_in(text: pl.Expr) -> pl.Expr:
+    """The digit runs of a text, in order."""
+    return text.str.extract_all(r"\p{Nd}+").list.join(" ")
+
+
+def number_variant(masked: pl.Series, numbers: pl.Series, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Whether each (left, right) pair of texts differs only in its numbers (see `number_masked`)."""
+    same_mask = (masked.gather(left) == masked.gather(right)).to_numpy()
+    return same_mask & (numbers.gather(left) != numbers.gather(right)).to_numpy()
+
+
+def simplified_parts(settings: MinHashSettings) -> list[pl.Expr]:
+    options = dict(
         lowercase=settings.lowercase,
         strip_punctuation=settings.strip_punctuation,
         normalize_digits=settings.normalize_digits,
     )
+    return [simplify_text(part, **options) for part in key_parts(settings.key, settings.include_system, settings.preference_key)]
+
+
+def dedup_text(settings: MinHashSettings) -> pl.Expr:
+    """The simplified key text exact keys and shingles are computed from."""
+    return join_parts(simplified_parts(settings))
 
 
 def shingle_rows(texts: pl.Series, kind: ShingleKind = "char", ngram: int = 5, node_offset: int = 0) -> pl.LazyFrame:
@@ -558,6 +639,21 @@ def connected_components(node_count: int, left: np.ndarray, right: np.ndarray) -
             parent = jumped
 
 
+def similar_pairs(
+    texts: pl.Series, threshold: float, settings: MinHashSettings = MinHashSettings(), max_bucket_pairs: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions `(left < right)` of already simplified texts whose shingle sets have an exact Jaccard
+    of at least `threshold`: the dedup stage's signatures, LSH banding (recall-weighted, aimed 0.1 under
+    the threshold) and verification, without its clustering. For callers that want every chain kept
+    together (connected components), such as the split's prompt groups."""
+    sets = shingle_sets(texts, settings)
+    signatures = signatures_of(sets, settings)
+    bands, rows = lsh_params(round(max(0.05, threshold - 0.1), 6), settings.num_perm, 0.2, 0.8)
+    left, right = candidate_pairs(band_table_from(signatures, sets.sizes > 0, bands, rows), max_bucket_pairs)
+    similar = verified_jaccard(sets, left, right) >= threshold
+    return left[similar], right[similar]
+
+
 @dataclass
 class Clustering:
     """Outcome for the nodes that were assigned to another node's cluster."""
@@ -704,8 +800,11 @@ def empty_index_records(num_perm: int) -> pl.DataFrame:
             "id": pl.String,
             "dup_cluster": pl.String,
             "key_hash": pl.String,
+            "number_hash": pl.String,
+            "digits_hash": pl.String,
             "signature": pl.Array(pl.UInt32, num_perm),
             "shingles": pl.List(pl.UInt32),
+            **{f"shingles_{name}": pl.List(pl.UInt32) for name in PART_NAMES},
         }
     )
 
@@ -727,6 +826,49 @@ def band_table_from(signatures: np.ndarray, has_shingles: np.ndarray, bands: int
 def key_hash(text: pl.Expr) -> pl.Expr:
     """Stable hash of a simplified key text (sha256, 128 bits as hex, like record ids)."""
     return text.chash.sha2_256().str.slice(0, KEY_HASH_CHARS)
+
+
+def hash_code(hashes: pl.Series) -> np.ndarray:
+    """The first 64 bits of hex key hashes as integers, to compare many pairs at once in numpy."""
+    return hashes.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64).to_numpy()
+
+
+def part_jaccard(sets: ShingleSets, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Exact Jaccard of one part of each pair; two empty parts (two empty answers) are equal."""
+    out = verified_jaccard(sets, left, right)
+    sizes = sets.sizes
+    out[(sizes[left] == 0) & (sizes[right] == 0)] = 1.0
+    return out
+
+
+@dataclass
+class NodeFeatures:
+    """What a near-duplicate decision needs of every node (saved index rows first, then this run's)."""
+
+    signatures: np.ndarray
+    sets: ShingleSets | None  # whole key texts; None when candidates are judged by estimate
+    part_sets: list[ShingleSets]  # prompt, chosen, rejected of preference pairs (empty for other rows)
+    multipart: np.ndarray  # bool: compared part by part
+    number_code: np.ndarray  # uint64: hash of the text with numbers masked, punctuation removed
+    digits_code: np.ndarray  # uint64: hash of the text's numbers
+
+    def similarity(self, a: np.ndarray, b: np.ndarray, verify: bool, merge_number_variants: bool) -> np.ndarray:
+        """Similarity of each (a, b) pair, compared with the threshold: the Jaccard of the whole key
+        text (exact, or the signature estimate without `verify`); for two preference pairs the
+        lowest of that and each part's exact Jaccard, so pairs sharing a prompt but not their answers
+        stay apart; 0 for a preference pair against an SFT row, and for two rows that differ only in
+        their numbers (unless `merge_number_variants`)."""
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        out = verified_jaccard(self.sets, a, b) if verify else estimated_jaccard(self.signatures, a, b)
+        both = self.multipart[a] & self.multipart[b]
+        if both.any():
+            for sets in self.part_sets:
+                out[both] = np.minimum(out[both], part_jaccard(sets, a[both], b[both]))
+        out[self.multipart[a] != self.multipart[b]] = 0.0
+        if not merge_number_variants:
+            number_only = (self.number_code[a] == self.number_code[b]) & (self.digits_code[a] != self.digits_code[b])
+            out[number_only] = 0.0
+        return out
 
 
 
@@ -766,10 +908,20 @@ class DedupConfig(StageConfig):
 
     exact: bool = True
     near: bool = True
-    key: KeyName = "conversation"
-    lowercase: bool = True
-    strip_punctuation: bool = True
-    normalize_digits: bool = True
+    key: KeyName = Field(
+        "conversation", description="SFT rows: the whole conversation, or `prompt` (all but the final answer)."
+    )
+    preference_key: PreferenceKeyName = Field(
+        "pair",
+        description="Preference rows: `pair` = prompt + chosen + rejected, each part similar for a near duplicate; "
+        "`prompt` = pairs sharing a prompt are duplicates whatever their answers.",
+    )
+    lowercase: bool = Field(True, description="Fold letter case (merges copies that differ only in case).")
+    strip_punctuation: bool = Field(False, description="Punctuation and symbols to spaces (merges 17+25 with 17-25).")
+    normalize_digits: bool = Field(False, description="Every digit to 0 (merges items that differ only in numbers).")
+    merge_number_variants: bool = Field(
+        False, description="Let rows that differ only in their numbers be near duplicates (off: distinct items)."
+    )
     include_system: bool = False
     shingle: ShingleKind = "char"
     ngram: int = Field(5, ge=1, le=64)
@@ -827,6 +979,7 @@ class DedupConfig(StageConfig):
             shingle=self.shingle,
             ngram=self.ngram,
             key=self.key,
+            preference_key=self.preference_key,
             lowercase=self.lowercase,
             strip_punctuation=self.strip_punctuation,
             normalize_digits=self.normalize_digits,
@@ -915,7 +1068,9 @@ def dedup_against_redis(
     beside it three Redis hashes hold each indexed id's signature, `dup_cluster` and exact key, so a
     hit is confirmed by its estimated Jaccard (the shingle sets are not shared; `jaccard_verified`
     stays null) and exact keys match directly. datasketch's API is per record, so this path is a
-    Python loop over the rows that survived the local dedup: the price of a shared index."""
+    Python loop over the rows that survived the local dedup: the price of a shared index. Without the
+    shingle sets, the per-part check of preference pairs and the number-variant rule do not apply here:
+    a hit is judged on the whole-text estimate."""
     try:
         import redis
         from datasketch import LeanMinHash, MinHashLSH
@@ -1020,15 +1175,19 @@ def deduplicate(
     settings = config.settings()
     bands, rows = config.band_params()
     n = frame.height
-    texts = frame.select(key_text(settings.key, settings.include_system).alias("raw")).with_columns(
-        simplify_text(
-            pl.col("raw"),
-            lowercase=settings.lowercase,
-            strip_punctuation=settings.strip_punctuation,
-            normalize_digits=settings.normalize_digits,
-        ).alias("text")
+    part_columns = [f"__part_{name}" for name in PART_NAMES]
+    texts = frame.select(
+        key_text(settings.key, settings.include_system, settings.preference_key).alias("raw"),
+        *[part.alias(column) for part, column in zip(simplified_parts(settings), part_columns)],
+    ).with_columns(join_parts([pl.col(column) for column in part_columns]).alias("text"))
+    hashes = texts.select(
+        key_hash(pl.col("text")).alias("key_hash"),
+        key_hash(number_masked(pl.col("text"))).alias("number_hash"),
+        key_hash(numbers_in(pl.col("text"))).alias("digits_hash"),
     )
-    keys = texts.select(key_hash(pl.col("text")).alias("key_hash"))["key_hash"]
+    keys, number_keys, digit_keys = hashes["key_hash"], hashes["number_hash"], hashes["digits_hash"]
+    # Rows compared part by part (preference pairs): the second part is present.
+    multipart = texts[part_columns[1]].is_not_null().to_numpy()
     priority = keep_priority(frame, config)
     ids = frame["id"].to_numpy()
     progress("dedup: keys ready")
@@ -1084,10 +1243,24 @@ def deduplicate(
     near_dropped = 0
     edges = None
     new_sets = ShingleSets(values=np.empty(0, np.uint32), offsets=np.zeros(1, np.int64))
+    new_part_sets = [new_sets] * len(PART_NAMES)
     if config.near or config.save_index:
         progress(f"dedup: MinHash signatures of {len(survivors)} rows")
         new_sets = shingle_sets(texts["text"].gather(survivors), settings)
         new_signatures = signatures_of(new_sets, settings)
+        # Only preference pairs are compared part by part; other rows get empty part sets.
+        if multipart[survivors].any():
+            survivor_parts = texts.select(
+                pl.when(pl.lit(pl.Series(multipart, dtype=pl.Boolean)))
+                .then(pl.col(column))
+                .otherwise(pl.lit(""))
+                .gather(survivors)
+                for column in part_columns
+            )
+            new_part_sets = [shingle_sets(survivor_parts[column], settings) for column in part_columns]
+        else:
+            no_sets = ShingleSets(values=np.empty(0, np.uint32), offsets=np.zeros(len(survivors) + 1, np.int64))
+            new_part_sets = [no_sets] * len(PART_NAMES)
     has_shingles_new = new_sets.sizes > 0
     if config.near and len(survivors):
         old_signatures = index.signatures if index is not None else new_signatures[:0]
@@ -1103,12 +1276,22 @@ def deduplicate(
         progress("dedup: LSH candidates")
         left, right = candidate_pairs(pl.concat([old_bands, new_bands]), config.max_bucket_pairs, new_from=old_count)
         node_count = old_count + len(survivors)
-        sets = ShingleSets.concat([old_sets, new_sets]) if config.verify else None
+        nodes = NodeFeatures(
+            signatures=all_signatures,
+            sets=ShingleSets.concat([old_sets, new_sets]) if config.verify else None,
+            part_sets=[
+                ShingleSets.concat([ShingleSets.from_lists(index_records[f"shingles_{name}"]), new_part])
+                for name, new_part in zip(PART_NAMES, new_part_sets)
+            ],
+            multipart=np.concatenate([index_records["shingles_chosen"].is_not_null().to_numpy(), multipart[survivors]]),
+            digits_code=np.concatenate([hash_code(index_records["digits_hash"]), hash_code(digit_keys.gather(survivors))]),
+            number_code=np.concatenate(
+                [hash_code(index_records["number_hash"]), hash_code(number_keys.gather(survivors))]
+            ),
+        )
 
         def compute_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            if config.verify:
-                return verified_jaccard(sets, a, b)
-            return estimated_jaccard(all_signatures, a, b)
+            return nodes.similarity(a, b, config.verify, config.merge_number_variants)
 
         progress(f"dedup: verifying {len(left)} candidate pairs")
         if config.verify and config.skip_verify_margin is not None:
@@ -1220,7 +1403,7 @@ def deduplicate(
                 "dup_cluster": cluster_id,
                 "size": int(size),
                 "in_saved_index": not has_kept,
-                "example": raw[example_row][:200],
+                "example": raw[example_row].replace(FIELD_SEPARATOR, "\n").replace(MESSAGE_SEPARATOR, "\n")[:200],
             }
         )
     report = {
@@ -1247,15 +1430,24 @@ def deduplicate(
     if config.save_index:
         kept_new = np.flatnonzero(reason[survivors] == None)  # noqa: E711
         kept_rows = survivors[kept_new]
+        kept_multipart = pl.Series(multipart[kept_rows])
         new_records = pl.DataFrame(
             {
                 "id": frame["id"].gather(kept_rows),
                 "dup_cluster": pl.Series(cluster[kept_rows].tolist(), dtype=pl.String),
                 "key_hash": keys.gather(kept_rows),
+                "number_hash": number_keys.gather(kept_rows),
+                "digits_hash": digit_keys.gather(kept_rows),
                 "signature": pl.Series(
                     np.ascontiguousarray(new_signatures[kept_new]), dtype=pl.Array(pl.UInt32, settings.num_perm)
                 ),
                 "shingles": new_sets.to_lists(kept_new),
+                **{
+                    f"shingles_{name}": pl.select(
+                        pl.when(pl.lit(kept_multipart)).then(pl.lit(part.to_lists(kept_new)))
+                    ).to_series()
+                    for name, part in zip(PART_NAMES, new_part_sets)
+                },
             }
         )
         base = index_records if (config.extend_index and index is not None) else empty_index_records(settings.num_perm)
@@ -1311,6 +1503,10 @@ __all__ = [
     "shingle_rows",
     "shingle_sets",
     "signatures_of",
+    "similar_pairs",
     "simplify_text",
+    "number_masked",
+    "numbers_in",
+    "number_variant",
     "verified_jaccard",
 ]

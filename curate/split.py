@@ -1,10 +1,21 @@
 """Leak-free train/validation/test assignment and the dataset folders the trainer reads.
 
-Rows are assigned per *cluster*, never per row: the cluster key is the dedup stage's `dup_cluster`
-(falling back to `id`, which exact duplicates share), so near-duplicates always land in the same split.
-A cluster's split is a pure function of its key and the seed (sha256 of both, read as a number in
-[0, 1) and compared with the cumulative fractions), so adding data never moves an existing cluster.
-With stratification the clusters of each stratum are instead ordered by that hash and cut at the
+Rows are assigned per *group*, never per row. A row's group is the connected component of two
+relations: the dedup stage's `dup_cluster` (falling back to `id`, which exact duplicates share), and
+its prompt — rows whose prompts are the same or near-duplicates (`group_prompts`). The prompt is the
+preference row's `prompt`, or an SFT row's messages before its final answer, simplified as dedup's
+default key (case and whitespace folded); near-duplicate prompts are MinHash pairs with a verified
+Jaccard of at least `prompt_threshold` (curate.dedup's signatures, banding and verification), and
+every chain of them is kept together (prompts that differ only in their numbers are distinct questions,
+as in dedup). So several preference pairs for one prompt, or a prompt and its
+reworded variant, never end up in both train and validation (a DPO set assigned pair by pair leaks
+most of its validation prompts into train). Grouping only moves rows together, it never drops any;
+`group_prompts: exact` skips the MinHash step, `off` restores `dup_cluster`-only groups.
+
+A group's key is the smallest cluster key among its members, and its split is a pure function of that
+key and the seed (sha256 of both, read as a number in [0, 1) and compared with the cumulative
+fractions), so adding data never moves an existing group unless new rows join it to another.
+With stratification the groups of each stratum are instead ordered by that hash and cut at the
 fractions by row count, which keeps small strata represented in every split.
 
 Exports: `sft/` and `pref/` under the output folder, each with `<split>-00000-of-0000N.parquet` shards
@@ -17,13 +28,23 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import polars as pl
 import polars_hash  # noqa: F401  (registers the .chash namespace)
 from pydantic import Field, model_validator
 
 from curate.atomic import atomic_dir
+from curate.dedup import (
+    connected_components,
+    key_parts,
+    number_masked,
+    number_variant,
+    numbers_in,
+    similar_pairs,
+    simplify_text,
+)
 from safety.ownership import is_owned, record
 from curate.errors import ConfigError, RunStateError
 from curate.stage import Seed, StageConfig
@@ -61,6 +82,14 @@ class SplitConfig(StageConfig):
     save_to_disk: bool = Field(False, description="Also write datasets.save_to_disk copies in <folder>/hf_dataset.")
     license: str = Field("unknown", description="License field of the dataset card.")
     extra_columns: list[str] = Field(default_factory=list, description="More columns to carry into the exports.")
+    group_prompts: Literal["near", "exact", "off"] = Field(
+        "near",
+        description="Keep rows whose prompts are the same (`exact`) or also near-duplicates (`near`) in one split; "
+        "`off`: dup_cluster only.",
+    )
+    prompt_threshold: float = Field(
+        0.7, gt=0.0, le=1.0, description="Verified Jaccard (character 5-grams) at which two prompts are near-duplicates."
+    )
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self):
@@ -87,6 +116,60 @@ def cluster_key(frame_columns: list[str], cluster_column: str) -> pl.Expr:
     if cluster_column in frame_columns:
         return pl.coalesce(pl.col(cluster_column).cast(pl.String), pl.col("id"))
     return pl.col("id")
+
+
+def prompt_text() -> pl.Expr:
+    """What a row's prompt is for grouping: the preference prompt, or the SFT messages before the final
+    answer (system messages left out), simplified like dedup's default key."""
+    return simplify_text(key_parts("prompt", include_system=False, preference_key="prompt")[0])
+
+
+def group_keys(rows: pl.DataFrame, config: SplitConfig) -> tuple[pl.Series, dict[str, Any]]:
+    """Each row's split group (see the module docstring), from its `_CLUSTER` and `__prompt`.
+
+    Nodes are rows; edges join each row to the first row of its cluster, of its exact prompt and of every
+    prompt near-duplicating its own; the group key is the smallest cluster key of the component."""
+    n = rows.height
+    if config.group_prompts == "off" or n == 0:
+        return rows[_CLUSTER], {"group_prompts": config.group_prompts}
+    has_prompt = pl.col("__prompt").str.len_chars() > 0
+    table = rows.with_row_index("__node").select(
+        pl.col(_CLUSTER),
+        pl.col("__node").first().over(_CLUSTER).cast(pl.Int64).alias("cluster_first"),
+        pl.when(has_prompt).then(pl.col("__node").first().over("__prompt").cast(pl.Int64)).alias("prompt_first"),
+    )
+    left = [np.arange(n), np.arange(n)]
+    # A row without a prompt is joined to itself only.
+    prompt_first = table.select(pl.coalesce("prompt_first", pl.int_range(n, dtype=pl.Int64)))["prompt_first"]
+    right = [table["cluster_first"].to_numpy(), prompt_first.to_numpy()]
+    near_pairs = 0
+    if config.group_prompts == "near":
+        # One node per distinct prompt (its first row): near-duplicate pairs among distinct prompts only.
+        firsts = table.select(pl.col("prompt_first").drop_nulls().unique().sort())["prompt_first"].to_numpy()
+        prompts = rows["__prompt"].gather(firsts)
+        a, b = similar_pairs(prompts, config.prompt_threshold)
+        # As in dedup, prompts that differ only in their numbers are distinct questions ("What is 17+25?",
+        # "What is 18+25?"); without this, templated prompts chain into one group holding most rows.
+        masks = pl.select(number_masked(pl.lit(prompts)).alias("m"), numbers_in(pl.lit(prompts)).alias("n"))
+        distinct = ~number_variant(masks["m"], masks["n"], a, b)
+        a, b = a[distinct], b[distinct]
+        left.append(firsts[a])
+        right.append(firsts[b])
+        near_pairs = len(a)
+    labels = connected_components(n, np.concatenate(left), np.concatenate(right))
+    keys = (
+        table.with_columns(pl.Series("__label", labels)).select(pl.col(_CLUSTER).min().over("__label"))[_CLUSTER]
+    )
+    sizes = keys.value_counts()["count"]
+    report = {
+        "group_prompts": config.group_prompts,
+        "near_duplicate_prompt_pairs": near_pairs,
+        "clusters": int(rows[_CLUSTER].n_unique()),
+        "groups": int(keys.n_unique()),
+        "largest_group": int(sizes.max()) if len(sizes) else 0,
+        "rows_moved_by_prompt": int((keys != rows[_CLUSTER]).sum()),
+    }
+    return keys, report
 
 
 def read_previous_splits(folder: Path) -> pl.DataFrame:
@@ -158,10 +241,17 @@ def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tup
     ).cast(pl.String).fill_null("")
 
     rows = frame.select(
-        "id", "kind", cluster_key(columns, config.cluster_column).alias(_CLUSTER), stratum.alias("__stratum")
+        "id",
+        "kind",
+        cluster_key(columns, config.cluster_column).alias(_CLUSTER),
+        stratum.alias("__stratum"),
+        prompt_text().alias("__prompt"),
     ).collect()
+    groups, group_report = group_keys(rows, config)
+    rows = rows.drop("__prompt").with_columns(groups.alias(_CLUSTER)).with_row_index("__split_row")
 
     report: dict[str, Any] = {"seed": seed, "cluster_column": config.cluster_column if config.cluster_column in columns else "id"}
+    report["grouping"] = group_report
     prior_row = None
     if config.previous_splits:
         previous = read_previous_splits(Path(config.previous_splits))
@@ -243,9 +333,14 @@ def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tup
             moved.setdefault(target, {})[kind] = candidates.height
 
     decision = clusters.select(_CLUSTER, "split")
+    # The decision per input row (row order = the frame's), so the full rows join it by position.
+    row_decision = rows.select("__split_row", _CLUSTER)
 
     def with_split(table):
         lazy = isinstance(table, pl.LazyFrame)
+        if "__split_row" in (table.collect_schema().names() if lazy else table.columns):
+            groups_of = row_decision.lazy() if lazy else row_decision
+            table = table.join(groups_of, on="__split_row", how="left", maintain_order="left").drop("__split_row")
         joined = table.join(decision.lazy() if lazy else decision, on=_CLUSTER, how="left", maintain_order="left")
         if prior_row is not None:
             # An earlier row keeps its own split even where its cluster has since merged with another.
@@ -256,14 +351,12 @@ def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tup
         return joined.drop(_CLUSTER)
 
     # A `split` column from an earlier split stage is replaced, not duplicated.
-    result = with_split(
-        frame.drop("split", strict=False).with_columns(cluster_key(columns, config.cluster_column).alias(_CLUSTER))
-    )
+    result = with_split(frame.drop("split", strict=False).with_row_index("__split_row"))
     if prior_row is not None:
         report["previous"]["rows_matched"] = int(rows.join(prior_row, on="id", how="semi").height)
         report["previous"]["new_clusters"] = int(clusters.filter(fresh).height)
 
-    counts = with_split(rows).group_by("kind", "split").len()
+    counts = with_split(rows.drop("__split_row")).group_by("kind", "split").len()
     report["clusters"] = clusters.height
     report["counts"] = {
         KIND_FOLDERS[kind]: {
@@ -396,7 +489,8 @@ def dataset_card(
         "## Split",
         "",
         f"- fractions: train {config.train:g}, validation {config.validation:g}, test {config.test:g}",
-        f"- seed: {seed}; assignment by sha256(seed, {config.cluster_column} or id)",
+        f"- seed: {seed}; assignment by sha256(seed, group): {config.cluster_column} or id, joined with rows whose "
+        f"prompts match (group_prompts: {config.group_prompts}, threshold {config.prompt_threshold:g})",
         f"- stratified by: {config.stratify_by or 'none'}",
         f"- minimum validation rows: {config.min_validation_rows}; minimum test rows: {config.min_test_rows}",
         f"- previous splits: {config.previous_splits or 'none'}",

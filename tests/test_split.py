@@ -71,7 +71,10 @@ def test_stratified_by_source_balances_every_file():
     small = canonical_frame(sft_records(40, cluster_size=2, prefix="small"), "raw/small.jsonl")
     large = canonical_frame(sft_records(1000, cluster_size=2, prefix="large"), "raw/large.jsonl")
     frame = pl.concat([small, large])
-    rows, _ = assign_splits(frame.lazy(), SplitConfig(train=0.5, validation=0.25, test=0.25, stratify_by="source"), seed=0)
+    # Both files ask the same templated questions (only the prefix differs), so prompt grouping would tie
+    # rows of the two strata together; this test is about the cut within a stratum.
+    config = SplitConfig(train=0.5, validation=0.25, test=0.25, stratify_by="source", group_prompts="off")
+    rows, _ = assign_splits(frame.lazy(), config, seed=0)
     for file, expected in (("raw/small.jsonl", 40), ("raw/large.jsonl", 1000)):
         subset = rows.filter(pl.col("source").struct.field("file") == file)
         counts = dict(subset["split"].value_counts().iter_rows())
@@ -158,7 +161,10 @@ def test_an_empty_split_has_no_shards_and_the_rest_loads(tmp_path):
 
 def test_incremental_keeps_existing_rows_and_sends_new_cluster_members_along(tmp_path):
     old = canonical_frame(sft_records(300, cluster_size=3), "raw/batch1.jsonl")
-    config = SplitConfig(train=0.6, validation=0.2, test=0.2)
+    # sft_records' prompts are one template with other prefixes and numbers, so the "new clusters" below
+    # ask near-duplicates of old questions and prompt grouping would merge old clusters through them;
+    # this test is about dup_cluster under previous splits, so prompt grouping is off.
+    config = SplitConfig(train=0.6, validation=0.2, test=0.2, group_prompts="off")
     old_rows, _ = assign_splits(old.lazy(), config, seed=1)
     export_splits(old_rows, tmp_path / "v1", config, seed=1)
 
@@ -171,7 +177,9 @@ def test_incremental_keeps_existing_rows_and_sends_new_cluster_members_along(tmp
     fresh = canonical_frame(sft_records(150, cluster_size=3, prefix="new"), "raw/batch2.jsonl")
     batch2 = pl.concat([joining, fresh])
     # a different seed and fractions would move everything, if the previous splits were not honoured
-    config2 = SplitConfig(train=0.2, validation=0.4, test=0.4, seed=99, previous_splits=str(tmp_path / "v1"))
+    config2 = SplitConfig(
+        train=0.2, validation=0.4, test=0.4, seed=99, previous_splits=str(tmp_path / "v1"), group_prompts="off"
+    )
 
     # (a) rerun on everything: every old row keeps its split
     rows, report = assign_splits(pl.concat([old, batch2]).lazy(), config2, seed=99)
@@ -240,9 +248,17 @@ def test_planted_near_duplicates_never_cross_splits(tmp_path):
     crossing = [(a, b) for a, b in found if where[a] != where[b]]
     assert crossing == []
 
-    by_id, _ = assign_splits(rows.drop("split").lazy(), SplitConfig(train=0.5, validation=0.25, test=0.25, cluster_column="none"), seed=0)
-    where_by_id = {(Path(f).name, r): s for f, r, s in by_id.select(pl.col("source").struct.field("file"), pl.col("source").struct.field("row"), "split").iter_rows()}
+    def where_without_clusters(group_prompts: str) -> dict:
+        config = SplitConfig(train=0.5, validation=0.25, test=0.25, cluster_column="none", group_prompts=group_prompts)
+        by_id, _ = assign_splits(rows.drop("split").lazy(), config, seed=0)
+        return {(Path(f).name, r): s for f, r, s in by_id.select(pl.col("source").struct.field("file"), pl.col("source").struct.field("row"), "split").iter_rows()}
+
+    # split by row id alone, the planted copies leak ...
+    where_by_id = where_without_clusters("off")
     assert any(where_by_id[a] != where_by_id[b] for a, b in found)
+    # ... and prompt grouping alone already keeps most copies with their originals
+    where_by_prompt = where_without_clusters("near")
+    assert sum(where_by_prompt[a] != where_by_prompt[b] for a, b in found) < sum(where_by_id[a] != where_by_id[b] for a, b in found)
 
 
 def test_pipeline_with_dedup_and_split_writes_datasets_cards_and_report(tmp_path):

@@ -32,7 +32,25 @@ def register(subparsers) -> None:
     parser.add_argument("--shingle", choices=["char", "word"], help="shingle unit (default char)")
     parser.add_argument("--ngram", type=int, help="shingle length in units (default 5)")
     parser.add_argument("--hash", choices=["xxh32", "sha1"], help="shingle hash (default xxh32)")
-    parser.add_argument("--key", choices=["conversation", "prompt"], help="what is compared (default conversation)")
+    parser.add_argument("--key", choices=["conversation", "prompt"], help="what SFT rows are compared on (default conversation)")
+    parser.add_argument(
+        "--preference-key",
+        choices=["pair", "prompt"],
+        help="what preference rows are compared on: prompt + chosen + rejected (default pair) or the prompt alone",
+    )
+    parser.add_argument(
+        "--no-lowercase", dest="lowercase", action="store_false", default=None, help="case-sensitive keys"
+    )
+    parser.add_argument(
+        "--strip-punctuation", action="store_true", default=None, help="punctuation and symbols to spaces (merges more)"
+    )
+    parser.add_argument(
+        "--normalize-digits", action="store_true", default=None, help="every digit to 0 (merges rows that differ only in numbers)"
+    )
+    parser.add_argument(
+        "--merge-number-variants", action="store_true", default=None,
+        help="let rows that differ only in their numbers be near duplicates",
+    )
     parser.add_argument(
         "--keep", choices=["longest_response", "highest_score", "earliest_source"], help="which duplicate survives"
     )
@@ -57,6 +75,11 @@ FLAG_FIELDS = (
     "ngram",
     "hash",
     "key",
+    "preference_key",
+    "lowercase",
+    "strip_punctuation",
+    "normalize_digits",
+    "merge_number_variants",
     "keep",
     "score_column",
     "exact",

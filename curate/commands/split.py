@@ -37,6 +37,12 @@ def register(subparsers) -> None:
     parser.add_argument("--max-shard-rows", type=int, help="rows per Parquet shard (default 100000)")
     parser.add_argument("--save-to-disk", action="store_true", default=None, help="also write datasets.save_to_disk copies")
     parser.add_argument("--license", help="license field of the dataset cards")
+    parser.add_argument(
+        "--group-prompts",
+        choices=["near", "exact", "off"],
+        help="keep rows with the same (exact) or also near-duplicate (near, default) prompts in one split; off: dup_cluster only",
+    )
+    parser.add_argument("--prompt-threshold", type=float, help="Jaccard at which two prompts are near-duplicates (default 0.7)")
     parser.add_argument("--force", action="store_true", help="recompute even if cached")
     parser.add_argument("--quiet", action="store_true", help="no live display")
     parser.set_defaults(handler=handle)
@@ -54,6 +60,8 @@ FLAG_FIELDS = (
     "max_shard_rows",
     "save_to_disk",
     "license",
+    "group_prompts",
+    "prompt_threshold",
 )
 
 

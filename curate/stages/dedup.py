@@ -10,6 +10,9 @@ stage uses to keep a cluster inside one split. Dropped rows carry `reason` (`exa
 exact twin), `jaccard_estimated` (from the signatures) and `jaccard_verified` (exact, on the shingle
 sets; null when `verify: false`), and their `dup_cluster`.
 
+What counts as a duplicate (normalizations, preference pairs, number variants): curate.dedup's module
+docstring and docs/dedup.md.
+
 With `save_index: true` (default) the stage writes `<stage dir>/index/` (signatures, band hashes,
 shingle-hash sets and exact-key hashes as Parquet); give that folder as `index_path` to a later run to
 deduplicate a new batch against everything kept so far.
@@ -34,7 +37,7 @@ def _index_files(config: DedupConfig, ctx: StageContext) -> list[Path]:
     return MinHashIndex.files(ctx.resolve(config.index_path))
 
 
-@register_stage("dedup", config=DedupConfig, version="1", extra_inputs=_index_files)
+@register_stage("dedup", config=DedupConfig, version="2", extra_inputs=_index_files)
 def dedup_stage(frame: pl.LazyFrame, config: DedupConfig, ctx: StageContext) -> StageOutput:
     """Remove exact and MinHash near duplicates; every row gets a dup_cluster id."""
     data = frame.collect().with_row_index("__row")

@@ -1,5 +1,6 @@
-"""Stage `split`: give every row a `split` (train / validation / test) by near-duplicate cluster, and
-export the `sft/` and `pref/` datasets into the run directory. Drops nothing."""
+"""Stage `split`: give every row a `split` (train / validation / test) by group — its near-duplicate
+cluster joined with every row whose prompt is the same or a near-duplicate (curate.split) — and export
+the `sft/` and `pref/` datasets into the run directory. Drops nothing."""
 
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ def _export(kept: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> dict[
     return export_splits(kept.collect(), ctx.run_dir, _resolved(config, ctx), _seed(config, ctx), stage_name=ctx.name)
 
 
-@register_stage("split", config=SplitConfig, version="1", extra_inputs=_previous_inputs, export=_export)
+@register_stage("split", config=SplitConfig, version="2", extra_inputs=_previous_inputs, export=_export)
 def split_stage(frame: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> StageOutput:
-    """Assign train/validation/test by near-duplicate cluster (leak-free) and export sft/ and pref/."""
+    """Assign train/validation/test by group (dup_cluster joined with same or near-duplicate prompts) and export sft/ and pref/."""
     ctx.progress("assigning splits by cluster")
     rows, report = split_assignment(frame, _resolved(config, ctx), _seed(config, ctx))
     return StageOutput(kept=rows, dropped=None, report=report)
