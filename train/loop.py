@@ -38,7 +38,7 @@ from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, record, remove_leftover_temps, remove_recorded
 from train.checkpoint import latest_usable_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from train.config import TrainConfig
-from train.data import describe_cut, dpo_target_stats, load_dpo_split, load_sft_split, sft_target_stats
+from train.data import describe_cut, dpo_target_stats, load_dpo_split, load_sft_split, sft_target_stats, split_files
 from train.dpo import dpo_sigmoid_loss, pack_pairs, pair_logps, precompute_reference_logps, reference_logps
 from train.errors import CheckpointError, DataError, TrainingDivergedError
 from train.evaluate import base_vs_adapter_sft, dpo_metrics, sft_loss
@@ -275,6 +275,7 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
 
     # --- data: tokens + targets, then the packing plan (host-side, deterministic)
+    split_files(config.data.split_dir, "train")  # a missing split fails now, not after a GGUF conversion
     tokenizer = load_tokenizer(config.model)
     pad_id = tokenizer.pad_token_id
     if mode == "sft":
