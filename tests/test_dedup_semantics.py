@@ -147,7 +147,9 @@ def test_true_duplicate_pair_is_an_exact_duplicate(tmp_path):
     # the same triple with decomposed é (e + combining acute), doubled spaces and trailing whitespace
     copy = {
         "prompt": "Is the  cafe\u0301 on Rue Cler open on Sundays? ",
-        "chosen": "Yes,  from 9:00 to 14:00.\n",
+        # (the doubled space is in the prompt: the keep policy prefers the longest answer, and ingest keeps
+        # inner spaces, so a doubled space in `chosen` would make the copy the one kept)
+        "chosen": "Yes, from 9:00 to 14:00.\n",
         "rejected": "No idea. ",
     }
     shouting = {"prompt": prompt.upper(), "chosen": "YES, FROM 9:00 TO 14:00.", "rejected": "NO IDEA."}
