@@ -278,5 +278,5 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, b
         got = f", got {given!r}" if isinstance(given, (int, float, str)) and first["type"] != "missing" else ""
         source = f"{path}: " if path else ""
         unknown = first["type"] == "extra_forbidden"
-        message = "unknown key" + did_you_mean(where) if unknown else first["msg"]
-        raise TrainConfigError(f"{source}{where}: {message}{got} ({len(error.errors())} problem(s))") from None
+        message, hint = ("unknown key", did_you_mean(where)) if unknown else (first["msg"], "")
+        raise TrainConfigError(f"{source}{where}: {message}{got}{hint} ({len(error.errors())} problem(s))") from None
