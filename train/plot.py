@@ -40,6 +40,9 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path:
         margin, accuracy = _series(records, "reward_margin"), _series(records, "reward_accuracy")
         if margin:
             rewards.plot(*zip(*margin), color="tab:green", linewidth=1, label="reward margin (train)")
+        val_margin = _series(records, "val_reward_margin")
+        if val_margin:
+            rewards.plot(*zip(*val_margin), "o", color="tab:green", label="reward margin (validation)")
         rewards.axhline(0, color="gray", linewidth=0.5)
         rewards.set_ylabel("reward margin")
         share = rewards.twinx()
