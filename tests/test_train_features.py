@@ -119,6 +119,17 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tiny, tmp_path):
     assert scalars["final/base_loss"][0][1] == pytest.approx(final["base_loss"], rel=1e-6)
 
 
+def test_tensorboard_curves_continue_across_a_resume(tiny, tmp_path):
+    # Resuming from step 2 after step 3 was logged: step 3's old event must not stay beside the new one.
+    config, out = _write_config(tiny, tmp_path, **{"optim.max_steps": 4, "report_to": ["tensorboard"], "eval.at_end": False, "checkpoint.every": 2})
+    assert _train("sft", config, "--stop-at-step", "3") == 0
+    assert [s for s, _ in _scalars(out / "tensorboard")["train/loss"]] == [1, 2, 3]
+    assert _train("sft", config, "--resume-from", str(out / "checkpoints" / "step-000002")) == 0
+    scalars = _scalars(out / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in _records(out) if "loss" in r], rtol=1e-6)
+
+
 def test_tensorboard_off_by_default_and_dpo_rewards_logged(tiny, tmp_path):
     config, out = _write_config(tiny, tmp_path, name="plain", **{"optim.max_steps": 1})
     assert _train("sft", config) == 0 and not (out / "tensorboard").exists()
