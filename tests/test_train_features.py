@@ -374,6 +374,9 @@ def test_chat_template_by_name_or_jinja_file(tiny, tmp_path, capsys):
     saved = json.loads((out / "adapter" / "tokenizer_config.json").read_text()).get("chat_template")
     saved = saved or (out / "adapter" / "chat_template.jinja").read_text()
     assert saved == template.read_text()
+    assert main(["merge", "--config", str(config), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text()).get("chat_template")
+    assert (merged or (tmp_path / "merged" / "chat_template.jinja").read_text()) == template.read_text()
     config, out = _write_config(tiny, tmp_path, name="named", **{"optim.max_steps": 1, "data.chat_template": "zephyr"})
     assert _train("sft", config) == 0
     config, _ = _write_config(tiny, tmp_path, name="bad", **{"data.chat_template": "no-such-template"})

@@ -62,7 +62,7 @@ def merge_adapter(
     base = load_base_model(model_config, dtype=torch.float32)
     merged = load_adapter(base, adapter_dir).merge_and_unload().to(dtype)
     merged.config.use_cache = True
-    tokenizer = load_tokenizer(model_config)
+    tokenizer = _tokenizer_of(adapter_dir, model_config)
     with _owned_output(out_dir, KIND, protected) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -96,7 +96,7 @@ def combine_adapters(
         model.add_weighted_adapter(names, weights, "combined", combination_type=method, density=density)
     except (ValueError, TypeError, RuntimeError) as error:
         raise ModelLoadError(f"cannot combine {', '.join(map(str, adapter_dirs))} with {method}: {' '.join(str(error).split())[:300]}") from None
-    tokenizer = load_tokenizer(model_config)
+    tokenizer = _tokenizer_of(adapter_dirs[0], model_config)
     with _owned_output(out_dir, ADAPTER_KIND, protected) as tmp:
         model.save_pretrained(tmp / "peft", selected_adapters=["combined"])
         for file in (tmp / "peft" / "combined").iterdir():  # peft saves a named adapter in a subfolder
@@ -107,6 +107,18 @@ def combine_adapters(
         if len(modes) == 1:
             (tmp / "train_mode.txt").write_text(modes.pop() + "\n")
     return out_dir
+
+
+def _tokenizer_of(adapter_dir: Path, model_config: ModelConfig):
+    """The tokenizer saved with the adapter (it carries the chat template trained with), else the base's."""
+    if not (adapter_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer(model_config)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - a damaged tokenizer file is a user-facing model problem
+        raise ModelLoadError(f"{adapter_dir}: cannot load the adapter's tokenizer: {' '.join(str(error).split())[:300]}") from None
 
 
 def _check_combination(adapter_dirs: list[Path], method: str, weights: list[float], density: float | None) -> None:
