@@ -251,6 +251,18 @@ def test_ties_merge_equals_peft_reference(tiny, two_adapters, tmp_path):
     assert main(["eval", "--config", str(two_adapters["config"]), "--adapter", str(out)]) == 0
 
 
+def test_dare_combination_is_seeded(tiny, two_adapters, tmp_path):
+    from safetensors.torch import load_file
+
+    a, b = (str(p) for p in two_adapters["adapters"])
+    base = ["merge", "--config", str(two_adapters["config"]), "--adapters", a, b, "--method", "dare_linear", "--density", "0.5"]
+    for name, seed in (("one", "0"), ("two", "0"), ("three", "1")):
+        assert main([*base, "--seed", seed, "--out", str(tmp_path / name)]) == 0
+    one, two, three = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("one", "two", "three"))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert any(not torch.equal(one[k], three[k]) for k in one)
+
+
 def test_merge_flags_are_checked(tiny, two_adapters, tmp_path, capsys):
     a, b = (str(p) for p in two_adapters["adapters"])
     config = str(two_adapters["config"])
