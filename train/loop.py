@@ -164,7 +164,7 @@ def _target_stats(config: TrainConfig, mode: str, split: str, data, plan, warn) 
         if split == "train":
             raise DataError(f"{cut}: nothing to train on; raise data.max_seq_len")
         warn(f"{cut}: validation skipped")
-    elif stats["target_tokens_removed"]:
+    elif stats["target_tokens_removed"] or stats["samples_cut"]:  # prompt tokens cut count too
         warn(cut)
     return stats
 
