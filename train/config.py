@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from train.errors import TrainConfigError
 
@@ -145,6 +145,12 @@ class TrainConfig(_Section):
         default_factory=lambda: ["none"], description="experiment trackers: tensorboard (<output_dir>/tensorboard) or none"
     )
     progress: bool = True
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_as_list(cls, value):
+        return [value] if isinstance(value, str) else value  # TRL accepts report_to: tensorboard
+
     threads: Annotated[int, Field(ge=1)] | Literal["all", "auto"] = Field(
         "all",
         description="CPU threads for torch: 'all' cores (split between local DDP processes), a number, or 'auto' = "
