@@ -81,10 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder (default: <output_dir>/adapter)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     p.set_defaults(handler=cmd_eval)
-    p = sub.add_parser("merge", help="merge the adapter into the base and write a safetensors model folder", description="Fold the LoRA adapter into the base weights; the output folder loads with AutoModelForCausalLM.from_pretrained.")
+    p = sub.add_parser("merge", help="merge the adapter into the base (a safetensors model folder), or combine adapters into one", description="Fold the LoRA adapter into the base weights (the output folder loads with AutoModelForCausalLM.from_pretrained); or, with --adapters A B ..., combine adapters trained on the same base into one new adapter folder (peft's add_weighted_adapter).")
     _add_config_args(p)
     p.add_argument("--adapter", help="adapter folder (default: <output_dir>/adapter)")
-    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights of the merged model (merged in fp32, then cast)")
+    p.add_argument("--adapters", nargs="+", metavar="ADAPTER", help="combine these adapters into one adapter folder instead of merging into the base")
+    p.add_argument("--method", choices=["linear", "ties", "dare_ties", "dare_linear"], default="linear", help="how --adapters are combined")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default: 1 each)")
+    p.add_argument("--density", type=float, help="ties/dare: share of each adapter's weights kept, in (0, 1]")
     p.set_defaults(handler=cmd_merge)
     return parser
 
@@ -118,6 +123,10 @@ def cmd_train(args, mode: str) -> int:
     if (result.steps >= config.optim.max_steps or result.stopped_early) and result.adapter_dir.is_dir():
         table.add_row("adapter", str(result.adapter_dir))
     table.add_row("metrics", str(result.output_dir / "metrics.jsonl"))
+    stats = result.data_stats
+    for split, numbers in stats.items():
+        if numbers["samples_cut"]:
+            table.add_row(f"{split}: cut by max_seq_len", f"{numbers['samples_cut']} of {numbers['samples']} samples, {numbers['target_tokens_removed']} target tokens")
     console.print(table)
     if mode == "sft" and "base_loss" in result.final:
         console.print(f"validation loss: base {result.final['base_loss']:.4f} → adapter {result.final['adapter_loss']:.4f}")
@@ -153,12 +162,21 @@ def cmd_eval(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from train.merge import merge_adapter
+    from train.merge import DTYPES, combine_adapters, merge_adapter
 
     config = _config_from_args(args)
+    protected = [p for p in (args.config, config.model.path) if p and Path(p).exists()]
+    if args.adapters:
+        if args.adapter or args.dtype != "fp32":
+            raise TrainError("--adapters combines adapters into a new adapter; --adapter and --dtype apply to merging one into the base")
+        out = combine_adapters(config.model, args.adapters, args.out, args.method, args.weights, args.density, config.seed, protected)
+        console.print(f"combined adapter ({args.method}) written to {out}")
+        return 0
+    if args.weights or args.density is not None or args.method != "linear":
+        raise TrainError("--method, --weights and --density apply to --adapters A B ...")
     adapter = Path(args.adapter or Path(config.output_dir) / "adapter")
-    out = merge_adapter(config.model, adapter, args.out, protected=[p for p in (args.config, config.model.path) if p and Path(p).exists()])
-    console.print(f"merged model written to {out}")
+    out = merge_adapter(config.model, adapter, args.out, DTYPES[args.dtype], protected=protected)
+    console.print(f"merged model ({args.dtype}) written to {out}")
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from train.errors import TrainConfigError
 
@@ -20,6 +20,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+# Names chat templates can be given by (`data.chat_template`); anything else is a .jinja file path.
+NAMED_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    ),
+}
+
 UNION_TAGS = {"int", "float", "str", "bool", "none", "list", "tuple"}
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
@@ -28,6 +40,10 @@ class ModelConfig(_Section):
     path: str = Field(description="local HF model dir (safetensors), a .gguf file, or 'smollm2-135m-instruct'")
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` (set automatically for a .gguf path)")
     trust_remote_code: bool = False
+    name: str | None = Field(
+        None, description="the base model's Hugging Face id, recorded in the adapter (default: from the GGUF metadata, "
+        "the HF cache layout, or `path` as written)",
+    )  # fmt: skip
 
 
 class LoraSettings(_Section):
@@ -42,7 +58,15 @@ class LoraSettings(_Section):
 class DataConfig(_Section):
     split_dir: str = Field(description="folder with train-*.parquet and validation-*.parquet from `curate split`")
     max_seq_len: int = Field(1024, ge=8, le=1 << 24)
-    overflow: Literal["truncate", "reject"] = "truncate"
+    overflow: Literal["truncate", "drop", "reject"] = Field(
+        "truncate",
+        description="a sample longer than max_seq_len: 'truncate' keeps its first max_seq_len tokens, 'drop' leaves it "
+        "out, 'reject' refuses the run. Either way the counts are printed and recorded in train_config.json",
+    )
+    completion_only_loss: bool = Field(True, description="SFT loss on assistant tokens only; false = on every token")
+    chat_template: str | None = Field(
+        None, description="the model's own template (null), a named one (" + ", ".join(NAMED_TEMPLATES) + ") or a .jinja file"
+    )
     max_train_samples: int | None = Field(None, ge=1)
     max_val_samples: int | None = Field(None, ge=1)
 
@@ -53,14 +77,29 @@ class OptimConfig(_Section):
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0, description="AdamW denominator term")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null = no clipping)")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=1 << 40)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    max_steps: int = Field(100, ge=1, description="optimizer steps")
-    batch_rows: int = Field(1, ge=1, description="packed rows per micro-batch (per process)")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int | None = Field(None, ge=1, le=1 << 40, description="optimizer steps (default 100 unless epochs is set)")
+    epochs: float | None = Field(None, gt=0, le=1e6, description="passes over the packed train rows; sets max_steps")
+    warmup_ratio: float | None = Field(None, ge=0, le=1, description="warmup as a share of max_steps (instead of warmup_steps)")
+    batch_rows: int = Field(1, ge=1, le=1 << 20, description="packed rows per micro-batch (per process)")
+    batch_samples: int | None = Field(
+        None, ge=1, le=1 << 30,
+        description="samples per micro-batch (per process), instead of batch_rows: turned into packed rows with the "
+        "plan's average samples per row",
+    )  # fmt: skip
+    grad_accum: int = Field(1, ge=1, le=1 << 20, description="micro-batches per optimizer step")
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_way_each(self):
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("set max_steps or epochs, not both")
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
 
 
 class EvalConfig(_Section):
@@ -80,8 +119,16 @@ class CheckpointConfig(_Section):
 
 
 class DpoConfig(_Section):
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, le=1e6)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed share of flipped labels (sigmoid = cDPO, robust)")
     precompute_ref_logps: bool = False
+
+    @model_validator(mode="after")
+    def _smoothing_fits_loss(self):
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -94,13 +141,97 @@ class TrainConfig(_Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dpo: DpoConfig = DpoConfig()
+    report_to: list[Literal["tensorboard", "none"]] = Field(
+        default_factory=lambda: ["none"], description="experiment trackers: tensorboard (<output_dir>/tensorboard) or none"
+    )
     progress: bool = True
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_as_list(cls, value):
+        return [value] if isinstance(value, str) else value  # TRL accepts report_to: tensorboard
+
     threads: Annotated[int, Field(ge=1)] | Literal["all", "auto"] = Field(
         "all",
         description="CPU threads for torch: 'all' cores (split between local DDP processes), a number, or 'auto' = "
         "the cores not already busy, for shared machines where oversubscribed threads spin 5-10x slower. 'auto' "
         "depends on the load at start, so results are only bit-reproducible with 'all' or a number.",
     )
+
+
+# TRL / transformers / axolotl names people bring, and what they are called here.
+FOREIGN_NAMES = {
+    "gradient_accumulation_steps": "optim.grad_accum",
+    "num_train_epochs": "optim.epochs",
+    "num_epochs": "optim.epochs",
+    "learning_rate": "optim.lr",
+    "per_device_train_batch_size": "optim.batch_samples",
+    "micro_batch_size": "optim.batch_samples",
+    "train_batch_size": "optim.batch_samples",
+    "lr_scheduler_type": "optim.schedule",
+    "lr_scheduler": "optim.schedule",
+    "warmup_ratio": "optim.warmup_ratio",
+    "warmup_steps": "optim.warmup_steps",
+    "max_steps": "optim.max_steps",
+    "weight_decay": "optim.weight_decay",
+    "max_grad_norm": "optim.max_grad_norm",
+    "gradient_checkpointing": "optim.gradient_checkpointing",
+    "adam_beta1": "optim.betas",
+    "adam_beta2": "optim.betas",
+    "adam_epsilon": "optim.eps",
+    "bf16": "optim.precision",
+    "max_length": "data.max_seq_len",
+    "max_seq_length": "data.max_seq_len",
+    "sequence_len": "data.max_seq_len",
+    "assistant_only_loss": "data.completion_only_loss",
+    "train_on_inputs": "data.completion_only_loss (inverted)",
+    "completion_only_loss": "data.completion_only_loss",
+    "chat_template": "data.chat_template",
+    "base_model": "model.path",
+    "model_name_or_path": "model.path",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "beta": "dpo.beta",
+    "loss_type": "dpo.loss_type",
+    "label_smoothing": "dpo.label_smoothing",
+    "precompute_ref_log_probs": "dpo.precompute_ref_logps",
+    "eval_steps": "eval.every",
+    "save_steps": "checkpoint.every",
+    "save_total_limit": "checkpoint.keep",
+    "early_stopping_patience": "eval.early_stopping_patience",
+    "logging_dir": "output_dir (tensorboard/ inside it)",
+}
+
+
+def _field_paths(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every config key as a dotted path: `optim.lr`, `data.max_seq_len`, ..."""
+    model = model or TrainConfig
+    paths = []
+    for name, info in model.model_fields.items():
+        paths.append(prefix + name)
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            paths += _field_paths(kind, f"{prefix}{name}.")
+    return paths
+
+
+def did_you_mean(where: str) -> str:
+    """A hint for an unknown key `where` (dotted): our name for a TRL/axolotl key, or the closest key."""
+    import difflib
+
+    key = where.rsplit(".", 1)[-1]
+    if key in FOREIGN_NAMES:
+        return f"; did you mean {FOREIGN_NAMES[key]}?"
+    paths = _field_paths()
+    close = difflib.get_close_matches(where, paths, n=1, cutoff=0.75) or difflib.get_close_matches(
+        key, [p.rsplit(".", 1)[-1] for p in paths], n=1, cutoff=0.75
+    )
+    if not close:
+        return ""
+    match = close[0] if close[0] in paths else next(p for p in paths if p.rsplit(".", 1)[-1] == close[0])
+    return f"; did you mean {match}?"
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -144,10 +275,14 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, b
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:
-        first = error.errors()[0]
+        # An unknown key is the likeliest root cause (a missing field is often its misspelling): report it first.
+        problems = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        first = problems[0]
         # Drop pydantic's union-member tags ("constrained-int", "literal[...]") from the field path.
         where = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or (p.isidentifier() and p not in UNION_TAGS))
         given = first.get("input")
         got = f", got {given!r}" if isinstance(given, (int, float, str)) and first["type"] != "missing" else ""
         source = f"{path}: " if path else ""
-        raise TrainConfigError(f"{source}{where}: {first['msg']}{got} ({len(error.errors())} problem(s))") from None
+        unknown = first["type"] == "extra_forbidden"
+        message, hint = ("unknown key", did_you_mean(where)) if unknown else (first["msg"], "")
+        raise TrainConfigError(f"{source}{where}: {message}{got}{hint} ({len(error.errors())} problem(s))") from None

@@ -319,11 +319,39 @@ def tokenize_dpo(tokenizer, frame: pl.DataFrame, where: str = "data") -> DpoData
     )
 
 
-def load_sft_split(tokenizer, split_dir, split: str, limit: int | None = None) -> SftData | None:
+def load_sft_split(tokenizer, split_dir, split: str, limit: int | None = None, completion_only: bool = True) -> SftData | None:
+    """One split, tokenized; `completion_only=False` makes every token a target (the packer still never
+    labels the first token of a sample, which nothing before it predicts)."""
     frame = read_split(split_dir, split, ["messages"], "sft", limit)
     if frame.height == 0:
         return None
-    return tokenize_sft(tokenizer, frame, where=f"{split_dir}/{split}")
+    data = tokenize_sft(tokenizer, frame, where=f"{split_dir}/{split}")
+    if not completion_only:
+        data.target_mask = torch.ones_like(data.target_mask)
+    return data
+
+
+def set_chat_template(tokenizer, choice: str | None) -> None:
+    """`data.chat_template`: None keeps the tokenizer's own; a name from NAMED_TEMPLATES or a .jinja file
+    replaces it (the adapter's saved tokenizer then carries the template it was trained with)."""
+    import jinja2
+
+    from train.config import NAMED_TEMPLATES
+
+    if choice is None:
+        return
+    if choice in NAMED_TEMPLATES:
+        tokenizer.chat_template = NAMED_TEMPLATES[choice]
+        return
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.chat_template: {choice!r} is neither a named template ({', '.join(NAMED_TEMPLATES)}) nor a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        jinja2.Environment().parse(text)
+    except (OSError, UnicodeDecodeError, jinja2.TemplateSyntaxError) as error:
+        raise DataError(f"{path}: not a readable Jinja chat template: {' '.join(str(error).split())[:200]}") from None
+    tokenizer.chat_template = text
 
 
 def load_dpo_split(tokenizer, split_dir, split: str, limit: int | None = None) -> DpoData | None:
@@ -374,9 +402,15 @@ def dpo_target_stats(data: DpoData, plan) -> dict:
     }
 
 
+def planner_overflow(overflow: str) -> str:
+    """The packer's mode for `data.overflow`: it truncates or leaves samples out; 'reject' plans like
+    'drop' so the loop can count (and refuse) what is too long."""
+    return "truncate" if overflow == "truncate" else "reject"
+
+
 def describe_cut(where: str, stats: dict, max_seq_len: int, overflow: str) -> str:
     """One line: how many samples and target tokens `data.max_seq_len` removed from a split."""
-    verb = "truncates" if overflow == "truncate" else "rejects"
+    verb = {"truncate": "truncates", "drop": "drops"}.get(overflow, "would cut")
     return (
         f"{where}: data.max_seq_len={max_seq_len} {verb} {stats['samples_cut']} of {stats['samples']} samples, "
         f"removing {stats['target_tokens_removed']} of {stats['target_tokens']} target tokens "

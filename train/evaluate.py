@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from train.dpo import dpo_sigmoid_loss, pack_pairs, pair_logps
+from train.dpo import batch_dpo_loss, pack_pairs, pair_logps
 from train.errors import DataError
 from train.packing import pack_batch, packed_causal_lm_loss, packed_forward
 
@@ -46,8 +46,9 @@ def sft_loss(model, data, plan, rows_per_batch: int, pad_id: int, device, max_ro
 
 
 @torch.no_grad()
-def dpo_metrics(peft_model, data, plan, rows_per_batch: int, pad_id: int, device, beta: float, max_rows=None, autocast_dtype=None):
-    """Validation DPO loss, reward accuracy and margin of the adapter vs its base (the reference)."""
+def dpo_metrics(peft_model, data, plan, rows_per_batch: int, pad_id: int, device, dpo, max_rows=None, autocast_dtype=None):
+    """Validation DPO loss (the run's `dpo.loss_type`), reward accuracy and margin of the adapter vs its
+    base (the reference)."""
     was_training = peft_model.training
     peft_model.eval()
     losses, margins, policy_gap, base_gap = [], [], [], []
@@ -58,7 +59,7 @@ def dpo_metrics(peft_model, data, plan, rows_per_batch: int, pad_id: int, device
             pc, pr = pair_logps(peft_model, batch, autocast_dtype)
             with peft_model.disable_adapter():
                 rc, rr = pair_logps(peft_model, batch, autocast_dtype)
-            loss, cr, rj = dpo_sigmoid_loss(pc, pr, rc, rr, beta)
+            loss, cr, rj = batch_dpo_loss(dpo, batch, pc, pr, rc, rr)
             losses.append(loss.cpu())
             margins.append((cr - rj).cpu())
             policy_gap.append((pc - pr).cpu())
@@ -110,7 +111,7 @@ def generate_side_by_side(peft_model, tokenizer, conversations: list[list[dict]]
 
 def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
     """`train eval`: base vs adapter on the validation split (and the optional general set), plus samples."""
-    from train.data import load_dpo_split, load_sft_split, read_split
+    from train.data import load_dpo_split, load_sft_split, planner_overflow, read_split, set_chat_template
     from train.models import load_adapter, load_base_model, load_tokenizer
     from train.packing import plan_dpo_packing, plan_packing
 
@@ -120,6 +121,8 @@ def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
     if device.type == "cpu":
         set_cpu_threads(config.threads)
     tokenizer = load_tokenizer(config.model)
+    set_chat_template(tokenizer, config.data.chat_template)
+    overflow = planner_overflow(config.data.overflow)  # eval never refuses: too-long samples are left out
     model = load_adapter(load_base_model(config.model).to(device), adapter_dir).to(device)
     rows = config.optim.batch_rows
     pad = tokenizer.pad_token_id
@@ -129,12 +132,12 @@ def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
     if is_dpo:
         data = load_dpo_split(tokenizer, split_dir, "validation", config.data.max_val_samples)
         if data is not None:
-            plan = plan_dpo_packing(data.prompt_lens, data.chosen_lens, data.rejected_lens, config.data.max_seq_len, config.data.overflow)
-            result["validation"] = dpo_metrics(model, data, plan, rows, pad, device, config.dpo.beta, config.eval.max_rows)
+            plan = plan_dpo_packing(data.prompt_lens, data.chosen_lens, data.rejected_lens, config.data.max_seq_len, overflow)
+            result["validation"] = dpo_metrics(model, data, plan, rows, pad, device, config.dpo, config.eval.max_rows)
     else:
-        data = load_sft_split(tokenizer, split_dir, "validation", config.data.max_val_samples)
+        data = load_sft_split(tokenizer, split_dir, "validation", config.data.max_val_samples, config.data.completion_only_loss)
         if data is not None:
-            plan = plan_packing(data.lengths, config.data.max_seq_len, config.data.overflow)
+            plan = plan_packing(data.lengths, config.data.max_seq_len, overflow)
             result["validation"] = base_vs_adapter_sft(model, data, plan, rows, pad, device, config.eval.max_rows)
     if config.eval.general_set:
         general = load_sft_split(tokenizer, config.eval.general_set, "validation", config.data.max_val_samples)
@@ -142,7 +145,7 @@ def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
             general = load_sft_split(tokenizer, config.eval.general_set, "train", config.data.max_val_samples)
         if general is None:
             raise DataError(f"{config.eval.general_set}: eval.general_set has no sft rows")
-        plan = plan_packing(general.lengths, config.data.max_seq_len, config.data.overflow)
+        plan = plan_packing(general.lengths, config.data.max_seq_len, overflow)
         result["general"] = base_vs_adapter_sft(model, general, plan, rows, pad, device, config.eval.max_rows)
     if config.eval.samples:
         column = "prompt" if is_dpo else "messages"

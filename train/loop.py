@@ -38,11 +38,15 @@ from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, record, remove_leftover_temps, remove_recorded
 from train.checkpoint import latest_usable_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from train.config import TrainConfig
-from train.data import describe_cut, dpo_target_stats, load_dpo_split, load_sft_split, sft_target_stats, split_files
-from train.dpo import dpo_sigmoid_loss, pack_pairs, pair_logps, precompute_reference_logps, reference_logps
+from train.data import (
+    describe_cut, dpo_target_stats, load_dpo_split, load_sft_split, planner_overflow, set_chat_template, sft_target_stats, split_files,
+)
+from train.dpo import batch_dpo_loss, pack_pairs, pair_logps, precompute_reference_logps, reference_logps
 from train.errors import CheckpointError, DataError, TrainingDivergedError
 from train.evaluate import base_vs_adapter_sft, dpo_metrics, sft_loss
-from train.models import add_lora, load_base_model, load_tokenizer, pick_precision, set_cpu_threads
+from train.models import add_lora, base_model_id, load_base_model, load_tokenizer, pick_precision, set_cpu_threads
+from train.model_card import write_model_card
+from train.tracking import Tracker
 from train.packing import pack_batch, packed_causal_lm_loss, packed_forward, packing_canary, plan_dpo_packing, plan_packing
 
 
@@ -129,6 +133,22 @@ def rows_for_step(num_rows: int, rows_needed: int, seed: int, epoch: int, cursor
     return np.concatenate(taken), epoch, cursor
 
 
+def resolve_batch_and_steps(opt, plan, world: int) -> None:
+    """Fill the optimizer settings given in data terms, in place (train_config.json records the result):
+    batch_samples -> batch_rows (the plan's average samples per packed row), epochs -> max_steps (passes
+    over the packed train rows), warmup_ratio -> warmup_steps (rounded up, as transformers does)."""
+    if opt.batch_samples is not None:
+        samples_per_row = plan.sample.shape[0] / max(1, plan.num_rows)
+        opt.batch_rows = max(1, round(opt.batch_samples / samples_per_row))
+    rows_per_step = opt.batch_rows * opt.grad_accum * world
+    if opt.epochs is not None:
+        opt.max_steps = max(1, math.ceil(opt.epochs * plan.num_rows / rows_per_step))
+    elif opt.max_steps is None:
+        opt.max_steps = 100
+    if opt.warmup_ratio is not None:
+        opt.warmup_steps = math.ceil(opt.warmup_ratio * opt.max_steps)
+
+
 # ------------------------------------------------------------------------------------------ safety
 def _warn(message: str) -> None:
     # Plain text on stderr: paths and data in the message are never read as rich markup.
@@ -140,11 +160,13 @@ def _target_stats(config: TrainConfig, mode: str, split: str, data, plan, warn) 
     split left with none (it would save an untrained adapter)."""
     stats = (sft_target_stats if mode == "sft" else dpo_target_stats)(data, plan)
     cut = describe_cut(f"{config.data.split_dir}/{split}", stats, config.data.max_seq_len, config.data.overflow)
+    if config.data.overflow == "reject" and stats["samples_cut"]:
+        raise DataError(f"{cut}; data.overflow is 'reject': raise data.max_seq_len or choose 'truncate' or 'drop'")
     if stats["target_tokens_left"] == 0:
         if split == "train":
             raise DataError(f"{cut}: nothing to train on; raise data.max_seq_len")
         warn(f"{cut}: validation skipped")
-    elif stats["target_tokens_removed"]:
+    elif stats["target_tokens_removed"] or stats["samples_cut"]:  # prompt tokens cut count too
         warn(cut)
     return stats
 
@@ -211,11 +233,12 @@ class TrainResult:
     final: dict = field(default_factory=dict)
     stopped_early: bool = False
     resumed_from: int | None = None
+    data_stats: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------- output folder
 # What a training run writes into output_dir; recorded in its ownership marker before the run writes.
-TRAIN_OUTPUTS = ("checkpoints", "adapter", "metrics.jsonl", "train_config.json", "loss.png")
+TRAIN_OUTPUTS = ("checkpoints", "adapter", "metrics.jsonl", "train_config.json", "loss.png", "tensorboard")
 
 
 def run_inputs(config: TrainConfig) -> list[Path]:
@@ -277,22 +300,26 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
     # --- data: tokens + targets, then the packing plan (host-side, deterministic)
     split_files(config.data.split_dir, "train")  # a missing split fails now, not after a GGUF conversion
     tokenizer = load_tokenizer(config.model)
+    set_chat_template(tokenizer, config.data.chat_template)
     pad_id = tokenizer.pad_token_id
+    overflow = planner_overflow(config.data.overflow)
     if mode == "sft":
-        train_data = load_sft_split(tokenizer, config.data.split_dir, "train", config.data.max_train_samples)
-        val_data = load_sft_split(tokenizer, config.data.split_dir, "validation", config.data.max_val_samples)
-        plan_of = lambda d: plan_packing(d.lengths, config.data.max_seq_len, config.data.overflow)  # noqa: E731
+        only = config.data.completion_only_loss
+        train_data = load_sft_split(tokenizer, config.data.split_dir, "train", config.data.max_train_samples, only)
+        val_data = load_sft_split(tokenizer, config.data.split_dir, "validation", config.data.max_val_samples, only)
+        plan_of = lambda d: plan_packing(d.lengths, config.data.max_seq_len, overflow)  # noqa: E731
     else:
         train_data = load_dpo_split(tokenizer, config.data.split_dir, "train", config.data.max_train_samples)
         val_data = load_dpo_split(tokenizer, config.data.split_dir, "validation", config.data.max_val_samples)
-        plan_of = lambda d: plan_dpo_packing(d.prompt_lens, d.chosen_lens, d.rejected_lens, config.data.max_seq_len, config.data.overflow)  # noqa: E731
+        plan_of = lambda d: plan_dpo_packing(d.prompt_lens, d.chosen_lens, d.rejected_lens, config.data.max_seq_len, overflow)  # noqa: E731
     if train_data is None:
         raise DataError(f"{config.data.split_dir}: the train split has no {mode} rows")
     train_plan = plan_of(train_data)
     val_plan = plan_of(val_data) if val_data is not None else None
-    rows_per_step = opt.batch_rows * opt.grad_accum * ddp.world
     if train_plan.num_rows == 0:
         raise DataError(f"{config.data.split_dir}: nothing to train on after packing")
+    resolve_batch_and_steps(opt, train_plan, ddp.world)
+    rows_per_step = opt.batch_rows * opt.grad_accum * ddp.world
     warn = _warn if ddp.main else (lambda message: None)
     data_stats = {"train": _target_stats(config, mode, "train", train_data, train_plan, warn)}
     if val_plan is not None:
@@ -372,6 +399,9 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
         train_model = torch.nn.parallel.DistributedDataParallel(peft_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     metrics = MetricsLog(out / "metrics.jsonl", ddp.main, resumed_from if resumed_from is not None else 0)
+    if ddp.main and resumed_from is None:
+        remove_recorded(out, "tensorboard")  # a fresh run's curves never mix with an old run's
+    tracker = Tracker(config.report_to if ddp.main else [], out, resumed_from)
     history: list[dict] = []
     if ddp.main:
         (out / "train_config.json").write_text(json.dumps({"mode": mode, **config.model_dump(), "data_stats": data_stats}, indent=2, sort_keys=True) + "\n")
@@ -382,7 +412,7 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
         if mode == "sft":
             loss, n = sft_loss(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.eval.max_rows, autocast_dtype)
             return {"val_loss": loss, "val_tokens": n}
-        return dpo_metrics(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.dpo.beta, config.eval.max_rows, autocast_dtype)
+        return dpo_metrics(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.dpo, config.eval.max_rows, autocast_dtype)
 
     def checkpoint_now():
         _require_finite_weights(params, step)
@@ -437,7 +467,7 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
                             ref_c, ref_r = ref[:, 0], ref[:, 1]
                         else:
                             ref_c, ref_r = reference_logps(peft_model, batch, autocast_dtype)
-                        losses, chosen_r, rejected_r = dpo_sigmoid_loss(policy_c, policy_r, ref_c, ref_r, config.dpo.beta)
+                        losses, chosen_r, rejected_r = batch_dpo_loss(config.dpo, batch, policy_c, policy_r, ref_c, ref_r)
                         (losses.sum() * (ddp.world / max(1, step_pairs))).backward()
                         sums[0] += float(losses.detach().sum())
                         sums[1] += float(chosen_r.sum())
@@ -467,6 +497,7 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
                 record.update(reward_chosen=totals[1] / max(1, step_pairs), reward_rejected=totals[2] / max(1, step_pairs),
                               reward_margin=(totals[1] - totals[2]) / max(1, step_pairs), reward_accuracy=totals[3] / max(1, step_pairs))  # fmt: skip
             metrics.write(record)
+            tracker.log(record, step)
             history.append(record)
             progress.update(step, record)
 
@@ -476,6 +507,7 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
                 last_eval = (step, result)
                 if result:
                     metrics.write({"step": step, **result})
+                    tracker.log(result, step)
                     history.append({"step": step, **result})
                     progress.note(step, result)
                     if result["val_loss"] < best_val - config.eval.early_stopping_min_delta:
@@ -500,6 +532,8 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
     if ddp.main and finished:
         tmp = out / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        # Named by its real id, never this machine's GGUF cache folder: the adapter loads anywhere.
+        peft_model.peft_config["default"].base_model_name_or_path = base_model_id(config.model)
         peft_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_mode.txt").write_text(mode + "\n")
@@ -514,18 +548,21 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
             elif mode == "sft":
                 final = base_vs_adapter_sft(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.eval.max_rows, autocast_dtype)
             else:
-                final = dpo_metrics(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.dpo.beta, config.eval.max_rows, autocast_dtype)
-            metrics.write({"step": step, "final": final})
+                final = dpo_metrics(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.dpo, config.eval.max_rows, autocast_dtype)
+            metrics.write({"step": step, "final": final, "data_stats": data_stats})
+            tracker.log_final(final, step)
+        write_model_card(adapter_dir, config, mode, step, data_stats, final)
         try:
             from train.plot import plot_losses
 
             plot_losses(out / "metrics.jsonl", out / "loss.png")
         except Exception:  # noqa: BLE001 - a missing plot never fails a finished training run
             pass
+    tracker.close()
     ddp.barrier()
     if ddp.world > 1:
         dist.destroy_process_group()
-    return TrainResult(out, adapter_dir, step, history, final, stopped_early, resumed_from)
+    return TrainResult(out, adapter_dir, step, history, final, stopped_early, resumed_from, data_stats)
 
 
 # ------------------------------------------------------------------------------------------ progress

