@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from curate.cli_support import add_input_arguments, apply_overrides, load_stage_config, parse_columns
+from curate.cli_support import add_input_arguments, add_set_argument, apply_overrides, apply_set_items, load_stage_config, parse_columns
 from curate.display import console, live_run_events, print_summary
 from curate.runner import run_single_stage
 
@@ -60,6 +60,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--no-verify", dest="verify", action="store_false", default=None, help="trust MinHash estimates, skip exact Jaccard"
     )
+    add_set_argument(parser, "threshold=0.8")
     parser.add_argument("--force", action="store_true", help="recompute even if cached")
     parser.add_argument("--quiet", action="store_true", help="no live display")
     parser.set_defaults(handler=handle)
@@ -89,7 +90,7 @@ FLAG_FIELDS = (
 
 
 def handle(args) -> int:
-    config = apply_overrides(load_stage_config(args.config, "dedup"), args, FLAG_FIELDS)
+    config = apply_set_items(apply_overrides(load_stage_config(args.config, "dedup"), args, FLAG_FIELDS), args.set_items)
     if config.get("index_path"):
         config["index_path"] = str(Path(config["index_path"]).expanduser().resolve())
     with live_run_events(enabled=not args.quiet) as events:

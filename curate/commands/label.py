@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from curate.cli_support import add_set_argument, apply_set_items
 from curate.display import console, live_run_events, print_summary, styled
 from curate.errors import ConfigError, InputFileError
 from curate.label.client import DEFAULT_WORKSPACE, require_connection
@@ -77,6 +78,7 @@ def register(subparsers) -> None:
     pull.add_argument("--insufficient", choices=["keep", "hold_back", "drop"], default="keep")
     pull.add_argument("--preference-tie", choices=["keep", "hold_back", "drop"], default="keep")
     pull.add_argument("--no-correction-pairs", dest="corrections_as_pairs", action="store_false")
+    add_set_argument(pull, "preference_tie=drop")
     pull.add_argument("--quiet", action="store_true")
     pull.set_defaults(handler=handle_pull)
 
@@ -190,6 +192,7 @@ def handle_pull(args) -> int:
         "preference_tie": args.preference_tie,
         "corrections_as_pairs": args.corrections_as_pairs,
     }
+    apply_set_items(config, args.set_items)
     with live_run_events(enabled=not args.quiet) as events:
         result = run_single_stage("label_pull", config, [args.input], args.out, events=events)
     print_summary(result.manifest)

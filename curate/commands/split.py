@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from curate.cli_support import add_input_arguments, apply_overrides, load_stage_config, parse_columns
+from curate.cli_support import add_input_arguments, add_set_argument, apply_overrides, apply_set_items, load_stage_config, parse_columns
 from curate.display import console, live_run_events, print_summary
 from curate.errors import ConfigError
 from curate.runner import run_single_stage
@@ -43,6 +43,7 @@ def register(subparsers) -> None:
         help="keep rows with the same (exact) or also near-duplicate (near, default) prompts in one split; off: dup_cluster only",
     )
     parser.add_argument("--prompt-threshold", type=float, help="Jaccard at which two prompts are near-duplicates (default 0.7)")
+    add_set_argument(parser, "group_prompts=exact")
     parser.add_argument("--force", action="store_true", help="recompute even if cached")
     parser.add_argument("--quiet", action="store_true", help="no live display")
     parser.set_defaults(handler=handle)
@@ -78,6 +79,7 @@ def handle(args) -> int:
         total = sum(base.values())
         for name in rest:
             config[name] = max(0.0, left) * (base[name] / total if total else 1 / len(rest))
+    config = apply_set_items(config, args.set_items)
     if config.get("previous_splits"):
         config["previous_splits"] = str(Path(config["previous_splits"]).expanduser().resolve())
     with live_run_events(enabled=not args.quiet) as events:
