@@ -65,6 +65,22 @@ def apply_overrides(config: dict, args, fields) -> dict:
     return config
 
 
+def derive_flags_from_model(parser, model, fields) -> None:
+    """Flags that set config fields take their choices and the default they show from the stage's config
+    model, so neither is written twice (help texts carry no defaults of their own)."""
+    import typing
+
+    for action in parser._actions:
+        if action.dest not in fields or action.nargs == 0:  # store_true/false flags name their effect
+            continue
+        field = model.model_fields[action.dest]
+        literal = [arg for arg in (field.annotation, *typing.get_args(field.annotation)) if typing.get_origin(arg) is typing.Literal]
+        if literal:
+            action.choices = list(typing.get_args(literal[0]))
+        if field.default is not None and not callable(field.default):
+            action.help = f"{action.help or ''} (default {field.default})".strip()
+
+
 def add_set_argument(parser, example: str) -> None:
     """`--set KEY=VALUE` (repeatable), as `train` has: any config field by name, so a field needs no flag
     of its own to be set from the command line (the stage's config model checks it like any other)."""

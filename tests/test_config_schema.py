@@ -130,3 +130,26 @@ def test_bad_set_item_is_a_one_line_error(tmp_path, capsys, verb, item, message)
     assert main([verb, str(data), "--out", str(tmp_path / "out"), "--quiet", "--set", item]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("verb", ["dedup", "split"])
+def test_flags_take_fields_choices_and_defaults_from_the_model(verb):
+    import argparse
+    import typing
+
+    from curate.cli import build_parser
+    from curate.commands import dedup, split
+
+    module = {"dedup": dedup, "split": split}[verb]
+    model = config_schema.builtin_stage_configs()[verb]
+    assert set(module.FLAG_FIELDS) <= set(model.model_fields)  # every flag sets a declared field
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in subparsers.choices[verb]._actions:
+        if action.dest not in module.FLAG_FIELDS or action.nargs == 0:
+            continue
+        field = model.model_fields[action.dest]
+        literal = [a for a in (field.annotation, *typing.get_args(field.annotation)) if typing.get_origin(a) is typing.Literal]
+        if literal:
+            assert list(action.choices) == list(typing.get_args(literal[0])), action.dest
+        if field.default is not None:
+            assert action.help.endswith(f"(default {field.default})") and action.help.count("default") == 1, action.help
