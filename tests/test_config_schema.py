@@ -153,3 +153,8 @@ def test_flags_take_fields_choices_and_defaults_from_the_model(verb):
             assert list(action.choices) == list(typing.get_args(literal[0])), action.dest
         if field.default is not None:
             assert action.help.endswith(f"(default {field.default})") and action.help.count("default") == 1, action.help
+
+
+def test_a_stage_config_that_is_not_a_mapping_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\.0\.config: 5 is not of type 'object'"):
+        load_pipeline({"inputs": [{"path": "raw.jsonl"}], "stages": [{"type": "dedup", "config": 5}]}, base_dir=tmp_path)
