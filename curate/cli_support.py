@@ -65,6 +65,52 @@ def apply_overrides(config: dict, args, fields) -> dict:
     return config
 
 
+def derive_flags_from_model(parser, model, fields) -> None:
+    """Flags that set config fields take their choices and the default they show from the stage's config
+    model, so neither is written twice (help texts carry no defaults of their own)."""
+    import typing
+
+    for action in parser._actions:
+        if action.dest not in fields or action.nargs == 0:  # store_true/false flags name their effect
+            continue
+        field = model.model_fields[action.dest]
+        literal = [arg for arg in (field.annotation, *typing.get_args(field.annotation)) if typing.get_origin(arg) is typing.Literal]
+        if literal:
+            action.choices = list(typing.get_args(literal[0]))
+        if field.default is not None and not callable(field.default):
+            action.help = f"{action.help or ''} (default {field.default})".strip()
+
+
+def add_set_argument(parser, example: str) -> None:
+    """`--set KEY=VALUE` (repeatable), as `train` has: any config field by name, so a field needs no flag
+    of its own to be set from the command line (the stage's config model checks it like any other)."""
+    parser.add_argument(
+        "--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
+        help=f"set any config field, YAML value, dotted for nested fields, e.g. --set {example} (repeatable; wins over flags)",
+    )
+
+
+def apply_set_items(config: dict, items: list[str]) -> dict:
+    """`a.b=value` items into the nested `config` dict (values parsed as YAML: 0.9, true, [en, de])."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        path = [part.strip() for part in key.split(".")]
+        if not sep or not all(path):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. threshold=0.8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot parse the value {raw!r} as YAML") from None
+        node = config
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+    return config
+
+
 def parse_columns(items: list[str]) -> dict[str, str]:
     """`--column ROLE=NAME` flags → the `columns:` mapping of an input."""
     columns = {}

@@ -1143,6 +1143,12 @@ def _typed_batches(
         # holds it; others (image bytes) only when the format needs them.
         fields = {field_spec.name for field_spec in plan.fields}
         columns = [name for name in source.names if name in fields or name in source.json_native] or source.names[:1]
+        if set(columns) - set(sample_columns):
+            # Extra columns (a raw `id`, scores) are kept in `metadata` as for JSON inputs: type them from
+            # their own first rows, which the detection sample did not read.
+            with contextlib.closing(source.batches(columns, 200, True)) as heads:
+                head = next((frame for frame in heads if frame.height), head)
+            plan = dataclasses.replace(plan, metadata=metadata_fields(head.head(200).to_dicts(), plan, spec.keep_columns))
         for frame in source.batches(columns, options.chunk_rows, True):
             yield decode_chunk(_frame_to_json_rows(frame, first_row), plan, display, options)
             first_row += frame.height

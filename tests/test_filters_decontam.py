@@ -70,3 +70,41 @@ def test_smaller_ngram_and_overlap_catch_shorter_copies(tmp_path):
 def test_missing_eval_file_is_a_one_line_error(tmp_path):
     with pytest.raises(InputFileError, match="not found"):
         run_stage("decontaminate", training_rows(), {"eval_files": [str(tmp_path / "none.jsonl")]}, tmp_path)
+
+
+@pytest.mark.parametrize("container", ["jsonl.gz", "json-lines", "csv", "parquet"])
+def test_eval_ids_come_from_the_ingested_rows_in_any_container(tmp_path, container):
+    """The raw `id` travels on the row ingest makes (its `metadata`); before, decontam re-read the raw file
+    itself and lost ids in what only ingest can read (compressed files, a .json file of JSON lines)."""
+    import gzip
+
+    import polars as pl
+
+    items = json.loads("[" + ",".join(write_eval(tmp_path / "plain.jsonl").read_text().splitlines()) + "]")
+    if container == "jsonl.gz":
+        eval_file = tmp_path / "eval.jsonl.gz"
+        eval_file.write_bytes(gzip.compress("".join(json.dumps(item) + "\n" for item in items).encode()))
+    elif container == "json-lines":
+        eval_file = tmp_path / "eval.json"
+        eval_file.write_text("".join(json.dumps(item) + "\n" for item in items))
+    else:
+        flat = pl.DataFrame(
+            {"id": [item["id"] for item in items],
+             "instruction": [item["messages"][0]["content"] for item in items],
+             "output": [item["messages"][1]["content"] for item in items]}
+        )  # fmt: skip
+        eval_file = tmp_path / f"eval.{container}"
+        flat.write_csv(eval_file) if container == "csv" else flat.write_parquet(eval_file)
+    kept, _, report = run_stage("decontaminate", training_rows(), {"eval_files": [str(eval_file)], "mode": "flag"}, tmp_path)
+    assert kept["contamination_eval_id"].to_list() == ["eval-0001", None, None, None]
+    assert report["eval_items"] == 2
+
+
+def test_eval_ids_of_a_file_this_tool_wrote_are_its_row_ids(tmp_path):
+    from curate.ingest import read_canonical
+
+    records, _ = read_canonical([write_eval(tmp_path / "eval.jsonl", with_ids=False)])
+    written = tmp_path / "eval.parquet"
+    records.drop("metadata", strict=False).write_parquet(written)
+    kept, _, _ = run_stage("decontaminate", training_rows(), {"eval_files": [str(written)], "mode": "flag"}, tmp_path)
+    assert kept["contamination_eval_id"].to_list() == [records["id"][0], None, None, None]

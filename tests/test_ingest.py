@@ -296,6 +296,17 @@ def test_read_canonical_library_entry_point(tmp_path):
     assert records.height == 1 and quarantine["reason"].to_list() == ["malformed_json"]
 
 
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_extra_columns_of_tables_are_kept_in_metadata_like_json(tmp_path, suffix):
+    """CSV and Parquet inputs keep unused columns (a raw `id`, a score) in `metadata`, as JSON inputs do;
+    before, only the columns format detection sampled were looked at, and extras were lost."""
+    table = pl.DataFrame({"id": ["q-1", "q-2"], "instruction": ["2+2?", "3+3?"], "output": ["4", "6"], "difficulty": ["easy", "hard"]})
+    path = tmp_path / f"qa.{suffix}"
+    table.write_csv(path) if suffix == "csv" else table.write_parquet(path)
+    records, _ = read_canonical([path])
+    assert records["metadata"].to_list() == [{"difficulty": "easy", "id": "q-1"}, {"difficulty": "hard", "id": "q-2"}]
+
+
 def test_fast_normalization_equals_the_reference_expression():
     from hypothesis import given, settings
     from hypothesis import strategies as st

@@ -119,7 +119,8 @@ def test_push_annotate_pull_aggregate_into_preference_pairs(argilla_env, tmp_pat
     data = tmp_path / "filtered" / "data.parquet"
     data.parent.mkdir()
     rows.write_parquet(data)
-    push = ["label", "push", str(data), "--dataset", "flow", "--min-submitted", "3", "--suggest", "quality=quality_score"]
+    push = ["label", "push", str(data), "--dataset", "flow", "--min-submitted", "3", "--suggest", "quality=quality_score",
+            "--preference-question", "ranking"]  # fmt: skip
     assert main(push) == 0
     assert main(push) == 0  # a second push changes nothing and duplicates nothing
     assert sorted(r["external_id"] for r in owner_records(server, "flow-sft")) == sorted(rows.filter(pl.col("kind") == "sft")["id"])
@@ -207,7 +208,7 @@ def test_server_restarted_in_the_middle_of_a_push(argilla_server, tmp_path):
     state = tmp_path / "state"
     env = {**os.environ, "ARGILLA_API_URL": argilla_server.url, "ARGILLA_API_KEY": argilla_server.api_key}
     command = [sys.executable, "-m", "curate.cli", "label", "push", str(data), "--dataset", "restart",
-               "--batch-size", "20", "--max-retries", "0", "--state-dir", str(state)]  # fmt: skip
+               "--batch-size", "20", "--max-retries", "0", "--state-dir", str(state), "--metadata", "quality_score"]  # fmt: skip
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state_file = state / "restart-sft.pushed.tsv"
     deadline = time.monotonic() + 120

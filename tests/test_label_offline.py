@@ -12,7 +12,7 @@ import pytest
 from curate.cli import main
 from curate.label.aggregate import aggregate_answers, agreement, krippendorff_alpha
 from curate.label.pull import apply_labels
-from curate.label.schema import a_is_chosen_expr, record_payloads, with_record_keys
+from curate.label.schema import a_is_chosen_expr, metadata_columns, record_payloads, with_record_keys
 from curate.records import canonical_frame
 from curate.runner import run_single_stage
 
@@ -192,7 +192,7 @@ def test_duplicate_ids_get_distinct_record_ids_and_stable_payloads():
     assert len(set(keys)) == 3
     assert keys[0].startswith(frame["id"][0] + "-") and keys[2] == frame["id"][2]
     assert keys == with_record_keys(frame)["label_record_id"].to_list()  # deterministic
-    payloads = record_payloads(with_record_keys(frame), "sft", {}, {})
+    payloads = record_payloads(with_record_keys(frame), "sft", metadata_columns(frame.schema, None), {})
     assert payloads[0]["fields"]["conversation"][1] == {"role": "assistant", "content": "hello"}
     assert payloads[0]["metadata"]["source_row"] == 1
 

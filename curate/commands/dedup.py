@@ -12,7 +12,16 @@ from pathlib import Path
 
 from rich.table import Table
 
-from curate.cli_support import add_input_arguments, apply_overrides, load_stage_config, parse_columns
+from curate.cli_support import (
+    add_input_arguments,
+    add_set_argument,
+    apply_overrides,
+    apply_set_items,
+    derive_flags_from_model,
+    load_stage_config,
+    parse_columns,
+)
+from curate.dedup import DedupConfig
 from curate.display import console, live_run_events, print_summary
 from curate.runner import run_single_stage
 
@@ -25,18 +34,18 @@ def register(subparsers) -> None:
     )
     add_input_arguments(parser, "raw files or a canonical data.parquet", "YAML file with the dedup stage config (flags override it)")
     parser.add_argument("--index", dest="index_path", help="a saved dedup index folder to dedup against")
-    parser.add_argument("--threshold", type=float, help="Jaccard threshold for near duplicates (default 0.7)")
-    parser.add_argument("--num-perm", type=int, help="MinHash permutations (default 128)")
+    parser.add_argument("--threshold", type=float, help="Jaccard threshold for near duplicates")
+    parser.add_argument("--num-perm", type=int, help="MinHash permutations")
     parser.add_argument("--bands", type=int, help="LSH bands (with --rows; default: optimal for threshold)")
     parser.add_argument("--rows", type=int, help="LSH rows per band (with --bands)")
-    parser.add_argument("--shingle", choices=["char", "word"], help="shingle unit (default char)")
-    parser.add_argument("--ngram", type=int, help="shingle length in units (default 5)")
-    parser.add_argument("--hash", choices=["xxh32", "sha1"], help="shingle hash (default xxh32)")
-    parser.add_argument("--key", choices=["conversation", "prompt"], help="what SFT rows are compared on (default conversation)")
+    parser.add_argument("--shingle", choices=["char", "word"], help="shingle unit")
+    parser.add_argument("--ngram", type=int, help="shingle length in units")
+    parser.add_argument("--hash", choices=["xxh32", "sha1"], help="shingle hash")
+    parser.add_argument("--key", choices=["conversation", "prompt"], help="what SFT rows are compared on")
     parser.add_argument(
         "--preference-key",
         choices=["pair", "prompt"],
-        help="what preference rows are compared on: prompt + chosen + rejected (default pair) or the prompt alone",
+        help="what preference rows are compared on: prompt + chosen + rejected or the prompt alone",
     )
     parser.add_argument(
         "--no-lowercase", dest="lowercase", action="store_false", default=None, help="case-sensitive keys"
@@ -60,8 +69,10 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--no-verify", dest="verify", action="store_false", default=None, help="trust MinHash estimates, skip exact Jaccard"
     )
+    add_set_argument(parser, "threshold=0.8")
     parser.add_argument("--force", action="store_true", help="recompute even if cached")
     parser.add_argument("--quiet", action="store_true", help="no live display")
+    derive_flags_from_model(parser, DedupConfig, FLAG_FIELDS)
     parser.set_defaults(handler=handle)
 
 
@@ -89,7 +100,7 @@ FLAG_FIELDS = (
 
 
 def handle(args) -> int:
-    config = apply_overrides(load_stage_config(args.config, "dedup"), args, FLAG_FIELDS)
+    config = apply_set_items(apply_overrides(load_stage_config(args.config, "dedup"), args, FLAG_FIELDS), args.set_items)
     if config.get("index_path"):
         config["index_path"] = str(Path(config["index_path"]).expanduser().resolve())
     with live_run_events(enabled=not args.quiet) as events:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from curate.cli_support import add_input_arguments, parse_columns, read_yaml_mapping
+from curate.cli_support import add_input_arguments, add_set_argument, apply_set_items, parse_columns, read_yaml_mapping
 from curate.display import console, live_run_events, print_summary
 from curate.errors import ConfigError
 from curate.filters.thresholds import PRESETS, describe_rule, find_rule, preset_description, preset_rules
@@ -42,6 +42,7 @@ def register(subparsers) -> None:
     parser.add_argument("--explain", metavar="RULE", help="print what a rule (or every rule of a preset) measures, then exit")
     parser.add_argument("--tokenizer", help="tokenizer.json for token counts (overrides tag.tokenizer)")
     parser.add_argument("--languages", help="comma-separated keep-list, e.g. en,de (overrides filter.languages)")
+    add_set_argument(parser, "filter.preset=short_answer (SECTION.FIELD; a pii/decontaminate section set here is added)")
     parser.add_argument("--force", action="store_true", help="recompute every stage")
     parser.add_argument("--quiet", action="store_true", help="no live display; print only the summary")
     parser.set_defaults(handler=handle)
@@ -102,6 +103,11 @@ def handle(args) -> int:
         sections.setdefault("tag", {})["tokenizer"] = str(Path(args.tokenizer).resolve())
     if args.languages:
         sections.setdefault("filter", {})["languages"] = [c.strip() for c in args.languages.split(",") if c.strip()]
+    for item in args.set_items:
+        section = item.partition("=")[0].split(".")[0].strip()
+        if section not in SECTIONS or "." not in item.partition("=")[0]:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of {', '.join(SECTIONS)}")
+    apply_set_items(sections, args.set_items)
     with live_run_events(enabled=not args.quiet) as events:
         result = run_stages(
             stages_from(sections),

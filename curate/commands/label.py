@@ -5,6 +5,8 @@
   curate label status --dataset NAME             progress per dataset and per annotator
   curate label pull DATA.parquet --dataset NAME --out DIR   aggregate answers, apply them
   curate label stop [--home DIR]
+  curate label users add NAME [--role annotator]  create an annotator; prints their password and API key once
+  curate label users list                        usernames, roles and workspaces (never keys)
 
 The server comes from --api-url or ARGILLA_API_URL, the key from ARGILLA_API_KEY (after `serve`, both
 are in the owner file it names).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -22,10 +25,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from curate.cli_support import add_set_argument, apply_set_items
 from curate.display import console, live_run_events, print_summary, styled
 from curate.errors import ConfigError, InputFileError
 from curate.label.client import DEFAULT_WORKSPACE, require_connection
-from curate.label.schema import check_dataset_name
+from curate.label.schema import DEFAULT_METADATA_COLUMNS, check_dataset_name, read_guidelines
+from curate.label.users import ROLES as USER_ROLES
 from safety.ownership import claim_dir
 from safety.redact import redact
 
@@ -33,7 +38,7 @@ from safety.redact import redact
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "label",
-        help="human labeling in Argilla (push, pull, status, serve, stop)",
+        help="human labeling in Argilla (push, pull, status, serve, stop, users)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -49,11 +54,18 @@ def register(subparsers) -> None:
     push.add_argument("input", type=Path, help="a stage's canonical data.parquet")
     server_args(push)
     push.add_argument("--min-submitted", type=int, default=2, help="annotators per record (default 2)")
-    push.add_argument("--preference-question", choices=["ranking", "label"], default="ranking")
+    push.add_argument(
+        "--preference-question", choices=["label", "ranking"], default="label",
+        help="label: 'Which answer is better? A / B / tie' (default); ranking: rank A and B",
+    )
+    push.add_argument("--guidelines", type=Path, metavar="FILE", help="Markdown file shown to annotators as the dataset's guidelines")
     push.add_argument(
         "--suggest", action="append", default=[], metavar="QUESTION=COLUMN", help="suggest answers from a column"
     )
-    push.add_argument("--metadata", action="append", metavar="COLUMN", help="metadata columns (default: all scores)")
+    push.add_argument(
+        "--metadata", action="append", metavar="COLUMN",
+        help=f"a column to show as metadata, repeatable (default: {', '.join(DEFAULT_METADATA_COLUMNS)})",
+    )
     push.add_argument("--batch-size", type=int, default=100)
     push.add_argument("--state-dir", type=Path, help="resume state (default: beside the input)")
     push.set_defaults(handler=handle_push)
@@ -66,6 +78,7 @@ def register(subparsers) -> None:
     pull.add_argument("--insufficient", choices=["keep", "hold_back", "drop"], default="keep")
     pull.add_argument("--preference-tie", choices=["keep", "hold_back", "drop"], default="keep")
     pull.add_argument("--no-correction-pairs", dest="corrections_as_pairs", action="store_false")
+    add_set_argument(pull, "preference_tie=drop")
     pull.add_argument("--quiet", action="store_true")
     pull.set_defaults(handler=handle_pull)
 
@@ -82,6 +95,19 @@ def register(subparsers) -> None:
     stop = verbs.add_parser("stop", help="stop the local Argilla server started by serve")
     stop.add_argument("--home", type=Path, help="server home (default: $CURATE_ARGILLA_HOME or .argilla/ in the repository)")
     stop.set_defaults(handler=handle_stop)
+
+    users = verbs.add_parser("users", help="annotator accounts: add, list")
+    user_verbs = users.add_subparsers(dest="users_command", required=True, metavar="VERB")
+    add = user_verbs.add_parser("add", help="create a user; prints their password and API key once (never stored)")
+    add.add_argument("name", help="username (letters, digits, '_', '.', '@', '-')")
+    add.add_argument("--role", choices=list(USER_ROLES), default="annotator")
+    add.add_argument("--workspace", default=DEFAULT_WORKSPACE, help=f"workspace to add them to (default {DEFAULT_WORKSPACE})")
+    add.add_argument("--api-url", help="Argilla URL (default: $ARGILLA_API_URL); the owner key from $ARGILLA_API_KEY")
+    add.set_defaults(handler=handle_users_add)
+    listing = user_verbs.add_parser("list", help="usernames, roles and workspaces")
+    listing.add_argument("--api-url", help="Argilla URL (default: $ARGILLA_API_URL)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=handle_users_list)
 
 
 def _read_canonical(path: Path) -> pl.DataFrame:
@@ -111,6 +137,8 @@ def handle_push(args) -> int:
     from curate.label.push import PushOptions, push_frame
 
     check_dataset_name(args.dataset)  # before it becomes a path or reaches the server
+    if args.guidelines:
+        read_guidelines(args.guidelines)  # a missing file is reported before the server is asked anything
     connection = require_connection(args.api_url, os.environ.get("ARGILLA_API_KEY"))
     frame = _read_canonical(args.input)
     options = PushOptions(
@@ -118,6 +146,7 @@ def handle_push(args) -> int:
         workspace=args.workspace,
         min_submitted=args.min_submitted,
         preference_question=args.preference_question,
+        guidelines=read_guidelines(args.guidelines) if args.guidelines else None,
         suggestions=_suggestions(args.suggest),
         metadata_columns=args.metadata,
         batch_size=args.batch_size,
@@ -163,6 +192,7 @@ def handle_pull(args) -> int:
         "preference_tie": args.preference_tie,
         "corrections_as_pairs": args.corrections_as_pairs,
     }
+    apply_set_items(config, args.set_items)
     with live_run_events(enabled=not args.quiet) as events:
         result = run_single_stage("label_pull", config, [args.input], args.out, events=events)
     print_summary(result.manifest)
@@ -225,4 +255,38 @@ def handle_stop(args) -> int:
 
     stopped = stop_server(args.home)
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def handle_users_add(args) -> int:
+    from curate.label.users import add_user, check_username
+
+    check_username(args.name)
+    connection = require_connection(args.api_url, os.environ.get("ARGILLA_API_KEY"))
+    user = add_user(connection, args.name, role=args.role, workspace=args.workspace)
+    # The only place the credentials ever appear: plain lines on stdout, easy to hand over or pipe.
+    print(f"username: {user.username}")
+    print(f"role: {user.role}")
+    print(f"workspace: {user.workspace}")
+    print(f"password: {user.password}")
+    print(f"api_key: {user.api_key}")
+    print(f"sign in at: {redact(connection.api_url)}")
+    print("these credentials are shown once and stored nowhere by curate: hand them over now", file=sys.stderr)
+    return 0
+
+
+def handle_users_list(args) -> int:
+    from curate.label.users import list_users
+
+    connection = require_connection(args.api_url, os.environ.get("ARGILLA_API_KEY"))
+    users = list_users(connection)
+    if args.json:
+        console.print_json(json.dumps(users))
+        return 0
+    table = Table(title=f"users on {redact(connection.api_url)}")
+    for column in ("username", "role", "workspaces"):
+        table.add_column(column)
+    for user in users:
+        table.add_row(user["username"], user["role"], ", ".join(user["workspaces"]))
+    console.print(table)
     return 0

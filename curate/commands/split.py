@@ -12,7 +12,15 @@ from pathlib import Path
 
 from rich.table import Table
 
-from curate.cli_support import add_input_arguments, apply_overrides, load_stage_config, parse_columns
+from curate.cli_support import (
+    add_input_arguments,
+    add_set_argument,
+    apply_overrides,
+    apply_set_items,
+    derive_flags_from_model,
+    load_stage_config,
+    parse_columns,
+)
 from curate.display import console, live_run_events, print_summary
 from curate.errors import ConfigError
 from curate.runner import run_single_stage
@@ -26,25 +34,27 @@ def register(subparsers) -> None:
         description=__doc__,
     )
     add_input_arguments(parser, "raw files or a canonical data.parquet", "YAML file with the split stage config (flags override it)")
-    parser.add_argument("--train", type=float, help="train fraction (default 0.9)")
-    parser.add_argument("--validation", type=float, help="validation fraction (default 0.05)")
-    parser.add_argument("--test", type=float, help="test fraction (default 0.05)")
-    parser.add_argument("--seed", type=int, help="assignment seed (default 0)")
+    parser.add_argument("--train", type=float, help="train fraction")
+    parser.add_argument("--validation", type=float, help="validation fraction")
+    parser.add_argument("--test", type=float, help="test fraction")
+    parser.add_argument("--seed", type=int, help="assignment seed (default: the run seed, 0)")
     parser.add_argument("--stratify-by", help="`source` or a column name (e.g. a label)")
     parser.add_argument("--min-validation-rows", type=int, help="minimum validation rows per dataset")
     parser.add_argument("--min-test-rows", type=int, help="minimum test rows per dataset")
     parser.add_argument("--previous-splits", help="folder with earlier sft/ and pref/ splits to extend")
-    parser.add_argument("--max-shard-rows", type=int, help="rows per Parquet shard (default 100000)")
+    parser.add_argument("--max-shard-rows", type=int, help="rows per Parquet shard")
     parser.add_argument("--save-to-disk", action="store_true", default=None, help="also write datasets.save_to_disk copies")
     parser.add_argument("--license", help="license field of the dataset cards")
     parser.add_argument(
         "--group-prompts",
         choices=["near", "exact", "off"],
-        help="keep rows with the same (exact) or also near-duplicate (near, default) prompts in one split; off: dup_cluster only",
+        help="keep rows with the same (exact) or also near-duplicate (near) prompts in one split; off: dup_cluster only",
     )
-    parser.add_argument("--prompt-threshold", type=float, help="Jaccard at which two prompts are near-duplicates (default 0.7)")
+    parser.add_argument("--prompt-threshold", type=float, help="Jaccard at which two prompts are near-duplicates")
+    add_set_argument(parser, "group_prompts=exact")
     parser.add_argument("--force", action="store_true", help="recompute even if cached")
     parser.add_argument("--quiet", action="store_true", help="no live display")
+    derive_flags_from_model(parser, SplitConfig, FLAG_FIELDS)
     parser.set_defaults(handler=handle)
 
 
@@ -78,6 +88,7 @@ def handle(args) -> int:
         total = sum(base.values())
         for name in rest:
             config[name] = max(0.0, left) * (base[name] / total if total else 1 / len(rest))
+    config = apply_set_items(config, args.set_items)
     if config.get("previous_splits"):
         config["previous_splits"] = str(Path(config["previous_splits"]).expanduser().resolve())
     with live_run_events(enabled=not args.quiet) as events:

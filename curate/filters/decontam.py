@@ -9,19 +9,20 @@ item when it contains at least `min_overlap` of the item's distinct n-grams (PaL
 recur in hundreds of unrelated conversations) and at least `min_matching_ngrams` of them. Texts shorter
 than n words produce no n-gram and cannot match (lower `ngram` for very short evaluation items).
 
-Evaluation files are read with the core ingest (`curate.ingest.read_canonical`, any format ingest reads).
-An item's id is the `id` field of the raw file when it has one, else `file:row`.
+Evaluation files are read with the core ingest (`curate.ingest.read_canonical`, any format ingest reads)
+and nothing else reads them: an item's id is the raw `id` field ingest keeps on the row (in `metadata`)
+when it has one, else `file:row`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
 
 from curate.errors import InputFileError
 from curate.filters.text import TURN_SEPARATOR, assistant_text, user_text
+from curate.ingest import CANONICAL_FORMAT
 
 
 def scored_text() -> pl.Expr:
@@ -54,64 +55,45 @@ def ngram_hashes(frame: pl.LazyFrame, key: str, text: str, n: int) -> pl.LazyFra
     )
 
 
-def _raw_ids(path: Path) -> dict[int, str]:
-    """The raw file's `id` field by row number (ingest's numbering: JSONL physical line, JSON array
-    element, CSV record, Parquet row; all 1-based), for plain JSONL/JSON/CSV/Parquet files."""
-    suffix = path.suffix.lower()
-    ids: dict[int, str] = {}
-    try:
-        if suffix in (".jsonl", ".ndjson"):
-            with path.open(encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        value = json.loads(line).get("id")
-                        if value is not None:
-                            ids[number] = str(value)
-        elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            for number, item in enumerate(data if isinstance(data, list) else [], start=1):
-                if isinstance(item, dict) and item.get("id") is not None:
-                    ids[number] = str(item["id"])
-        elif suffix in (".parquet", ".csv"):
-            frame = pl.read_parquet(path, glob=False) if suffix == ".parquet" else pl.read_csv(path, infer_schema=False, glob=False)
-            if "id" in frame.columns:
-                for number, value in enumerate(frame["id"].to_list(), start=1):
-                    if value is not None:
-                        ids[number] = str(value)
-    except (OSError, ValueError, AttributeError, pl.exceptions.PolarsError):
-        return {}  # unreadable here: ingest reports the file's problems; ids fall back to file:row
-    return ids
+def raw_id_expr(schema: pl.Schema, written_by_us: bool) -> pl.Expr:
+    """The evaluation item's own id, from the row ingest made of it: the raw `id` field, which ingest
+    keeps in `metadata` like any field the format does not use; for a Parquet file this tool wrote, its
+    `id` column. Null where the item has none."""
+    metadata = schema.get("metadata")
+    ids = []
+    if isinstance(metadata, pl.Struct) and "id" in {field.name for field in metadata.fields}:
+        ids.append(pl.col("metadata").struct.field("id").cast(pl.String))
+    if written_by_us:
+        ids.append(pl.col("id"))
+    return pl.coalesce(ids) if ids else pl.lit(None, pl.String)
 
 
-def _read_canonical(path: Path) -> pl.DataFrame:
-    from curate.ingest import read_canonical
+def _ingested(path: Path, label: str) -> tuple[pl.DataFrame, bool]:
+    """The canonical rows of one evaluation file (through ingest, the only reader of raw files), and
+    whether it is a Parquet file this tool wrote (its `id` column is then the item id)."""
+    from curate.ingest import IngestOptions, InputSpec, ingest_file
 
-    records, _quarantine = read_canonical([path], format="auto")
-    return records
+    batches, file_format = [], None
+    for batch, report in ingest_file(path, label, InputSpec(path=str(path)), IngestOptions()):
+        batches.append(batch.records)
+        file_format = report.format
+    return pl.concat(batches, how="diagonal_relaxed"), file_format == CANONICAL_FORMAT
 
 
 def load_eval_items(paths: list[Path], labels: list[str] | None = None) -> pl.DataFrame:
     """One row per evaluation item: `eval_order` (position over all files), `eval_id`, `text`.
 
     `eval_id` is the raw item's `id` field where it has one, else `<label>:<row>` (label: the path as
-    configured)."""
+    configured). Both come from the ingested rows; the raw file is read once, by ingest."""
     labels = labels or [str(path) for path in paths]
     frames = []
     for path, label in zip(paths, labels):
         if not path.is_file():
             raise InputFileError(f"{label}: evaluation file not found")
-        records = _read_canonical(path)
-        items = records.select(
-            pl.col("source").struct.field("row").cast(pl.Int64).alias("row"), scored_text().alias("text")
-        )
-        raw_ids = _raw_ids(path)
-        id_table = pl.DataFrame(
-            {"row": list(raw_ids), "raw_id": list(raw_ids.values())}, schema={"row": pl.Int64, "raw_id": pl.String}
-        )
-        items = items.join(id_table, on="row", how="left", maintain_order="left").with_columns(
-            pl.coalesce("raw_id", pl.lit(f"{label}:") + pl.col("row").cast(pl.String)).alias("eval_id")
-        )
-        frames.append(items.select("eval_id", "text"))
+        records, written_by_us = _ingested(path, label)
+        row_label = pl.lit(f"{label}:") + pl.col("source").struct.field("row").cast(pl.String)
+        raw_id = raw_id_expr(records.schema, written_by_us)
+        frames.append(records.select(pl.coalesce(raw_id, row_label).alias("eval_id"), scored_text().alias("text")))
     items = pl.concat(frames) if frames else pl.DataFrame(schema={"eval_id": pl.String, "text": pl.String})
     return items.with_row_index("eval_order").select("eval_order", "eval_id", "text")
 

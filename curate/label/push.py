@@ -20,7 +20,7 @@ import polars as pl
 
 from curate.errors import ConfigError, ExternalServiceError
 from curate.label import schema
-from curate.label.client import Connection, connect, quiet_sdk, with_retries
+from curate.label.client import Connection, RestApi, connect, quiet_sdk, with_retries
 
 ProgressCallback = Callable[[str, int, int], None]  # (dataset name, records done, records total)
 
@@ -30,9 +30,10 @@ class PushOptions:
     dataset: str
     workspace: str = "curate"
     min_submitted: int = 2
-    preference_question: str = "ranking"  # or "label"
+    preference_question: str = "label"  # "Which answer is better? A / B / Tie"; or "ranking"
+    guidelines: str | None = None  # Markdown text (read from the user's file); None: a short default
     suggestions: dict[str, str] | None = None  # question name -> column
-    metadata_columns: list[str] | None = None  # None: every scalar score column
+    metadata_columns: list[str] | None = None  # None: schema.DEFAULT_METADATA_COLUMNS present in the input
     batch_size: int = 100
     max_retries: int = 5
 
@@ -73,8 +74,9 @@ class PushState:
 
 def _validate(options: PushOptions) -> None:
     schema.check_dataset_name(options.dataset)
-    if options.preference_question not in ("ranking", "label"):
-        raise ConfigError(f"label push: preference_question must be 'ranking' or 'label', not {options.preference_question!r}")
+    if options.preference_question not in schema.PREFERENCE_QUESTIONS:
+        choices = " or ".join(repr(choice) for choice in schema.PREFERENCE_QUESTIONS)
+        raise ConfigError(f"label push: preference_question must be {choices}, not {options.preference_question!r}")
     for question in (options.suggestions or {}):
         if question not in schema.SUGGESTABLE_QUESTIONS:
             raise ConfigError(
@@ -124,10 +126,10 @@ def push_frame(
     missing = [column for column in (options.suggestions or {}).values() if column not in frame.columns]
     if missing:
         raise ConfigError(f"label push: suggestion column {missing[0]!r} is not in the input")
+    columns = schema.metadata_columns(frame.schema, options.metadata_columns)  # a wrong name fails before the network
     client = connect(connection)
     workspace = ensure_workspace(client, options.workspace, connection, options.max_retries)
     frame = schema.with_record_keys(frame)
-    columns = schema.metadata_columns(frame.schema, options.metadata_columns)
     duplicated_ids = frame.height - frame["id"].n_unique()
     report: dict = {
         "workspace": options.workspace,
@@ -141,13 +143,11 @@ def push_frame(
         if rows.height == 0:
             continue
         name = schema.dataset_name(options.dataset, kind)
-        settings = (
-            schema.sft_settings(columns, options.min_submitted)
-            if kind == "sft"
-            else schema.preference_settings(columns, options.min_submitted, options.preference_question)
-        )
+        settings = schema.settings(kind, columns, options.min_submitted, options.preference_question, options.guidelines)
         dataset = ensure_dataset(client, name, workspace, settings, connection, options.max_retries)
         _check_questions(dataset, kind)
+        if options.guidelines is not None and dataset.settings.guidelines != options.guidelines:
+            _update_guidelines(dataset, options.guidelines, connection, options.max_retries)
         payloads = schema.record_payloads(rows, kind, columns, options.suggestions or {})
         state = PushState(state_dir / f"{name}.pushed.tsv" if state_dir else None, str(dataset.id))
         digests = [_payload_hash(payload) for payload in payloads]
@@ -167,6 +167,8 @@ def push_frame(
             "records": len(payloads),
             "sent": len(todo),
             "unchanged_skipped": skipped,
+            "metadata": list(columns),
+            "guidelines": "default" if options.guidelines is None else "given",
         }
     return report
 
@@ -179,6 +181,13 @@ def _check_questions(dataset, kind: str) -> None:
             f"Argilla dataset {dataset.name!r} exists with other questions ({', '.join(sorted(names))}); "
             "push to a new dataset name"
         )
+
+
+def _update_guidelines(dataset, guidelines: str, connection: Connection, max_retries: int) -> None:
+    """New guidelines for a dataset pushed before: only the guidelines change (no settings round trip)."""
+    RestApi(connection, max_retries).call(
+        "PATCH", f"/api/v1/datasets/{dataset.id}", f"updating the guidelines of {dataset.name!r}", json={"guidelines": guidelines}
+    )
 
 
 def _send_batch(dataset, payloads: list[dict], connection: Connection, max_retries: int, on_retry) -> None:

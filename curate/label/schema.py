@@ -5,9 +5,14 @@ SFT rows → dataset `<name>-sft`:
   field `conversation` (chat), questions `quality` (rating 1–5), `decision` (keep | discard),
   `corrected_response` (optional text: a better final assistant reply).
 Preference rows → dataset `<name>-pref`:
-  fields `prompt` (chat), `response_a`, `response_b` (text); questions `preference` (ranking of the two
-  responses, or a label `response_a | response_b | tie`), `quality` (rating 1–5 of the better response),
-  `decision` (optional keep | discard).
+  fields `prompt` (chat), `response_a`, `response_b` (text); questions `preference` (by default a label
+  "Which answer is better?" with the choices A / B / Tie; or a ranking of the two responses),
+  `quality` (optional rating 1–5 of the better response), `decision` (optional keep | discard).
+
+Guidelines (what annotators read first) come from a Markdown file of the user's, else a short default.
+Metadata (filterable in the UI) is only the columns asked for; by default `source_file`, `source_row`
+and `lang` — where a row came from, to trace it back, and its language, to route it to annotators who
+read it. Scores are not pushed unless asked: shown to annotators they anchor their judgement.
 
 Which of chosen/rejected is shown as A is decided by the row id (last hex digit even → chosen is A), so
 annotators see no position pattern, and pull recomputes the placement from the id alone.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import polars as pl
 
@@ -29,12 +35,21 @@ from schemas import CANONICAL_SCHEMA
 
 RATING_VALUES = [1, 2, 3, 4, 5]
 DECISION_LABELS = ["keep", "discard"]
-PREFERENCE_LABELS = ["response_a", "response_b", "tie"]
+# Stored values stay response_a / response_b / tie (what aggregation counts); annotators see A / B / Tie.
+PREFERENCE_LABELS = {"response_a": "A", "response_b": "B", "tie": "Tie (equally good or equally bad)"}
+PREFERENCE_QUESTIONS = ("label", "ranking")
+DEFAULT_METADATA_COLUMNS = ("source_file", "source_row", "lang")
+SFT_GUIDELINES = (
+    "Rate the assistant's replies in this conversation (1 = harmful or useless, 5 = exemplary). "
+    "Choose discard for conversations that should not be trained on. "
+    "If the final assistant reply can be fixed, write the corrected reply."
+)
+PREFERENCE_GUIDELINES = (
+    "Read the prompt and both answers, then say which answer is better: A, B, or Tie when neither is better. "
+    "Optionally rate the better answer (1 = harmful or useless, 5 = exemplary)."
+)
 RESPONSE_SLOTS = ["response_a", "response_b"]
-QUESTIONS_BY_KIND = {
-    "sft": {"quality": "rating", "decision": "label", "corrected_response": "text"},
-    "preference": {"preference": "ranking", "quality": "rating", "decision": "label"},
-}
+QUESTIONS_BY_KIND = {"sft": ("quality", "decision", "corrected_response"), "preference": ("preference", "quality", "decision")}
 
 
 # A dataset name becomes a file name (push state: `<state-dir>/<name>-sft.pushed.tsv`) and a server name:
@@ -81,6 +96,7 @@ def a_is_chosen_expr() -> pl.Expr:
 
 
 _METADATA_NAME = re.compile(r"[^a-z0-9_-]+")
+_SOURCE_METADATA = {"source_file": ("file", pl.String()), "source_row": ("row", pl.Int64())}
 
 
 def metadata_name(column: str) -> str:
@@ -88,93 +104,125 @@ def metadata_name(column: str) -> str:
     return name[:200]
 
 
-def metadata_columns(schema: pl.Schema, wanted: list[str] | None) -> dict[str, str]:
-    """Score columns that become Argilla metadata: {column: "float" | "integer" | "terms"}.
+def _metadata_kind(dtype: pl.DataType) -> str | None:
+    if dtype.is_float() or dtype.is_decimal():
+        return "float"
+    if dtype.is_integer():
+        return "integer"
+    if dtype in (pl.String, pl.Boolean, pl.Categorical) or isinstance(dtype, pl.Enum):
+        return "terms"
+    return None
 
-    By default every non-canonical column of a scalar type (scores, flags, language codes);
-    `wanted` restricts them to a list."""
-    result: dict[str, str] = {}
-    for column, dtype in schema.items():
-        if column in CANONICAL_SCHEMA or column.startswith("label_"):
+
+def metadata_columns(schema: pl.Schema, wanted: list[str] | None) -> dict[str, tuple[pl.Expr, str]]:
+    """The metadata pushed with each record: {name: (expression, "float" | "integer" | "terms")}.
+
+    A name is `source_file` / `source_row`, a column of the frame, or a field of the `metadata` struct
+    (input columns ingest kept). `wanted` None: DEFAULT_METADATA_COLUMNS, those the frame has; a name
+    asked for explicitly that is missing or not a scalar is a one-line ConfigError."""
+    explicit = wanted is not None
+    extra = schema.get("metadata")
+    extra_fields = {item.name: item.dtype for item in extra.fields} if isinstance(extra, pl.Struct) else {}
+    result: dict[str, tuple[pl.Expr, str]] = {}
+    for name in (wanted if explicit else DEFAULT_METADATA_COLUMNS):
+        if name in _SOURCE_METADATA:
+            field, dtype = _SOURCE_METADATA[name]
+            expr = pl.col("source").struct.field(field)
+        elif name in schema:
+            expr, dtype = pl.col(name), schema[name]
+        elif name in extra_fields:
+            expr, dtype = pl.col("metadata").struct.field(name), extra_fields[name]
+        elif explicit:
+            raise ConfigError(f"label push: metadata column {name!r} is not in the input (nor a field of its metadata)")
+        else:
             continue
-        if wanted is not None and column not in wanted:
+        kind = _metadata_kind(dtype)
+        if kind is None:
+            if explicit:
+                raise ConfigError(f"label push: metadata column {name!r} is {dtype}, not a number, flag or text")
             continue
-        if dtype.is_float() or dtype.is_decimal():
-            result[column] = "float"
-        elif dtype.is_integer():
-            result[column] = "integer"
-        elif dtype in (pl.String, pl.Boolean, pl.Categorical) or isinstance(dtype, pl.Enum):
-            result[column] = "terms"
+        result[name] = (expr, kind)
     return result
 
 
-def metadata_properties(columns: dict[str, str]):
+def metadata_properties(columns: dict[str, tuple[pl.Expr, str]]):
     import argilla as rg
 
-    properties = [
-        rg.TermsMetadataProperty(name="source_file", title="Source file"),
-        rg.IntegerMetadataProperty(name="source_row", title="Source row"),
-    ]
-    for column, kind in columns.items():
-        name = metadata_name(column)
-        if kind == "float":
-            properties.append(rg.FloatMetadataProperty(name=name, title=column))
-        elif kind == "integer":
-            properties.append(rg.IntegerMetadataProperty(name=name, title=column))
-        else:
-            properties.append(rg.TermsMetadataProperty(name=name, title=column))
-    return properties
+    kinds = {"float": rg.FloatMetadataProperty, "integer": rg.IntegerMetadataProperty, "terms": rg.TermsMetadataProperty}
+    return [kinds[kind](name=metadata_name(column), title=column) for column, (_, kind) in columns.items()]
 
 
-def sft_settings(columns: dict[str, str], min_submitted: int):
-    import argilla as rg
-
-    return rg.Settings(
-        guidelines=(
-            "Rate the assistant's replies in this support conversation (1 = harmful or useless, "
-            "5 = exemplary). Choose discard for conversations that should not be trained on. "
-            "If the final assistant reply can be fixed, write the corrected reply."
-        ),
-        fields=[rg.ChatField(name="conversation", title="Conversation", use_markdown=True)],
-        questions=[
-            rg.RatingQuestion(name="quality", title="Quality of the assistant's replies", values=RATING_VALUES),
-            rg.LabelQuestion(name="decision", title="Keep for training?", labels=DECISION_LABELS),
-            rg.TextQuestion(
-                name="corrected_response",
-                title="Corrected final assistant reply (leave empty if it is fine)",
-                required=False,
-                use_markdown=True,
-            ),
-        ],
-        metadata=metadata_properties(columns),
-        distribution=rg.TaskDistribution(min_submitted=min_submitted),
-        allow_extra_metadata=True,
-    )
+def read_guidelines(path: Path) -> str:
+    """The Markdown text of a guidelines file; missing, unreadable or empty is a one-line ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: guidelines file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: guidelines file is not UTF-8 text") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the guidelines file ({error.strerror or type(error).__name__})") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: guidelines file is empty")
+    return text
 
 
-def preference_settings(columns: dict[str, str], min_submitted: int, question: str):
-    import argilla as rg
-
-    if question == "ranking":
-        preference = rg.RankingQuestion(
-            name="preference",
-            title="Rank the responses (1 = better)",
-            values={"response_a": "Response A", "response_b": "Response B"},
-        )
+def question_specs(kind: str, preference_question: str = "label") -> list[dict]:
+    """The questions of a dataset as data (name, type, title, choices, required): what annotators are
+    asked, checkable without a server; `settings` turns them into the SDK's objects."""
+    if kind == "sft":
+        return [
+            {"name": "quality", "type": "rating", "title": "Quality of the assistant's replies", "values": RATING_VALUES},
+            {"name": "decision", "type": "label", "title": "Keep for training?", "labels": DECISION_LABELS},
+            {"name": "corrected_response", "type": "text", "required": False,
+             "title": "Corrected final assistant reply (leave empty if it is fine)"},
+        ]  # fmt: skip
+    if preference_question == "ranking":
+        preference = {"name": "preference", "type": "ranking", "title": "Rank the responses (1 = better)",
+                      "values": {"response_a": "Response A", "response_b": "Response B"}}  # fmt: skip
     else:
-        preference = rg.LabelQuestion(name="preference", title="Which response is better?", labels=PREFERENCE_LABELS)
-    return rg.Settings(
-        guidelines="Compare the two responses to the prompt and pick the better one; rate the better response.",
-        fields=[
+        preference = {"name": "preference", "type": "label", "title": "Which answer is better?",
+                      "description": "A, B, or Tie when neither is better", "labels": PREFERENCE_LABELS}  # fmt: skip
+    return [
+        preference,
+        {"name": "quality", "type": "rating", "title": "Quality of the better answer (optional)", "values": RATING_VALUES,
+         "required": False},
+        {"name": "decision", "type": "label", "title": "Keep for training?", "labels": DECISION_LABELS, "required": False},
+    ]  # fmt: skip
+
+
+def _sdk_question(spec: dict):
+    import argilla as rg
+
+    common = {"name": spec["name"], "title": spec["title"], "required": spec.get("required", True)}
+    if spec.get("description"):
+        common["description"] = spec["description"]
+    if spec["type"] == "rating":
+        return rg.RatingQuestion(values=spec["values"], **common)
+    if spec["type"] == "label":
+        return rg.LabelQuestion(labels=spec["labels"], **common)
+    if spec["type"] == "ranking":
+        return rg.RankingQuestion(values=spec["values"], **common)
+    return rg.TextQuestion(use_markdown=True, **common)
+
+
+def settings(kind: str, columns: dict, min_submitted: int, preference_question: str = "label", guidelines: str | None = None):
+    """Argilla dataset settings for one record kind (see the module docstring)."""
+    import argilla as rg
+
+    if kind == "sft":
+        fields = [rg.ChatField(name="conversation", title="Conversation", use_markdown=True)]
+    else:
+        fields = [
             rg.ChatField(name="prompt", title="Prompt", use_markdown=True),
             rg.TextField(name="response_a", title="Response A", use_markdown=True),
             rg.TextField(name="response_b", title="Response B", use_markdown=True),
-        ],
-        questions=[
-            preference,
-            rg.RatingQuestion(name="quality", title="Quality of the better response", values=RATING_VALUES),
-            rg.LabelQuestion(name="decision", title="Keep for training?", labels=DECISION_LABELS, required=False),
-        ],
+        ]
+    return rg.Settings(
+        guidelines=guidelines or (SFT_GUIDELINES if kind == "sft" else PREFERENCE_GUIDELINES),
+        fields=fields,
+        questions=[_sdk_question(spec) for spec in question_specs(kind, preference_question)],
         metadata=metadata_properties(columns),
         distribution=rg.TaskDistribution(min_submitted=min_submitted),
         allow_extra_metadata=True,
@@ -192,19 +240,24 @@ def _clean_metadata_value(value, kind: str):
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def record_payloads(frame: pl.DataFrame, kind: str, columns: dict[str, str], suggestions: dict[str, str]) -> list[dict]:
-    """Plain-dict payloads (id, fields, metadata, suggestions) for the rows of one kind.
+def record_payloads(
+    frame: pl.DataFrame, kind: str, columns: dict[str, tuple[pl.Expr, str]], suggestions: dict[str, str]
+) -> list[dict]:
+    """Plain-dict payloads (id, fields, metadata, suggestions) for the rows of one kind; `columns` from
+    :func:`metadata_columns`.
 
     This builds one request body per record for the SDK, which is per-row work by nature; it is not a
     curation hot path (labeling sets are sized for people)."""
     if kind == "preference":
         frame = frame.with_columns(a_is_chosen_expr().alias("__a_is_chosen"))
+    meta_keys = {column: f"__meta_{index}" for index, column in enumerate(columns)}
+    frame = frame.with_columns([expr.alias(meta_keys[column]) for column, (expr, _) in columns.items()])
     payloads = []
     for row in frame.iter_rows(named=True):
-        source = row.get("source") or {}
-        metadata = {"source_file": source.get("file"), "source_row": source.get("row")}
-        for column, column_kind in columns.items():
-            metadata[metadata_name(column)] = _clean_metadata_value(row.get(column), column_kind)
+        metadata = {
+            metadata_name(column): _clean_metadata_value(row[meta_keys[column]], column_kind)
+            for column, (_, column_kind) in columns.items()
+        }
         metadata = {key: value for key, value in metadata.items() if value is not None}
         if kind == "sft":
             fields = {"conversation": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}

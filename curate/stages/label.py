@@ -7,7 +7,7 @@ pipeline runs anywhere and labels where a server is configured.
 
     - name: label_push
       type: label_push
-      config: {dataset: support, min_submitted: 3, suggestions: {quality: quality_score}}
+      config: {dataset: support, min_submitted: 3, guidelines: guidelines.md, metadata_columns: [source_file, lang]}
     - name: label_pull
       type: label_pull
       config: {dataset: support, min_responses: 3, insufficient: hold_back}
@@ -25,7 +25,7 @@ import polars as pl
 from pydantic import Field
 
 from curate.label.client import DEFAULT_WORKSPACE, connection_settings
-from curate.label.schema import DATASET_NAME_PATTERN
+from curate.label.schema import DATASET_NAME_PATTERN, read_guidelines
 from curate.stage import StageConfig, StageContext, StageOutput, register_stage
 
 SKIP_MESSAGE = "ARGILLA_API_URL is not set: labeling skipped, rows pass through unchanged"
@@ -41,9 +41,10 @@ class LabelServerConfig(StageConfig):
 
 class LabelPushConfig(LabelServerConfig):
     min_submitted: int = Field(2, ge=1, le=1000)  # annotators per record before Argilla marks it completed
-    preference_question: Literal["ranking", "label"] = "ranking"
+    preference_question: Literal["label", "ranking"] = "label"  # label: "Which answer is better? A / B / Tie"
+    guidelines: str | None = None  # Markdown file shown to annotators (relative to the pipeline file)
     suggestions: dict[str, str] = {}  # question (quality | decision) -> column
-    metadata_columns: list[str] | None = None  # default: every scalar score column
+    metadata_columns: list[str] | None = None  # default: source_file, source_row, lang (those present)
     batch_size: int = Field(100, ge=1, le=1000)
 
 
@@ -63,6 +64,8 @@ def label_push(frame: pl.LazyFrame, config: LabelPushConfig, ctx: StageContext) 
     """Push rows to Argilla for human review (rows pass through unchanged)."""
     from curate.label.push import PushOptions, push_frame
 
+    # Read first: a missing guidelines file is an error even where no server is configured yet.
+    guidelines = read_guidelines(ctx.resolve(config.guidelines)) if config.guidelines else None
     connection = _connection(config)
     if connection is None:
         ctx.progress(SKIP_MESSAGE)
@@ -73,6 +76,7 @@ def label_push(frame: pl.LazyFrame, config: LabelPushConfig, ctx: StageContext) 
         workspace=config.workspace,
         min_submitted=config.min_submitted,
         preference_question=config.preference_question,
+        guidelines=guidelines,
         suggestions=dict(config.suggestions),
         metadata_columns=config.metadata_columns,
         batch_size=config.batch_size,
