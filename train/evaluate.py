@@ -13,7 +13,7 @@ import torch
 
 from train.dpo import dpo_sigmoid_loss, pack_pairs, pair_logps
 from train.errors import DataError
-from train.packing import pack_batch, packed_causal_lm_loss, packed_forward
+from train.packing import pack_batch, packed_lm_loss
 
 
 def _autocast(device, dtype):
@@ -36,8 +36,7 @@ def sft_loss(model, data, plan, rows_per_batch: int, pad_id: int, device, max_ro
             stop = min(start + rows_per_batch, _row_limit(plan.num_rows, max_rows))
             batch = pack_batch(tokens, mask, offsets, plan, slice(start, stop), pad_id=pad_id, pad_to_multiple_of=8)
             with _autocast(device, autocast_dtype):
-                logits = packed_forward(model, **batch.model_inputs(model.config._attn_implementation)).logits
-            loss_sum, n = packed_causal_lm_loss(logits, batch.labels)
+                loss_sum, n = packed_lm_loss(model, batch.model_inputs(model.config._attn_implementation), batch.labels)
             total += loss_sum.double().cpu()
             count += int(n)
     finally:
