@@ -16,6 +16,9 @@ from train.errors import DataError
 from train.packing import pack_batch, packed_lm_loss
 
 
+TASK_BATCH = 8  # prompts generated together: left-padded, so the batch costs about its longest prompt
+
+
 def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
@@ -107,8 +110,9 @@ def generate_side_by_side(peft_model, tokenizer, conversations: list[list[dict]]
     return rows
 
 
-def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
-    """`train eval`: base vs adapter on the validation split (and the optional general set), plus samples."""
+def run_eval(config, adapter_dir: str | Path, console=None, task_prompts: int = 0) -> dict:
+    """`train eval`: base vs adapter on the validation split (and the optional general set), plus samples;
+    with `task_prompts`, exact match / token F1 / ROUGE-L of greedy replies to that many validation prompts."""
     from train.data import load_dpo_split, load_sft_split, read_split
     from train.models import load_adapter, load_base_model, load_tokenizer
     from train.packing import plan_dpo_packing, plan_packing
@@ -143,6 +147,12 @@ def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
             raise DataError(f"{config.eval.general_set}: eval.general_set has no sft rows")
         plan = plan_packing(general.lengths, config.data.max_seq_len, config.data.overflow)
         result["general"] = base_vs_adapter_sft(model, general, plan, rows, pad, device, config.eval.max_rows)
+    if task_prompts and not is_dpo:
+        from train.generate import task_metrics
+
+        frame = read_split(split_dir, "validation", ["messages"], "sft", task_prompts)
+        conversations = [[{"role": m["role"], "content": m["content"]} for m in c] for c in frame.get_column("messages").to_list()]
+        result["task_metrics"] = task_metrics(model, tokenizer, conversations, config.eval.max_new_tokens, TASK_BATCH, device)
     if config.eval.samples:
         column = "prompt" if is_dpo else "messages"
         frame = read_split(split_dir, "validation", [column], "preference" if is_dpo else "sft", config.eval.samples)
