@@ -103,3 +103,32 @@ def test_training_projects_only_positions_that_predict_a_target(tiny, tmp_path):
     assert head_rows, "the LM head never ran in training mode"
     # Full-head training feeds [rows, width, hidden]; the targets-only head gets [n_targets, hidden].
     assert all(len(shape) == 2 for shape in head_rows), head_rows
+
+
+def test_dpo_logps_from_kept_positions_equal_full_head_logps_and_gradients(tmp_path, tiny):
+    from train.data import load_dpo_split
+    from train.dpo import pack_pairs, pair_logps
+    from train.packing import packed_dpo_logps, plan_dpo_packing
+    from train_helpers import pref_pairs, write_pref_split
+
+    model, _ = _lora_model_and_batch(tiny)
+    tokenizer = load_tokenizer(ModelConfig(path=str(tiny["model"])))
+    split = write_pref_split(tmp_path / "pref", pref_pairs(8), pref_pairs(2, offset=100))
+    data = load_dpo_split(tokenizer, split, "train", None)
+    plan = plan_dpo_packing(data.prompt_lens, data.chosen_lens, data.rejected_lens, 128, "truncate")
+    batch = pack_pairs(data, plan, slice(0, 2), tokenizer.pad_token_id, torch.device("cpu"))
+    assert batch.num_pairs >= 2
+
+    def full_head():
+        chosen, rejected = packed_dpo_logps(model(**batch.model_inputs("sdpa")).logits, batch)
+        return (chosen - 0.5 * rejected).sum(), torch.tensor(1)
+
+    def kept_only():
+        chosen, rejected = pair_logps(model, batch)
+        return (chosen - 0.5 * rejected).sum(), torch.tensor(1)
+
+    ref_value, _, ref_grads = _loss_and_grads(model, full_head)
+    value, _, grads = _loss_and_grads(model, kept_only)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-4)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
