@@ -59,10 +59,15 @@ def _loss_and_grads(model, loss_fn):
     return loss_sum.detach(), int(n), grads
 
 
-def test_targets_only_head_equals_full_head_loss_and_lora_gradients(tiny):
+@pytest.mark.parametrize("chunk", [4096, 7])  # one cross-entropy piece, and many (the last one partial)
+def test_targets_only_head_equals_full_head_loss_and_lora_gradients(tiny, monkeypatch, chunk):
+    import train.packing.loss
+
+    monkeypatch.setattr(train.packing.loss, "CE_CHUNK", chunk)
     model, batch = _lora_model_and_batch(tiny)
     inputs = batch.model_inputs("sdpa")
     assert 0 < int((batch.labels != -100).sum()) < batch.num_tokens  # assistant-only: a real subset
+    assert int((batch.labels != -100).sum()) % 7 != 0
 
     def full_head():
         return packed_causal_lm_loss(packed_forward(model, **inputs).logits, batch.labels)

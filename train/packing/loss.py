@@ -49,13 +49,14 @@ def accepts_logits_to_keep(model) -> bool:
 
 
 def _chunked_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # Starts from the (empty-safe) zero sum of the logits so a micro-batch without targets still has a
-    # graph reaching every LoRA weight: backward and DDP's gradient all-reduce behave as with targets.
-    total = logits[:0].float().sum()
-    for start in range(0, logits.shape[0], CE_CHUNK):
-        chunk = logits[start : start + CE_CHUNK].float()
-        total = total + F.cross_entropy(chunk, targets[start : start + CE_CHUNK], reduction="sum")
-    return total
+    if logits.shape[0] == 0:
+        # A micro-batch without targets: a zero that still reaches every LoRA weight, so backward and
+        # DDP's gradient all-reduce behave as with targets.
+        return logits.float().sum()
+    if logits.shape[0] <= CE_CHUNK:  # one piece: no split, whose backward would add a copy of the logits' grad
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    pieces = zip(logits.split(CE_CHUNK), targets.split(CE_CHUNK))
+    return torch.stack([F.cross_entropy(chunk.float(), target, reduction="sum") for chunk, target in pieces]).sum()
 
 
 def packed_lm_loss(model, inputs: dict, labels: torch.Tensor, targets_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
