@@ -80,3 +80,17 @@ def test_cli_eval_scores_base_and_adapter_side_by_side(tmp_path, capsys):
     [first, *_] = task["examples"]
     assert first["reference"] == memo[0][-1]["content"] and first["prompt"] == memo[0][-2]["content"]
     assert {"base", "adapter"} <= first.keys() and "task examples" in printed
+
+
+def test_cli_eval_of_a_dpo_adapter_scores_against_the_chosen_reply(tmp_path):
+    from train_helpers import pref_pairs, write_pref_split
+
+    model = make_tiny_model(tmp_path / "model")
+    validation = pref_pairs(2, offset=100)
+    split = write_pref_split(tmp_path / "pref", pref_pairs(8), validation)
+    common = ["--model", str(model), "--data", str(split), "--output-dir", str(tmp_path / "run"), "--max-seq-len", "128"]
+    assert main(["dpo", *common, "--max-steps", "2", "--no-progress", "--set", "eval.at_end=false"]) == 0
+    assert main(["eval", *common, "--task-prompts", "2", "--max-new-tokens", "4", "--set", "eval.samples=0", "--json", str(tmp_path / "e.json")]) == 0
+    task = json.loads((tmp_path / "e.json").read_text())["task_metrics"]
+    assert task["prompts"] == 2
+    assert [row["reference"] for row in task["examples"]] == [pair["chosen"][0]["content"] for pair in validation]

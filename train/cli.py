@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--adapter", help="adapter folder (default: <output_dir>/adapter)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
-    p.add_argument("--task-prompts", type=int, default=32, help="validation prompts answered greedily by base and adapter, scored by exact match / token F1 / ROUGE-L against the reference reply (0: off)")
+    p.add_argument("--task-prompts", type=int, default=32, help="validation prompts answered greedily by base and adapter, scored by exact match / token F1 / ROUGE-L against the reference reply (SFT: the last assistant turn; DPO: the chosen reply; 0: off)")
     p.add_argument("--max-new-tokens", type=int, help="reply length limit for samples and task metrics (eval.max_new_tokens)")
     p.set_defaults(handler=cmd_eval)
     p = sub.add_parser("merge", help="merge the adapter into the base and write a safetensors model folder", description="Fold the LoRA adapter into the base weights; the output folder loads with AutoModelForCausalLM.from_pretrained.")

@@ -147,11 +147,16 @@ def run_eval(config, adapter_dir: str | Path, console=None, task_prompts: int = 
             raise DataError(f"{config.eval.general_set}: eval.general_set has no sft rows")
         plan = plan_packing(general.lengths, config.data.max_seq_len, config.data.overflow)
         result["general"] = base_vs_adapter_sft(model, general, plan, rows, pad, device, config.eval.max_rows)
-    if task_prompts and not is_dpo:
+    if task_prompts:
         from train.generate import task_metrics
 
-        frame = read_split(split_dir, "validation", ["messages"], "sft", task_prompts)
-        conversations = [[{"role": m["role"], "content": m["content"]} for m in c] for c in frame.get_column("messages").to_list()]
+        plain = lambda messages: [{"role": m["role"], "content": m["content"]} for m in messages]  # noqa: E731
+        if is_dpo:  # the reference answer of a preference row is its chosen reply
+            frame = read_split(split_dir, "validation", ["prompt", "chosen"], "preference", task_prompts)
+            conversations = [plain(p) + plain(c) for p, c in zip(frame.get_column("prompt").to_list(), frame.get_column("chosen").to_list())]
+        else:
+            frame = read_split(split_dir, "validation", ["messages"], "sft", task_prompts)
+            conversations = [plain(c) for c in frame.get_column("messages").to_list()]
         result["task_metrics"] = task_metrics(model, tokenizer, conversations, config.eval.max_new_tokens, TASK_BATCH, device)
     if config.eval.samples:
         column = "prompt" if is_dpo else "messages"
