@@ -38,6 +38,7 @@ SHORTCUTS = {
     "lr": "optim.lr",
     "max_seq_len": "data.max_seq_len",
     "seed": "seed",
+    "max_new_tokens": "eval.max_new_tokens",
 }
 
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--adapter", help="adapter folder (default: <output_dir>/adapter)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    p.add_argument("--task-prompts", type=int, default=32, help="validation prompts answered greedily by base and adapter, scored by exact match / token F1 / ROUGE-L against the reference reply (SFT: the last assistant turn; DPO: the chosen reply; 0: off)")
+    p.add_argument("--max-new-tokens", type=int, help="reply length limit for samples and task metrics (eval.max_new_tokens)")
     p.set_defaults(handler=cmd_eval)
     p = sub.add_parser("merge", help="merge the adapter into the base (a safetensors model folder), or combine adapters into one", description="Fold the LoRA adapter into the base weights (the output folder loads with AutoModelForCausalLM.from_pretrained); or, with --adapters A B ..., combine adapters trained on the same base into one new adapter folder (peft's add_weighted_adapter).")
     _add_config_args(p)
@@ -140,7 +143,7 @@ def cmd_eval(args) -> int:
     adapter = Path(args.adapter or Path(config.output_dir) / "adapter")
     if args.json_out:  # checked before the evaluation: a file train did not write is never overwritten
         claim_file(args.json_out, "train", protected=[p for p in (args.config, adapter) if p])
-    result = run_eval(config, adapter, console)
+    result = run_eval(config, adapter, console, task_prompts=args.task_prompts)
     table = Table(title="base vs adapter")
     table.add_column("set")
     table.add_column("metric")
@@ -149,6 +152,8 @@ def cmd_eval(args) -> int:
         for key, value in (result.get(section) or {}).items():
             table.add_row(section, key, _fmt(value))
     console.print(table)
+    if result.get("task_metrics"):
+        _print_task_metrics(result["task_metrics"])
     if result.get("samples"):
         samples = Table(title="samples", show_lines=True)
         for column in ("prompt", "base", "adapter"):
@@ -159,6 +164,21 @@ def cmd_eval(args) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def _print_task_metrics(task: dict) -> None:
+    table = Table(title=f"task metrics: greedy replies to {task['prompts']} validation prompts (≤{task['max_new_tokens']} new tokens)")
+    for column in ("metric", "base", "adapter"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name in task["base"]:
+        table.add_row(name, _fmt(task["base"][name]), _fmt(task["adapter"][name]))
+    console.print(table)
+    examples = Table(title="task examples", show_lines=True)
+    for column in ("prompt", "reference", "base", "adapter"):
+        examples.add_column(column, overflow="fold")
+    for row in task["examples"]:
+        examples.add_row(row["prompt"], row["reference"], row["base"], row["adapter"])
+    console.print(examples)
 
 
 def cmd_merge(args) -> int:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from train.packing import pack_dpo_batch, packed_dpo_logps
+from train.packing.dpo import dpo_predicting_positions
+from train.packing.loss import accepts_logits_to_keep
 
 
 def dpo_loss(
@@ -81,9 +83,12 @@ def pair_logps(model, batch, autocast_dtype=None):
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
     param = next(p for p in model.parameters())
     ctx = torch.autocast(param.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    # Only the positions that score a response token go through the LM head (see packed_lm_loss).
+    kept = dpo_predicting_positions(batch) if accepts_logits_to_keep(model) else None
     with ctx:
-        logits = model(**batch.model_inputs(attn, dtype=autocast_dtype or param.dtype)).logits
-    return packed_dpo_logps(logits, batch)
+        inputs = batch.model_inputs(attn, dtype=autocast_dtype or param.dtype)
+        logits = model(**inputs, **({"logits_to_keep": kept} if kept is not None else {})).logits
+    return packed_dpo_logps(logits, batch, kept)
 
 
 @torch.no_grad()

@@ -13,7 +13,10 @@ import torch
 
 from train.dpo import batch_dpo_loss, pack_pairs, pair_logps
 from train.errors import DataError
-from train.packing import pack_batch, packed_causal_lm_loss, packed_forward
+from train.packing import pack_batch, packed_lm_loss
+
+
+TASK_BATCH = 8  # prompts generated together: left-padded, so the batch costs about its longest prompt
 
 
 def _autocast(device, dtype):
@@ -36,8 +39,7 @@ def sft_loss(model, data, plan, rows_per_batch: int, pad_id: int, device, max_ro
             stop = min(start + rows_per_batch, _row_limit(plan.num_rows, max_rows))
             batch = pack_batch(tokens, mask, offsets, plan, slice(start, stop), pad_id=pad_id, pad_to_multiple_of=8)
             with _autocast(device, autocast_dtype):
-                logits = packed_forward(model, **batch.model_inputs(model.config._attn_implementation)).logits
-            loss_sum, n = packed_causal_lm_loss(logits, batch.labels)
+                loss_sum, n = packed_lm_loss(model, batch.model_inputs(model.config._attn_implementation), batch.labels)
             total += loss_sum.double().cpu()
             count += int(n)
     finally:
@@ -109,8 +111,9 @@ def generate_side_by_side(peft_model, tokenizer, conversations: list[list[dict]]
     return rows
 
 
-def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
-    """`train eval`: base vs adapter on the validation split (and the optional general set), plus samples."""
+def run_eval(config, adapter_dir: str | Path, console=None, task_prompts: int = 0) -> dict:
+    """`train eval`: base vs adapter on the validation split (and the optional general set), plus samples;
+    with `task_prompts`, exact match / token F1 / ROUGE-L of greedy replies to that many validation prompts."""
     from train.data import load_dpo_split, load_sft_split, planner_overflow, read_split, set_chat_template
     from train.models import load_adapter, load_base_model, load_tokenizer
     from train.packing import plan_dpo_packing, plan_packing
@@ -147,6 +150,17 @@ def run_eval(config, adapter_dir: str | Path, console=None) -> dict:
             raise DataError(f"{config.eval.general_set}: eval.general_set has no sft rows")
         plan = plan_packing(general.lengths, config.data.max_seq_len, overflow)
         result["general"] = base_vs_adapter_sft(model, general, plan, rows, pad, device, config.eval.max_rows)
+    if task_prompts:
+        from train.generate import task_metrics
+
+        plain = lambda messages: [{"role": m["role"], "content": m["content"]} for m in messages]  # noqa: E731
+        if is_dpo:  # the reference answer of a preference row is its chosen reply
+            frame = read_split(split_dir, "validation", ["prompt", "chosen"], "preference", task_prompts)
+            conversations = [plain(p) + plain(c) for p, c in zip(frame.get_column("prompt").to_list(), frame.get_column("chosen").to_list())]
+        else:
+            frame = read_split(split_dir, "validation", ["messages"], "sft", task_prompts)
+            conversations = [plain(c) for c in frame.get_column("messages").to_list()]
+        result["task_metrics"] = task_metrics(model, tokenizer, conversations, config.eval.max_new_tokens, TASK_BATCH, device)
     if config.eval.samples:
         column = "prompt" if is_dpo else "messages"
         frame = read_split(split_dir, "validation", [column], "preference" if is_dpo else "sft", config.eval.samples)

@@ -47,7 +47,7 @@ from train.evaluate import base_vs_adapter_sft, dpo_metrics, sft_loss
 from train.models import add_lora, base_model_id, load_base_model, load_tokenizer, pick_precision, set_cpu_threads
 from train.model_card import write_model_card
 from train.tracking import Tracker
-from train.packing import pack_batch, packed_causal_lm_loss, packed_forward, packing_canary, plan_dpo_packing, plan_packing
+from train.packing import pack_batch, packed_lm_loss, packing_canary, plan_dpo_packing, plan_packing
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -453,8 +453,7 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
                     if mode == "sft":
                         batch = pack_batch(tokens_dev, mask_dev, offsets_dev, train_plan, rows, pad_id=pad_id, pad_to_multiple_of=8)
                         with amp():
-                            logits = packed_forward(train_model, **batch.model_inputs(peft_model.config._attn_implementation)).logits
-                        loss_sum, _ = packed_causal_lm_loss(logits, batch.labels)
+                            loss_sum, _ = packed_lm_loss(train_model, batch.model_inputs(peft_model.config._attn_implementation), batch.labels)
                         # DDP averages gradients over processes; scale by world so the result is the
                         # global sum divided by the global target count.
                         (loss_sum * (ddp.world / max(1, step_targets))).backward()

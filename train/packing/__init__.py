@@ -7,8 +7,7 @@ Typical SFT use::
     packing_canary(model)                       # once, at training start
     for rows in plan.batches(rows_per_batch):
         batch = pack_batch(tokens, target_mask, sample_offsets, rows, pad_id=tok.pad_token_id)
-        out = model(**batch.model_inputs(model.config._attn_implementation))
-        loss_sum, n = packed_causal_lm_loss(out.logits, batch.labels)
+        loss_sum, n = packed_lm_loss(model, batch.model_inputs(model.config._attn_implementation), batch.labels)
 """
 
 from .attention import PackedAttentionError, check_packed_forward_kwargs, packed_forward, packing_canary
@@ -22,7 +21,7 @@ from .dpo import (
     plan_dpo_packing,
 )
 from .kernel import IGNORE_INDEX, PackedBatch, pack_batch, pack_batch_reference, triton_available
-from .loss import packed_causal_lm_loss
+from .loss import packed_causal_lm_loss, packed_lm_loss
 from .planner import PackingError, PackPlan, best_fit_decreasing, first_fit_python, plan_packing
 
 __all__ = [
@@ -42,6 +41,7 @@ __all__ = [
     "pack_batch_reference",
     "pack_dpo_batch",
     "packed_causal_lm_loss",
+    "packed_lm_loss",
     "packed_dpo_logps",
     "packed_forward",
     "packing_canary",

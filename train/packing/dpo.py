@@ -299,11 +299,26 @@ def dpo_block_attention_mask(segment_ids: torch.Tensor, attn_implementation: str
     )
 
 
-def packed_dpo_logps(logits: torch.Tensor, batch: PackedDpoBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_predicting_positions(batch: PackedDpoBatch) -> torch.Tensor:
+    """Boolean `[rows, width]`: the positions whose logits score a response token (for `logits_to_keep`)."""
+    keep = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=batch.input_ids.device)
+    keep[batch.logp_row, batch.logp_pred_col] = True
+    return keep
+
+
+def packed_dpo_logps(logits: torch.Tensor, batch: PackedDpoBatch, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair summed log-probs of the chosen and of the rejected response: two `[num_pairs]` tensors
-    (float32), in the order of `batch.sample`."""
+    (float32), in the order of `batch.sample`.
+
+    `logits` are `[rows, width, vocab]`, or, with `kept` (the mask of `dpo_predicting_positions` given to
+    the model as `logits_to_keep`), only the kept positions `[kept.sum(), vocab]` in row-major order.
+    """
     tok = batch.input_ids[batch.logp_row, batch.logp_col]
-    picked = logits[batch.logp_row, batch.logp_pred_col].float()
+    if kept is None:
+        picked = logits[batch.logp_row, batch.logp_pred_col].float()
+    else:  # the rank of each predicting position among the kept ones (a prompt's last token scores two)
+        rank = kept.flatten().long().cumsum(0) - 1
+        picked = logits[rank[batch.logp_row * kept.shape[1] + batch.logp_pred_col]].float()
     lp = picked.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(picked, -1)
     sums = torch.zeros(2 * batch.num_pairs, dtype=torch.float32, device=logits.device)
     sums = sums.index_add(0, batch.logp_seq, lp)
