@@ -14,6 +14,7 @@ import datetime
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ BENCHES = (
           (), ("--records", "3000", "--baseline-records", "3000")),
     Bench("train_vs_trl", "LoRA SFT tokens/s and DPO pairs/s, SmolLM2-135M and a tiny Llama, matched tokens per step",
           "TRL `SFTTrainer` padded, `packing` bfd and `padding_free`; `DPOTrainer` padded; ours vs TRL's fastest",
-          (), ("--steps", "4", "--seq-len", "128", "--rows", "1", "--samples", "60")),
+          (), ("--models", "tiny", "--steps", "4", "--seq-len", "128", "--rows", "1", "--samples", "60")),
     Bench("train_throughput", "packed rows vs padded batches in our own loop", "our own padded loop",
           (), ("--samples", "48", "--repeats", "1")),
     Bench("kernel_gpu", "Triton packing kernel for ~1M tokens (goal <= 50 us, no host syncs)", "the pure-torch oracle",
@@ -91,9 +92,13 @@ def run_bench(bench: Bench, quick: bool, logs: Path, timeout: int) -> str:
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(argv[1:])}  (log: {log})", flush=True)
     started = time.perf_counter()
     with log.open("w", encoding="utf-8") as out:
+        # A session of its own, so a timeout ends the bench's worker processes too, not only the bench.
+        process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = subprocess.run(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             code = None
     seconds = time.perf_counter() - started
     lines = [m.group(0).strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if (m := RESULT_LINE.match(line.strip()))]
