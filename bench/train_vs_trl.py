@@ -254,7 +254,7 @@ def bench_model(name: str, mode: str, tmp: Path, args) -> list[tuple[str, float]
                 result = run_measured(run_trl, mode, side, str(model_dir), str(split_dir), out, side_args)
             best = result if best is None or result["rate"] > best["rate"] else best
         results[side] = best
-        print(f"  {side:18s} {best['rate']:>10,.1f} {unit}   peak {best['peak_mb']:,.0f} MB", flush=True)
+        print(f"  {side:18s} {best['rate']:>10,.4g} {unit}   peak {best['peak_mb']:,.0f} MB", flush=True)
     trl_best = max((s for s in results if s != "ours"), key=lambda s: results[s]["rate"])
     return [(f"{mode} {name}", results["ours"]["rate"] / results[trl_best]["rate"], trl_best)]
 
