@@ -23,6 +23,7 @@ from train.models import load_tokenizer
 from train.packing import pack_batch, plan_packing
 
 sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 from train_helpers import (  # noqa: E402
     base_config,
     make_tiny_model,
@@ -33,15 +34,6 @@ from train_helpers import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other work: one intra-op thread is ~10x faster than oversubscribed two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,19 +23,12 @@ from train.config import load_config
 from train.dpo import dpo_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 from train_helpers import base_config, make_tiny_model, pref_pairs, sft_conversations, write_pref_split, write_sft_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HF_ID = "tiny-org/tiny-llama"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

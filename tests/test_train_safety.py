@@ -19,6 +19,7 @@ from train.cli import _config_from_args, build_parser, main
 from train.loop import run_fingerprint
 
 sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 from train_helpers import make_tiny_model, pref_pairs, sft_conversations, write_pref_split, write_sft_split  # noqa: E402
 
 # Hand-written single-turn conversations in three shapes: one that fits in 40 tokens, one whose answer
@@ -33,14 +34,6 @@ LONG_PROMPT = [
     {"role": "user", "content": "I need help with the invoice copy for order 1042 and the shipping delay."},
     {"role": "assistant", "content": "Sure, done."},
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,8 @@ from train.models import add_lora, load_base_model, load_tokenizer
 from train.packing import pack_batch, packed_causal_lm_loss, packed_forward, packed_lm_loss, plan_packing
 
 sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 from train_helpers import make_tiny_model, sft_conversations, write_sft_split  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

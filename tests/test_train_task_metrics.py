@@ -14,6 +14,7 @@ from train.cli import main
 from train.generate import exact_match, longest_common_subsequence, prompts_and_references, rouge_l, token_f1
 
 sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 from train_helpers import make_tiny_model, sft_conversations, write_sft_split  # noqa: E402
 
 
@@ -50,14 +51,6 @@ def test_prompts_and_references_take_the_last_assistant_turn():
              {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]  # fmt: skip
     [(prompt, reference)] = prompts_and_references([convo, convo[:2]])  # the second has no reply: skipped
     assert reference == "a2" and prompt == convo[:4]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_cli_eval_scores_base_and_adapter_side_by_side(tmp_path, capsys):

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import polars as pl
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TEXTS = REPO / "sample_data" / "raw" / "support_alpaca.jsonl"
@@ -156,3 +158,13 @@ def base_config(model_dir: Path, split_dir: Path, output_dir: Path, **optim) -> 
         "progress": False,
         "threads": 1,
     }
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Autouse in the training test modules that import it: two cores shared with other work, and one
+    intra-op thread is ~10x faster than two oversubscribed ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
