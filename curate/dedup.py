@@ -141,8 +141,15 @@ PART_NAMES = ("prompt", "chosen", "rejected")
 def _contents(messages: pl.Expr, include_system: bool = False) -> pl.Expr:
     if not include_system:
         messages = messages.list.filter(pl.element().struct.field("role") != "system")
-    content = pl.element().struct.field("content").str.replace_all(r"[\x1e\x1f]", " ")
-    return messages.list.eval(content).list.join(MESSAGE_SEPARATOR)
+    # A tool call is what an assistant turn says when its content is empty: two conversations that differ
+    # only in a call's function or arguments are different conversations.
+    calls = (
+        pl.element().struct.field("tool_calls")
+        .list.eval(pl.element().struct.field("function").struct.field("name") + pl.lit("(") + pl.element().struct.field("function").struct.field("arguments") + pl.lit(")"))
+        .list.join(" ")
+    )
+    content = pl.concat_str([pl.element().struct.field("content"), calls], separator=" ", ignore_nulls=True).str.strip_chars(" ")
+    return messages.list.eval(content.str.replace_all(r"[\x1e\x1f]", " ")).list.join(MESSAGE_SEPARATOR)
 
 
 def key_parts(

@@ -210,3 +210,25 @@ def test_saved_index_compares_preference_pairs_part_by_part_too(tmp_path):
     kept, dropped = dedup(tmp_path, second, "--index", str(tmp_path / "run1" / "dedup" / "index"), out="run2")
     assert dropped["row"].to_list() == [0] and dropped["reason"].to_list() == ["near_duplicate"]
     assert kept["row"].to_list() == [1]
+
+
+def test_tool_conversations_differing_only_in_call_arguments_are_both_kept(tmp_path):
+    def weather(city: str, temperature: str) -> dict:
+        return {"messages": [
+            {"role": "user", "content": "What's the weather like?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": temperature},
+            {"role": "assistant", "content": "It is mild today."},
+        ]}
+
+    rows = [weather("Paris", "18C"), weather("Lyon", "18C"), weather("Paris", "18C")]
+    kept, dropped = dedup(tmp_path, write_jsonl(tmp_path / "tools.jsonl", rows))
+    reasons = dict(zip(dropped["row"].to_list(), dropped["reason"].to_list()))
+    assert 0 in kept["row"].to_list() and reasons[2] == "exact_duplicate"
+    # Lyon is another call, never an exact copy of Paris (before, tool calls were left out of the key and
+    # it was dropped as exact_duplicate with jaccard_verified 1.0); in a conversation this short, one word
+    # of difference may still make it a verified near duplicate.
+    assert reasons.get(1) != "exact_duplicate"
+    if 1 in reasons:
+        assert dropped.filter(pl.col("row") == 1)["jaccard_verified"][0] < 1.0
