@@ -51,7 +51,7 @@ BENCHES = (
           'TRL `pack_dataset(strategy="bfd")`, one global batch (equal efficiency)',
           (), ("--samples", "3000", "--repeats", "1", "--planner-samples", "100000")),
     Bench("filters", "tag + filter heuristics (scores, language id, token counts)", "per-row Python of the same scores",
-          (), ("--records", "3000", "--baseline-records", "3000")),
+          (), ("--records", "3000")),
     Bench("train_vs_trl", "LoRA SFT tokens/s and DPO pairs/s, SmolLM2-135M and a tiny Llama, matched tokens per step",
           "TRL `SFTTrainer` padded, `packing` bfd and `padding_free`; `DPOTrainer` padded; ours vs TRL's fastest",
           (), ("--models", "tiny", "--steps", "4", "--seq-len", "128", "--rows", "1", "--samples", "60")),
