@@ -39,6 +39,7 @@ SHORTCUTS = {
     "max_seq_len": "data.max_seq_len",
     "seed": "seed",
     "max_new_tokens": "eval.max_new_tokens",
+    "init_adapter": "init_adapter",
 }
 
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume-from", help="resume from this checkpoint folder instead of the newest")
         p.add_argument("--stop-at-step", type=int, help="checkpoint and stop at this step (the schedule still targets max_steps)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--init-adapter", help="continue this adapter (same base model and LoRA shape) on this run's data, with a fresh optimizer and schedule")
         p.set_defaults(handler=lambda a, m=mode: cmd_train(a, m))
     p = sub.add_parser("eval", help="base vs adapter validation loss (and a general set), generated samples side by side", description="Compare the base model and the adapter on the validation split (and eval.general_set, to see forgetting), with a few generated samples side by side.")
     _add_config_args(p)

@@ -145,6 +145,10 @@ class TrainConfig(_Section):
         default_factory=lambda: ["none"], description="experiment trackers: tensorboard (<output_dir>/tensorboard) or none"
     )
     progress: bool = True
+    init_adapter: str | None = Field(
+        None,
+        description="continue this adapter folder (its adapter_model.safetensors; same base and LoRA shape) with a fresh optimizer and schedule",
+    )
 
     @field_validator("report_to", mode="before")
     @classmethod

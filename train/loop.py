@@ -116,6 +116,10 @@ def run_fingerprint(config: TrainConfig, mode: str, world: int) -> str:
         "seed": config.seed,
         "rows": [config.optim.batch_rows, config.optim.grad_accum, world],
     }
+    if config.init_adapter:  # another starting adapter is another run (added only when set: old fingerprints hold)
+        from train.continual import weights_sha256
+
+        keyed["init_adapter_sha256"] = weights_sha256(config.init_adapter)
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -336,6 +340,12 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
         targets_per_row = train_plan.target_counts(host_mask, host_offsets)
     else:
         pairs_per_row = np.diff(train_plan.row_ptr)
+    lineage = None
+    if config.init_adapter:  # checked before the output folder is claimed: a mismatch writes nothing
+        from train.continual import check_init_adapter, init_adapter_lineage
+
+        check_init_adapter(config.init_adapter, config)
+        lineage = init_adapter_lineage(config.init_adapter)
     tokens_per_row = np.zeros(train_plan.num_rows, np.int64)
     np.add.at(tokens_per_row, train_plan.row, train_plan.length)
 
@@ -344,6 +354,10 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
     # --- model: base + LoRA (seeded init), checked for packed-attention isolation before any step
     model = load_base_model(config.model).to(device)
     model = add_lora(model, config.lora, config.seed)
+    if config.init_adapter:  # weights only: optimizer and schedule start fresh; a resume overwrites them below
+        from train.continual import load_init_adapter
+
+        load_init_adapter(model, config.init_adapter)
     if opt.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "sft":
@@ -404,7 +418,7 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
     tracker = Tracker(config.report_to if ddp.main else [], out, resumed_from)
     history: list[dict] = []
     if ddp.main:
-        (out / "train_config.json").write_text(json.dumps({"mode": mode, **config.model_dump(), "data_stats": data_stats}, indent=2, sort_keys=True) + "\n")
+        (out / "train_config.json").write_text(json.dumps({"mode": mode, **config.model_dump(), "data_stats": data_stats, "init_adapter_lineage": lineage}, indent=2, sort_keys=True) + "\n")
 
     def evaluate() -> dict:
         if val_plan is None or val_plan.num_rows == 0:
@@ -550,7 +564,7 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
                 final = dpo_metrics(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.dpo, config.eval.max_rows, autocast_dtype)
             metrics.write({"step": step, "final": final, "data_stats": data_stats})
             tracker.log_final(final, step)
-        write_model_card(adapter_dir, config, mode, step, data_stats, final)
+        write_model_card(adapter_dir, config, mode, step, data_stats, final, lineage)
         try:
             from train.plot import plot_losses
 

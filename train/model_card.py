@@ -47,11 +47,15 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def model_card(config, mode: str, steps: int, data_stats: dict, final: dict) -> str:
+def model_card(config, mode: str, steps: int, data_stats: dict, final: dict, init_lineage: dict | None = None) -> str:
     base = base_model_id(config.model)
     lineage = curation_lineage(config.data.split_dir)
     lines = ["---", f"base_model: {json.dumps(base)}", "library_name: peft", "tags:", "- lora", f"- {mode}", "- curate-train", "---", ""]
     lines += [f"# LoRA adapter ({mode.upper()}) for {base}", "", f"Trained with `train {mode}` for {steps} optimizer steps.", ""]
+    if init_lineage:
+        lines += ["## Continued from", "", "Started from this adapter's weights (fresh optimizer and schedule):", ""]
+        lines += [f"- {key.replace('_', ' ')}: `{value}`" for key, value in init_lineage.items() if value is not None]
+        lines.append("")
     lines += ["```python", "from peft import AutoPeftModelForCausalLM", 'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")', "```", ""]
     lines += ["## Data", "", f"- split folder: `{lineage['split_dir']}`"]
     for key in ("manifest_sha256", "pipeline_config_hash", "pipeline_name"):
@@ -70,8 +74,8 @@ def model_card(config, mode: str, steps: int, data_stats: dict, final: dict) -> 
     return "\n".join(lines)
 
 
-def write_model_card(adapter_dir: Path, config, mode: str, steps: int, data_stats: dict, final: dict) -> None:
+def write_model_card(adapter_dir: Path, config, mode: str, steps: int, data_stats: dict, final: dict, lineage: dict | None = None) -> None:
     """README.md in the adapter folder (replacing peft's empty template), written atomically."""
     tmp = adapter_dir / ".README.md.tmp"
-    tmp.write_text(model_card(config, mode, steps, data_stats, final), encoding="utf-8")
+    tmp.write_text(model_card(config, mode, steps, data_stats, final, lineage), encoding="utf-8")
     os.replace(tmp, adapter_dir / "README.md")
