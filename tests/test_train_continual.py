@@ -118,3 +118,43 @@ def test_resume_continues_its_own_checkpoint_and_refuses_another_init_adapter(ad
     save_file({k: v * 0.5 for k, v in weights.items()}, other / "adapter_model.safetensors")
     assert main(["sft", "--config", str(config), "--init-adapter", str(other), "--set", "optim.max_steps=4"]) == 2
     assert "different run" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- replay
+def test_replay_mixes_an_exact_share_of_the_previous_train_split(adapter_a, tmp_path, capsys):
+    a = adapter_a
+    new = write_sft_split(tmp_path / "new", sft_conversations(8, offset=200), sft_conversations(3, offset=300))
+    config = _write_config(tmp_path / "replay.yaml", a["model"], new, tmp_path / "run", max_steps=1)
+    replay = ["--set", f"data.replay.split_dir={a['s1']}"]
+    assert main(["sft", "--config", str(config), *replay, "--set", "data.replay.fraction=0.2", "--init-adapter", str(a["adapter"])]) == 0
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    # 8 new rows; 2 replayed make them 20% of 10.
+    assert recorded["replay"] == {"split_dir": str(a["s1"]), "fraction": 0.2, "new_rows": 8, "previous_rows": 16, "rows_replayed": 2}
+    assert recorded["data_stats"]["train"]["samples"] == 10
+    assert recorded["data_stats"]["validation"]["samples"] == 3  # validation is never mixed
+
+    # More than the previous split holds: all of it, once each.
+    assert main(["sft", "--config", str(config), *replay, "--set", "data.replay.fraction=0.9", "--output-dir", str(tmp_path / "all")]) == 0
+    recorded = json.loads((tmp_path / "all" / "train_config.json").read_text())
+    assert recorded["replay"]["rows_replayed"] == 16 and recorded["data_stats"]["train"]["samples"] == 24
+
+    for bad in ("1.0", "nan", "0"):
+        assert main(["sft", "--config", str(config), *replay, "--set", f"data.replay.fraction={bad}", "--output-dir", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    capsys.readouterr()
+
+
+def test_replay_sampling_is_deterministic_by_seed(adapter_a):
+    from train.config import ReplayConfig
+    from train.data import mix_replay, read_split
+
+    new = read_split(adapter_a["s2"], "train", ["messages"], "sft")
+    replay = ReplayConfig(split_dir=str(adapter_a["s1"]), fraction=0.5)
+    first, _ = mix_replay(new, replay, ["messages"], "sft", seed=3)
+    again, _ = mix_replay(new, replay, ["messages"], "sft", seed=3)
+    other, _ = mix_replay(new, replay, ["messages"], "sft", seed=4)
+    assert first.equals(again) and not first.equals(other)
+    assert first.head(new.height).equals(new) and first.height == 2 * new.height
+    previous = read_split(adapter_a["s1"], "train", ["messages"], "sft")
+    replayed = first.tail(new.height)["messages"].to_list()
+    assert all(row in previous["messages"].to_list() for row in replayed) and len({json.dumps(r) for r in replayed}) == len(replayed)

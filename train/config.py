@@ -55,6 +55,11 @@ class LoraSettings(_Section):
     use_rslora: bool = False
 
 
+class ReplayConfig(_Section):
+    split_dir: str = Field(description="the previous run's split folder; rows of its train split are mixed into this run's")
+    fraction: float = Field(gt=0, le=0.9, description="share of the mixed train split that is replayed rows (sampled with `seed`)")
+
+
 class DataConfig(_Section):
     split_dir: str = Field(description="folder with train-*.parquet and validation-*.parquet from `curate split`")
     max_seq_len: int = Field(1024, ge=8, le=1 << 24)
@@ -69,6 +74,7 @@ class DataConfig(_Section):
     )
     max_train_samples: int | None = Field(None, ge=1)
     max_val_samples: int | None = Field(None, ge=1)
+    replay: ReplayConfig | None = None
 
 
 class OptimConfig(_Section):

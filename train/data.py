@@ -201,6 +201,7 @@ class SftData:
     target_mask: torch.Tensor
     offsets: torch.Tensor
     lengths: np.ndarray
+    replay: dict | None = None  # what data.replay mixed in (train split only)
 
     @property
     def num_samples(self) -> int:
@@ -278,6 +279,7 @@ class DpoData:
     prompt_lens: np.ndarray
     chosen_lens: np.ndarray
     rejected_lens: np.ndarray
+    replay: dict | None = None  # what data.replay mixed in (train split only)
 
     @property
     def num_samples(self) -> int:
@@ -319,13 +321,31 @@ def tokenize_dpo(tokenizer, frame: pl.DataFrame, where: str = "data") -> DpoData
     )
 
 
-def load_sft_split(tokenizer, split_dir, split: str, limit: int | None = None, completion_only: bool = True) -> SftData | None:
+def mix_replay(frame: pl.DataFrame, replay, columns: list[str], kind: str, seed: int) -> tuple[pl.DataFrame, dict]:
+    """`frame` (the new train rows) plus rows sampled with `seed`, without replacement, from the train split
+    of `replay.split_dir`, so that they are `replay.fraction` of the result (all of them if it has fewer)."""
+    previous = read_split(replay.split_dir, "train", columns, kind)
+    if previous.height == 0:
+        raise DataError(f"{replay.split_dir}: data.replay.split_dir has no {kind} rows in its train split")
+    wanted = round(frame.height * replay.fraction / (1 - replay.fraction))
+    count = min(previous.height, max(1, wanted))
+    picked = np.sort(np.random.default_rng(seed).choice(previous.height, size=count, replace=False))
+    stats = {"split_dir": str(replay.split_dir), "fraction": replay.fraction, "new_rows": frame.height,
+             "previous_rows": previous.height, "rows_replayed": count}  # fmt: skip
+    return pl.concat([frame, previous[picked]]), stats
+
+
+def load_sft_split(tokenizer, split_dir, split: str, limit: int | None = None, completion_only: bool = True, replay=None, seed: int = 0) -> SftData | None:
     """One split, tokenized; `completion_only=False` makes every token a target (the packer still never
-    labels the first token of a sample, which nothing before it predicts)."""
+    labels the first token of a sample, which nothing before it predicts). `replay` (train only): see mix_replay."""
     frame = read_split(split_dir, split, ["messages"], "sft", limit)
     if frame.height == 0:
         return None
+    stats = None
+    if replay is not None and split == "train":
+        frame, stats = mix_replay(frame, replay, ["messages"], "sft", seed)
     data = tokenize_sft(tokenizer, frame, where=f"{split_dir}/{split}")
+    data.replay = stats
     if not completion_only:
         data.target_mask = torch.ones_like(data.target_mask)
     return data
@@ -354,11 +374,17 @@ def set_chat_template(tokenizer, choice: str | None) -> None:
     tokenizer.chat_template = text
 
 
-def load_dpo_split(tokenizer, split_dir, split: str, limit: int | None = None) -> DpoData | None:
-    frame = read_split(split_dir, split, ["prompt", "chosen", "rejected"], "preference", limit)
+def load_dpo_split(tokenizer, split_dir, split: str, limit: int | None = None, replay=None, seed: int = 0) -> DpoData | None:
+    columns = ["prompt", "chosen", "rejected"]
+    frame = read_split(split_dir, split, columns, "preference", limit)
     if frame.height == 0:
         return None
-    return tokenize_dpo(tokenizer, frame, where=f"{split_dir}/{split}")
+    stats = None
+    if replay is not None and split == "train":
+        frame, stats = mix_replay(frame, replay, columns, "preference", seed)
+    data = tokenize_dpo(tokenizer, frame, where=f"{split_dir}/{split}")
+    data.replay = stats
+    return data
 
 
 # ------------------------------------------------------------------------------- what packing removes

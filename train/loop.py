@@ -309,11 +309,11 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
     overflow = planner_overflow(config.data.overflow)
     if mode == "sft":
         only = config.data.completion_only_loss
-        train_data = load_sft_split(tokenizer, config.data.split_dir, "train", config.data.max_train_samples, only)
+        train_data = load_sft_split(tokenizer, config.data.split_dir, "train", config.data.max_train_samples, only, config.data.replay, config.seed)
         val_data = load_sft_split(tokenizer, config.data.split_dir, "validation", config.data.max_val_samples, only)
         plan_of = lambda d: plan_packing(d.lengths, config.data.max_seq_len, overflow)  # noqa: E731
     else:
-        train_data = load_dpo_split(tokenizer, config.data.split_dir, "train", config.data.max_train_samples)
+        train_data = load_dpo_split(tokenizer, config.data.split_dir, "train", config.data.max_train_samples, config.data.replay, config.seed)
         val_data = load_dpo_split(tokenizer, config.data.split_dir, "validation", config.data.max_val_samples)
         plan_of = lambda d: plan_dpo_packing(d.prompt_lens, d.chosen_lens, d.rejected_lens, config.data.max_seq_len, overflow)  # noqa: E731
     if train_data is None:
@@ -418,7 +418,7 @@ def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None
     tracker = Tracker(config.report_to if ddp.main else [], out, resumed_from)
     history: list[dict] = []
     if ddp.main:
-        (out / "train_config.json").write_text(json.dumps({"mode": mode, **config.model_dump(), "data_stats": data_stats, "init_adapter_lineage": lineage}, indent=2, sort_keys=True) + "\n")
+        (out / "train_config.json").write_text(json.dumps({"mode": mode, **config.model_dump(), "data_stats": data_stats, "init_adapter_lineage": lineage, "replay": train_data.replay}, indent=2, sort_keys=True) + "\n")
 
     def evaluate() -> dict:
         if val_plan is None or val_plan.num_rows == 0:
