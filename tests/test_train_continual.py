@@ -158,3 +158,30 @@ def test_replay_sampling_is_deterministic_by_seed(adapter_a):
     previous = read_split(adapter_a["s1"], "train", ["messages"], "sft")
     replayed = first.tail(new.height)["messages"].to_list()
     assert all(row in previous["messages"].to_list() for row in replayed) and len({json.dumps(r) for r in replayed}) == len(replayed)
+
+
+# ---------------------------------------------------------------------------------------- forgetting
+def test_compare_prints_and_writes_a_forgetting_table(adapter_a, tmp_path, capsys):
+    a = adapter_a
+    new = write_sft_split(tmp_path / "new", sft_conversations(8, offset=200), sft_conversations(3, offset=300))
+    config = _write_config(tmp_path / "c.yaml", a["model"], new, tmp_path / "cont", max_steps=3)
+    assert main(["sft", "--config", str(config), "--init-adapter", str(a["adapter"])]) == 0
+    general = ["--set", f"eval.general_set={a['s2']}"]
+    capsys.readouterr()
+    out_json = tmp_path / "f.json"
+    assert main(["eval", "--config", str(config), *general, "--compare", str(a["adapter"]), "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "forgetting" in printed and "previous validation" in printed and "general" in printed
+    rows = {r["set"]: r for r in json.loads(out_json.read_text())["forgetting"]["rows"]}
+    assert set(rows) == {"validation", "previous validation", "general"}
+    assert rows["previous validation"]["split_dir"] == str(a["s1"])
+    # The previous adapter on its own validation split: what `train eval` measured for it alone.
+    assert main(["eval", "--config", str(a["config_a"]), "--adapter", str(a["adapter"]), "--task-prompts", "0", "--json", str(tmp_path / "a.json")]) == 0
+    alone = json.loads((tmp_path / "a.json").read_text())["validation"]
+    assert rows["previous validation"]["previous_loss"] == pytest.approx(alone["adapter_loss"], abs=1e-6)
+    assert rows["previous validation"]["base_loss"] == pytest.approx(alone["base_loss"], abs=1e-6)
+    for row in rows.values():
+        assert row["change"] == pytest.approx(row["new_loss"] - row["previous_loss"])
+        assert row["new_loss"] != row["previous_loss"]  # two different adapters were measured
+    # The new adapter was trained on this split: it fits it better than the previous one.
+    assert rows["validation"]["new_loss"] < rows["validation"]["previous_loss"]

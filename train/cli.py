@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     p.add_argument("--task-prompts", type=int, default=32, help="validation prompts answered greedily by base and adapter, scored by exact match / token F1 / ROUGE-L against the reference reply (SFT: the last assistant turn; DPO: the chosen reply; 0: off)")
     p.add_argument("--max-new-tokens", type=int, help="reply length limit for samples and task metrics (eval.max_new_tokens)")
+    p.add_argument("--compare", metavar="PREVIOUS_ADAPTER", help="forgetting table instead: validation loss of base, PREVIOUS_ADAPTER and --adapter on the validation split, the previous adapter's validation split and eval.general_set")
     p.set_defaults(handler=cmd_eval)
     p = sub.add_parser("merge", help="merge the adapter into the base (a safetensors model folder), or combine adapters into one", description="Fold the LoRA adapter into the base weights (the output folder loads with AutoModelForCausalLM.from_pretrained); or, with --adapters A B ..., combine adapters trained on the same base into one new adapter folder (peft's add_weighted_adapter).")
     _add_config_args(p)
@@ -144,7 +145,9 @@ def cmd_eval(args) -> int:
     config = _config_from_args(args)
     adapter = Path(args.adapter or Path(config.output_dir) / "adapter")
     if args.json_out:  # checked before the evaluation: a file train did not write is never overwritten
-        claim_file(args.json_out, "train", protected=[p for p in (args.config, adapter) if p])
+        claim_file(args.json_out, "train", protected=[p for p in (args.config, adapter, args.compare) if p])
+    if args.compare:
+        return _compare(config, adapter, Path(args.compare), args.json_out)
     result = run_eval(config, adapter, console, task_prompts=args.task_prompts)
     table = Table(title="base vs adapter")
     table.add_column("set")
@@ -165,6 +168,24 @@ def cmd_eval(args) -> int:
         console.print(samples)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _compare(config, adapter: Path, previous: Path, json_out: str | None) -> int:
+    from train.forgetting import compare_adapters
+
+    result = {"forgetting": compare_adapters(config, adapter, previous)}
+    table = Table(title="forgetting: validation loss of base, previous and new adapter (change = new - previous; > 0: worse)")
+    table.add_column("set", no_wrap=True)
+    for column in ("target tokens", "base", "previous", "new", "change"):
+        table.add_column(column, justify="right")
+    for row in result["forgetting"]["rows"]:
+        table.add_row(row["set"], str(row["target_tokens"]), _fmt(row["base_loss"]),
+                      _fmt(row["previous_loss"]), _fmt(row["new_loss"]), f"{row['change']:+.4f}")  # fmt: skip
+    console.print(table)
+    console.print(f"previous: {previous}\nnew: {adapter}\n" + "\n".join(f"{r['set']}: {r['split_dir']} ({r['split']})" for r in result["forgetting"]["rows"]))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 0
 
 
