@@ -12,7 +12,7 @@ from pathlib import Path
 from train.errors import ModelLoadError, TrainConfigError
 
 WEIGHTS = "adapter_model.safetensors"
-# adapter_config.json key -> (LoraSettings field, how the run's value is written there)
+# adapter_config.json key -> the LoraSettings field it must equal
 SHAPE_KEYS = {"r": "r", "lora_alpha": "alpha", "use_dora": "use_dora", "use_rslora": "use_rslora"}
 
 
