@@ -206,6 +206,8 @@ def file_sha256(path: Path) -> str:
 class RunEvents:
     stage_started: Callable[[str, str], None] = lambda name, type_name: None
     stage_progress: Callable[[str, str], None] = lambda name, message: None
+    # (stage, phase, done, total or None, unit): counted phases (StageContext.phase), for bars with ETA.
+    phase_progress: Callable[[str, str, int, int | None, str], None] = lambda name, phase, done, total, unit: None
     stage_finished: Callable[[str, dict], None] = lambda name, record: None
 
 
@@ -353,6 +355,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
         pipeline_dir=pipeline.base_dir,
         seed=pipeline.seed,
         progress=lambda message: events.stage_progress(entry.name, message),
+        phase_progress=lambda phase, done, total, unit: events.phase_progress(entry.name, phase, done, total, unit),
     )
     extra_files = entry.spec.extra_inputs(entry.config, ctx) if entry.spec.extra_inputs else []
     extra_fingerprints = {str(p): (file_sha256(p) if Path(p).exists() else "missing") for p in extra_files}

@@ -52,10 +52,43 @@ class StageContext:
     pipeline_dir: Path  # relative paths in a stage config resolve against this
     seed: int = 0
     progress: Callable[[str], None] = lambda message: None  # short status lines for the live display
+    # Counted progress of a long phase: (phase, done, total or None, unit). The CLI turns it into a
+    # bar with count, percentage and ETA; the library default is silent. Use `ctx.phase(...)`.
+    phase_progress: Callable[[str, int, int | None, str], None] = lambda phase, done, total, unit: None
+
+    def phase(self, name: str, total: int | None = None, unit: str = "rows") -> "Phase":
+        """A counted phase (`with ctx.phase("verifying candidate pairs", total=n) as p: p.advance(k)`)."""
+        return Phase(name, total, unit, self.phase_progress)
 
     def resolve(self, path: str | Path) -> Path:
         path = Path(path).expanduser()
         return path if path.is_absolute() else (self.pipeline_dir / path)
+
+
+class Phase:
+    """Counts work done in one phase of a stage and reports it (throttled: at most ~10 reports a second,
+    plus the first and the last), so a hot loop can call `advance` per batch without cost."""
+
+    def __init__(self, name: str, total: int | None, unit: str, report: Callable[[str, int, int | None, str], None]):
+        self.name, self.total, self.unit, self._report = name, total, unit, report
+        self.done = 0
+        self._last = 0.0
+
+    def advance(self, count: int = 1) -> None:
+        import time
+
+        self.done += count
+        now = time.monotonic()
+        if now - self._last >= 0.1:
+            self._last = now
+            self._report(self.name, self.done, self.total, self.unit)
+
+    def __enter__(self) -> "Phase":
+        self._report(self.name, 0, self.total, self.unit)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._report(self.name, self.done, self.total, self.unit)
 
 
 @dataclass
