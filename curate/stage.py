@@ -102,6 +102,27 @@ class StageFunction(Protocol):
     def __call__(self, frame: pl.LazyFrame, config: Any, ctx: StageContext) -> StageOutput: ...
 
 
+@dataclass
+class BatchOutput:
+    """What a row-local stage returns for one batch: the rows that flow on and the rows it removed."""
+
+    kept: pl.DataFrame
+    dropped: pl.DataFrame | None = None
+
+
+class BatchFunction(Protocol):
+    """A row-local stage: sees one bounded batch, never the whole table, and must give each row the
+    same result whatever batch it arrives in (so any engine may cut the table anywhere)."""
+
+    def __call__(self, batch: pl.DataFrame, config: Any, ctx: StageContext) -> BatchOutput: ...
+
+
+class SummaryFunction(Protocol):
+    """A row-local stage's report, computed afterwards from what was written (lazily, streaming)."""
+
+    def __call__(self, kept: pl.LazyFrame, dropped: pl.LazyFrame, config: Any, ctx: StageContext) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class StageSpec:
     type_name: str
@@ -118,6 +139,14 @@ class StageSpec:
     # Stages that may emit more rows than they receive (mixing with upsampling, annotator pairs).
     may_add_rows: bool = False
     description: str = ""
+    # "row": `transform` runs per batch (engines stream it: bounded memory, any number of workers) and
+    # `run` is derived from it; "global": `run` sees the whole table and says itself what it collects.
+    kind: str = "global"
+    transform: BatchFunction | None = None
+    summarize: SummaryFunction | None = None
+    # A global stage's distributed implementation for the Ray engine, if it has one:
+    # (ray.data.Dataset, config, ctx) -> (kept Dataset, dropped Dataset | None, report dict).
+    distributed: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, StageSpec] = {}
@@ -151,6 +180,45 @@ def register_stage(
             description=(function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else "",
         )
         return function
+
+    return decorate
+
+
+def register_row_stage(
+    type_name: str,
+    *,
+    config: type[StageConfig],
+    version: str = "1",
+    summarize: SummaryFunction | None = None,
+    extra_inputs=None,
+):
+    """Decorator registering a row-local stage: `transform(batch, config, ctx) -> BatchOutput`.
+
+    Its `run` (the whole-table form, for callers holding a LazyFrame) applies the transform to one
+    batch of everything; the runner instead streams it batch by batch."""
+
+    def decorate(transform: BatchFunction) -> BatchFunction:
+        def run_whole(frame: pl.LazyFrame, stage_config: Any, ctx: StageContext) -> StageOutput:
+            output = transform(frame.collect(), stage_config, ctx)
+            kept = output.kept.lazy()
+            dropped = output.dropped.lazy() if output.dropped is not None else None
+            report = summarize(kept, dropped if dropped is not None else kept.head(0), stage_config, ctx) if summarize else {}
+            return StageOutput(kept=kept, dropped=dropped, report=report)
+
+        if type_name in _REGISTRY and _REGISTRY[type_name].transform is not transform:
+            raise RuntimeError(f"stage type {type_name!r} registered twice")
+        _REGISTRY[type_name] = StageSpec(
+            type_name=type_name,
+            run=run_whole,
+            config_model=config,
+            version=version,
+            extra_inputs=extra_inputs,
+            kind="row",
+            transform=transform,
+            summarize=summarize,
+            description=(transform.__doc__ or "").strip().splitlines()[0] if transform.__doc__ else "",
+        )
+        return transform
 
     return decorate
 
