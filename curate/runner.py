@@ -36,6 +36,8 @@ from curate.atomic import atomic_path, disk_full_as_error, write_json, write_par
 from curate.errors import ConfigError, InputFileError, RunStateError
 from curate.mapping import Mapping
 from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file, path_sha256
+from curate.engines import Engine
+from curate.engines.local import LocalEngine
 from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
 from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, new_generation, remove_all_recorded, remove_leftover_temps, remove_stale
@@ -341,11 +343,7 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _empty_dropped_schema() -> dict:
-    return {**CANONICAL_SCHEMA, "stage": pl.String(), "reason": pl.String()}
-
-
-def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: RunEvents, force: bool) -> dict:
+def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: RunEvents, force: bool, engine: Engine) -> dict:
     stage_dir = pipeline.run_dir / entry.name
     input_path = pipeline.run_dir / previous["name"] / "data.parquet"
     ctx = StageContext(
@@ -385,19 +383,9 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / SUCCESS_FILE).unlink(missing_ok=True)
-    output = entry.spec.run(pl.scan_parquet(input_path, glob=False), entry.config, ctx)
-    dropped = output.dropped if output.dropped is not None else pl.LazyFrame(schema=_empty_dropped_schema())
-    with atomic_path(stage_dir / "data.parquet", suffix=".parquet") as kept_tmp, atomic_path(
-        stage_dir / "dropped.parquet", suffix=".parquet"
-    ) as dropped_tmp:
-        # One execution for both sinks: the shared upstream plan is computed once, streaming.
-        pl.collect_all(
-            [
-                output.kept.sink_parquet(kept_tmp, lazy=True, compression="zstd"),
-                dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd"),
-            ],
-            engine="streaming",
-        )
+    report = engine.execute(
+        entry.spec, entry.config, ctx, input_path, stage_dir / "data.parquet", stage_dir / "dropped.parquet"
+    )
     rows_in = previous["rows_out"]
     rows_out = _parquet_rows(stage_dir / "data.parquet")
     dropped_frame = pl.scan_parquet(stage_dir / "dropped.parquet", glob=False)
@@ -412,7 +400,6 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
     by_reason = (
         dropped_frame.group_by("reason").len().sort("reason").collect().iter_rows() if rows_dropped else []
     )
-    report = dict(output.report)
     if entry.spec.export is not None:
         report.update(entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet", glob=False), entry.config, ctx) or {})
     record = {
@@ -455,6 +442,7 @@ def run_pipeline(
     base_dir: Path | None = None,
     report: bool = True,
     clean: bool = False,
+    engine: Engine | None = None,
 ) -> RunResult:
     """Execute a pipeline; returns the run directory and its manifest (and writes report.html unless
     `report` is False). `clean` first removes every output an earlier run recorded in the run dir.
@@ -469,7 +457,7 @@ def run_pipeline(
         remove_leftover_temps(pipeline.run_dir)
         if clean:
             remove_all_recorded(pipeline.run_dir)
-        return _run_locked(pipeline, force, events, report)
+        return _run_locked(pipeline, force, events, report, engine or LocalEngine())
 
 
 def _protected_paths(pipeline: Pipeline) -> list[Path]:
@@ -478,7 +466,7 @@ def _protected_paths(pipeline: Pipeline) -> list[Path]:
     return files + ([pipeline.path] if pipeline.path else [])
 
 
-def _run_locked(pipeline: Pipeline, force: bool, events: RunEvents, report: bool) -> RunResult:
+def _run_locked(pipeline: Pipeline, force: bool, events: RunEvents, report: bool, engine: Engine) -> RunResult:
     run_dir = pipeline.run_dir
     # Recorded before anything is written; outputs an earlier config recorded and this one does not
     # (a stage since removed, its exports) are removed at the end, so nothing stale reads as this run's.
@@ -487,7 +475,7 @@ def _run_locked(pipeline: Pipeline, force: bool, events: RunEvents, report: bool
     started = time.perf_counter()
     records = [_run_ingest(pipeline, events, force)]
     for entry in pipeline.stages:
-        records.append(_run_stage(pipeline, entry, records[-1], events, force or False))
+        records.append(_run_stage(pipeline, entry, records[-1], events, force or False, engine))
     removed = remove_stale(run_dir)
     manifest = build_manifest(pipeline, records, time.perf_counter() - started)
     write_json(run_dir / MANIFEST_FILE, manifest)
