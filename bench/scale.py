@@ -179,6 +179,12 @@ def measure_size(work: Path, rows: int, seed: int, engine: str) -> dict:
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     accounting = manifest["accounting"]
     stage_seconds = {stage["name"]: stage["seconds"] for stage in manifest["stages"]}
+    # What each stage hands on, per record (compressed Parquet): the doc's bytes-per-record column.
+    stage_bytes_per_record = {
+        stage["name"]: round((run_dir / stage["name"] / "data.parquet").stat().st_size / max(stage["rows_out"], 1), 1)
+        for stage in manifest["stages"]
+        if (run_dir / stage["name"] / "data.parquet").is_file()
+    }
     return {
         "rows": rows,
         "input_mb": round(corpus.stat().st_size / 2**20, 1),
@@ -189,6 +195,7 @@ def measure_size(work: Path, rows: int, seed: int, engine: str) -> dict:
         "dropped": accounting["dropped"],
         "quarantined": accounting["quarantined"],
         "stage_seconds": stage_seconds,
+        "stage_bytes_per_record": stage_bytes_per_record,
     }
 
 
