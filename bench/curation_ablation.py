@@ -119,63 +119,30 @@ def train_config(split_dir: Path, out: Path, seed: int, args):
     })  # fmt: skip
 
 
-def rouge_l_f1(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lowercased whitespace tokens (longest common subsequence)."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a or not b:
-        return 0.0
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
-
-
-def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """The adapter's greedy answers (the base's come from `generate_side_by_side`, once per experiment)."""
-    import torch
-
-    answers = []
-    model.eval()
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fmt: skip
-            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    return answers
-
-
 def generation_scores(model, tokenizer, split_dir: Path, count: int, max_new_tokens: int, with_base: bool) -> dict:
     """Exact match and ROUGE-L of the adapter's and the base's greedy answers to the first `count` held-out
     prompts (everything before the final assistant turn), against that final turn."""
     import torch
 
     from train.data import read_split
-    from train.evaluate import generate_side_by_side
+    from train.generate import exact_match, greedy_replies, rouge_l
 
     frame = read_split(split_dir, "validation", ["messages"], "sft", count)
     conversations = [[{"role": m["role"], "content": m["content"]} for m in c] for c in frame.get_column("messages").to_list()]
     prompts = [c[:-1] for c in conversations if c[-1]["role"] == "assistant"]
     references = [c[-1]["content"] for c in conversations if c[-1]["role"] == "assistant"]
+    # Generation stops at max_new_tokens: the reference is cut to the same word budget (~0.75 words a token).
+    cut = max(1, int(max_new_tokens * 0.75))
+    references = [" ".join(r.split()[:cut]) for r in references]
+    replies = {}
     if with_base:
-        rows = generate_side_by_side(model, tokenizer, prompts, max_new_tokens, torch.device("cpu"))
-    else:
-        rows = [{"adapter": text} for text in greedy_answers(model, tokenizer, prompts, max_new_tokens)]
+        with model.disable_adapter():
+            replies["base"] = greedy_replies(model, tokenizer, prompts, max_new_tokens, 8, torch.device("cpu"))
+    replies["adapter"] = greedy_replies(model, tokenizer, prompts, max_new_tokens, 8, torch.device("cpu"))
     scores = {}
-    for side in ("base", "adapter") if with_base else ("adapter",):
-        answers = [row[side] for row in rows]
-        norm = lambda s: " ".join(s.lower().split())  # noqa: E731
-        scores[f"{side}_exact_match"] = sum(norm(a) == norm(r) for a, r in zip(answers, references)) / len(rows)
-        # Generation stops at max_new_tokens: the reference is cut to the same word budget (~0.75 words a token).
-        cut = max(1, int(max_new_tokens * 0.75))
-        scores[f"{side}_rouge_l"] = statistics.fmean(rouge_l_f1(a, " ".join(r.split()[:cut])) for a, r in zip(answers, references))
+    for side, answers in replies.items():  # the metrics `train eval` reports (train/generate.py)
+        scores[f"{side}_exact_match"] = statistics.fmean(exact_match(a, r) for a, r in zip(answers, references))
+        scores[f"{side}_rouge_l"] = statistics.fmean(rouge_l(a, r) for a, r in zip(answers, references))
     return scores
 
 

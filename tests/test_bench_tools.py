@@ -1,4 +1,4 @@
-"""bench code the docs quote: run_all.py's table round trip, curation_ablation.py's ROUGE-L, scale.py's corpus and fit."""
+"""bench code the docs quote: run_all.py's table round trip, scale.py's corpus and fit."""
 
 from __future__ import annotations
 
@@ -31,14 +31,6 @@ def test_table_rows_read_back_as_written_so_only_keeps_the_other_rows():
     assert rows["dedup"][4:] == [cells["dedup"], sizes["dedup"], "M", "2026-01-02"]
     assert rows["ingest"][4] == "ratio 1.5x (2 s)"
     assert rows["packing"][4] == "not run"
-
-
-@pytest.mark.parametrize(
-    ("candidate", "reference", "expected"),
-    [("a b c d", "a b c d", 1.0), ("a x c", "a b c", 2 / 3), ("", "a", 0.0), ("q r", "a b", 0.0), ("b a", "a b", 0.5)],
-)
-def test_rouge_l_f1(candidate, reference, expected):
-    assert _load("curation_ablation").rouge_l_f1(candidate, reference) == pytest.approx(expected)
 
 
 def test_scale_growth_exponent_recovers_a_power_law():
