@@ -19,7 +19,7 @@ from curate.dedup.clusters import component_leaders, greedy_clusters
 from curate.dedup.config import DedupConfig
 from curate.dedup.index import MinHashIndex, dedup_against_redis, empty_index_records
 from curate.dedup.settings import MinHashSettings
-from curate.dedup.signatures import estimated_jaccard, minhash_signatures
+from curate.dedup.signatures import minhash_signatures
 from curate.dedup.text import (
     FIELD_SEPARATOR,
     MESSAGE_SEPARATOR,
@@ -121,28 +121,29 @@ class RowFeatures:
     """The features of every row, position = `__row`."""
 
     ids: np.ndarray  # object (str)
-    texts: pl.Series  # simplified key texts
-    part_texts: pl.DataFrame  # simplified parts (prompt, chosen, rejected); null where a row has none
     keys: pl.Series
     number_keys: pl.Series
     digit_keys: pl.Series
     multipart: np.ndarray  # bool: preference pairs, compared part by part
     priority: np.ndarray  # rank under the keep policy, 0 = kept first
+    texts: pl.Series | None = None  # simplified key texts (None out of core: they stay on disk)
+    part_texts: pl.DataFrame | None = None  # simplified parts (prompt, chosen, rejected); null where absent
 
     @classmethod
     def read(cls, features: pl.DataFrame) -> "RowFeatures":
         order = features.select(pl.arg_sort_by(["__keep", "__row"], descending=[True, False], nulls_last=True))
         priority = np.empty(features.height, dtype=np.int64)
         priority[order.to_series().to_numpy()] = np.arange(features.height)
+        with_texts = "text" in features.columns
         return cls(
             ids=features["id"].to_numpy(),
-            texts=features["text"],
-            part_texts=features.select(PART_COLUMNS),
             keys=features["key_hash"],
             number_keys=features["number_hash"],
             digit_keys=features["digits_hash"],
-            multipart=features[PART_COLUMNS[1]].is_not_null().to_numpy(),
+            multipart=features["multipart"].to_numpy() if not with_texts else features[PART_COLUMNS[1]].is_not_null().to_numpy(),
             priority=priority,
+            texts=features["text"] if with_texts else None,
+            part_texts=features.select(PART_COLUMNS) if with_texts else None,
         )
 
 
@@ -336,17 +337,19 @@ class VerifiedPairs:
         return similarity
 
 
-def verify_candidates(graph: NearGraph, left: np.ndarray, right: np.ndarray, config: DedupConfig, phase) -> VerifiedPairs:
+def verify_candidates(
+    graph: NearGraph, left: np.ndarray, right: np.ndarray, config: DedupConfig, phase, chunk: int = VERIFY_CHUNK
+) -> VerifiedPairs:
     """Similarity of every candidate pair (counted in steps); with `skip_verify_margin`, pairs whose
     signature estimate is that far under the threshold are not verified and count as 0."""
     similarity = np.zeros(len(left), dtype=np.float64)
     skipped = 0
     with phase("verifying candidate pairs", total=len(left), unit="pairs") as progress:
-        for start in range(0, len(left), VERIFY_CHUNK):
-            a, b = left[start : start + VERIFY_CHUNK], right[start : start + VERIFY_CHUNK]
+        for start in range(0, len(left), chunk):
+            a, b = left[start : start + chunk], right[start : start + chunk]
             worth = np.ones(len(a), dtype=bool)
             if config.verify and config.skip_verify_margin is not None:
-                estimate = estimated_jaccard(graph.nodes.signatures, a, b)
+                estimate = graph.nodes.estimated(a, b)
                 worth = estimate >= config.threshold - config.skip_verify_margin
                 skipped += int((~worth).sum())
             similarity[start : start + len(a)][worth] = graph.nodes.similarity(
@@ -391,7 +394,7 @@ def mark_near_duplicates(rows, decided, graph, pairs, config, index_records) -> 
     rep_ids, _ = node_cluster_ids(graph, clustering.representative, rows, index_records)
     decided.reason[member_rows] = "near_duplicate"
     decided.duplicate_of[member_rows] = rep_ids
-    decided.jaccard_estimated[member_rows] = estimated_jaccard(graph.nodes.signatures, clustering.member, clustering.representative)
+    decided.jaccard_estimated[member_rows] = graph.nodes.estimated(clustering.member, clustering.representative)
     if config.verify:
         decided.jaccard_verified[member_rows] = clustering.jaccard
     # Every node of a component (kept or not) shares the cluster id of its best-priority node.
@@ -508,6 +511,36 @@ def find_near_duplicates(rows, decided, survivors, sketches, index, index_record
     return NearOutcome(dropped=dropped, report=report, edges=edges)
 
 
+def lsh_settings_report(config: DedupConfig) -> dict:
+    bands, band_rows = config.band_params()
+    return {
+        "bands": bands,
+        "rows": band_rows,
+        "num_perm": config.num_perm,
+        "threshold": config.threshold,
+        "candidate_threshold": config.effective_candidate_threshold() if config.bands is None else None,
+    }
+
+
+def finish_clusters(rows: RowFeatures, decided: Decisions) -> None:
+    """Exact duplicates follow their representative's final cluster."""
+    exact_members = np.flatnonzero(decided.exact_rep != np.arange(len(rows.ids)))
+    decided.cluster[exact_members] = decided.cluster[decided.exact_rep[exact_members]]
+
+
+def outcome_report(decided, decisions, config, exact_dropped: int, near_dropped: int, lsh: dict, example_texts) -> dict:
+    return {
+        "rows_in": len(decided.ids),
+        "kept": int((decided.reason == None).sum()),  # noqa: E711
+        "exact_duplicates": exact_dropped,
+        "near_duplicates": near_dropped,
+        **cluster_report(decisions, config, example_texts),
+        "settings": config.settings().as_dict(),
+        "lsh": lsh,
+        "keep": config.keep,
+    }
+
+
 def deduplicate_features(
     features: pl.DataFrame,
     config: DedupConfig,
@@ -516,10 +549,9 @@ def deduplicate_features(
     phase=_silent_phase,
     example_texts: Callable[[list[int]], list[str]] | None = None,
 ) -> DedupOutcome:
-    """Decide every row from its features (`features_of`; `__row` must be 0..n-1 in order).
+    """Decide every row from its features (`features_of`; `__row` must be 0..n-1 in order), in memory.
     `example_texts(rows)` gives the report's example texts of those rows (default: the simplified key)."""
     settings = config.settings()
-    bands, band_rows = config.band_params()
     rows = RowFeatures.read(features)
     decided = Decisions.start(rows.ids)
     index_records = index.records if index is not None else empty_index_records(settings.num_perm)
@@ -527,13 +559,7 @@ def deduplicate_features(
     survivors = decided.survivors()
     need_sketches = config.near or config.save_index
     sketches = sketch_survivors(rows, survivors, settings, phase) if need_sketches else no_sketches(settings.num_perm)
-    lsh_report = {
-        "bands": bands,
-        "rows": band_rows,
-        "num_perm": settings.num_perm,
-        "threshold": config.threshold,
-        "candidate_threshold": config.effective_candidate_threshold() if config.bands is None else None,
-    }
+    lsh_report = lsh_settings_report(config)
     guard = BucketGuard()
     near = NearOutcome()
     if config.near and len(survivors):
@@ -545,26 +571,16 @@ def deduplicate_features(
     if config.redis is not None:
         progress("dedup: shared Redis index")
         redis_report = dedup_against_redis(
-            config, settings, (bands, band_rows), survivors, sketches.signatures, sketches.sets.sizes > 0, rows.ids,
+            config, settings, config.band_params(), survivors, sketches.signatures, sketches.sets.sizes > 0, rows.ids,
             rows.keys, decided.reason, decided.duplicate_of, decided.cluster, decided.jaccard_estimated,
         )
-        exact_dropped += redis_report["exact_duplicates"]
-    # Exact duplicates follow their representative's final cluster.
-    exact_members = np.flatnonzero(decided.exact_rep != np.arange(len(rows.ids)))
-    decided.cluster[exact_members] = decided.cluster[decided.exact_rep[exact_members]]
+    finish_clusters(rows, decided)
     decisions = decided.frame(features["__row"])
     if example_texts is None:
         example_texts = lambda chosen: rows.texts.gather(chosen).to_list()  # noqa: E731
-    report = {
-        "rows_in": len(rows.ids),
-        "kept": int((decided.reason == None).sum()),  # noqa: E711
-        "exact_duplicates": exact_dropped,
-        "near_duplicates": near.dropped + (redis_report["near_duplicates"] if redis_report else 0),
-        **cluster_report(decisions, config, example_texts),
-        "settings": settings.as_dict(),
-        "lsh": lsh_report,
-        "keep": config.keep,
-    }
+    redis_exact = redis_report["exact_duplicates"] if redis_report else 0
+    redis_near = redis_report["near_duplicates"] if redis_report else 0
+    report = outcome_report(decided, decisions, config, exact_dropped + redis_exact, near.dropped + redis_near, lsh_report, example_texts)
     if redis_report is not None:
         report["redis"] = redis_report
     new_index = None

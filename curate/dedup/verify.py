@@ -60,6 +60,9 @@ class NodeFeatures:
     number_code: np.ndarray  # uint64: hash of the text with numbers masked, punctuation removed
     digits_code: np.ndarray  # uint64: hash of the text's numbers
 
+    def estimated(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return estimated_jaccard(self.signatures, a, b)
+
     def similarity(self, a: np.ndarray, b: np.ndarray, verify: bool, merge_number_variants: bool) -> np.ndarray:
         """Similarity of each (a, b) pair, compared with the threshold: the Jaccard of the whole key
         text (exact, or the signature estimate without `verify`); for two preference pairs the
