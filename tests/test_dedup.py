@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,8 @@ def run_stage(records_or_frame, config: dict | None = None, tmp_path: Path | Non
     """Run the registered `dedup` stage function on a frame; returns (kept, dropped, report, ctx)."""
     spec = get_stage("dedup")
     frame = records_or_frame if isinstance(records_or_frame, pl.DataFrame) else canonical_frame(records_or_frame)
-    base = tmp_path or Path("/nonexistent")
+    # The stage keeps its work files under its folder (out of core), so it always gets a real one.
+    base = tmp_path or Path(tempfile.mkdtemp(prefix="dedup-test-"))
     ctx = StageContext(name=name, run_dir=base, stage_dir=base / name, pipeline_dir=base)
     typed = parse_stage_config(spec, {"save_index": tmp_path is not None, **(config or {})}, "test")
     out = spec.run(frame.lazy(), typed, ctx)
