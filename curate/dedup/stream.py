@@ -1,9 +1,9 @@
 """The dedup stage out of core: bounded batches in, per-row sketches on disk, only integer-sized
 arrays (n × a few bytes) in memory.
 
-1. **Features** (row-local: key texts, key hashes, keep key) are streamed from the input into
-   `work/features.parquet` by Polars' streaming engine; the input table is never collected.
-2. **Sketches**, batch by batch (`BATCH_ROWS` rows): hashed shingle sets (CSR values appended to a raw
+1. **Features** (row-local: key texts, key hashes, keep key) are computed per slice of `BATCH_ROWS`
+   input rows (a Parquet scan reads only that slice's row groups); the input is never collected.
+2. **Sketches** of each slice: hashed shingle sets (CSR values appended to a raw
    uint32 file, offsets kept in memory), MinHash signatures (appended to a raw `(n, num_perm)` uint32
    file) and band hashes (Parquet, one file per band). Raw files rather than Parquet for sets and
    signatures because verification reads them back *by row id*: a fresh `np.memmap` per step reads only
@@ -57,8 +57,9 @@ from curate.dedup.signatures import minhash_signatures
 from curate.dedup.text import PART_NAMES, ShingleSets, hash_code, key_text, shingle_sets
 from curate.dedup.verify import NodeFeatures
 
-BATCH_ROWS = 10_000
-VERIFY_PAIRS = 20_000  # pairs per verification step: at most 2× this many rows' sets mapped at once
+BATCH_ROWS = 2_000
+VERIFY_PAIRS = 5_000  # pairs per verification step: at most 2× this many rows' sets mapped at once
+SHINGLE_CHUNK_CHARS = 250_000  # characters shingled at once: their exploded n-grams take ~150 B each
 SMALL_COLUMNS = ["__row", "id", "__keep", "key_hash", "number_hash", "digits_hash"]
 
 
@@ -136,22 +137,22 @@ class DiskNodes:
 
 def _batch_sets(batch: pl.DataFrame, config: DedupConfig) -> tuple[ShingleSets, list[ShingleSets]]:
     settings = config.settings()
-    sets = shingle_sets(batch["text"], settings)
+    sets = shingle_sets(batch["text"], settings, chunk_tokens=SHINGLE_CHUNK_CHARS)
     multipart = batch[PART_COLUMNS[1]].is_not_null()
     if multipart.any():
         parts = batch.select(pl.when(multipart).then(pl.col(column)).otherwise(pl.lit("")) for column in PART_COLUMNS)
-        part_sets = [shingle_sets(parts[column], settings) for column in PART_COLUMNS]
+        part_sets = [shingle_sets(parts[column], settings, chunk_tokens=SHINGLE_CHUNK_CHARS) for column in PART_COLUMNS]
     else:
         empty = ShingleSets(values=np.empty(0, np.uint32), offsets=np.zeros(batch.height + 1, np.int64))
         part_sets = [empty] * len(PART_NAMES)
     return sets, part_sets
 
 
-def sketch_batches(features_path: Path, config: DedupConfig, work: Path, phase) -> SketchFiles:
-    """One pass over the features in batches: sets, signatures and band hashes to disk."""
+def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: Path, phase) -> SketchFiles:
+    """One pass over the input in slices of `BATCH_ROWS` rows (a Parquet scan reads only the row groups
+    of each slice): features, then sets, signatures and band hashes to disk."""
     settings = config.settings()
     bands, band_rows = config.band_params()
-    parquet = pq.ParquetFile(features_path)
     sets = DiskSets(work / "sets.u32")
     part_sets = [DiskSets(work / f"sets_{name}.u32") for name in PART_NAMES]
     bands_dir = work / "bands"
@@ -159,11 +160,10 @@ def sketch_batches(features_path: Path, config: DedupConfig, work: Path, phase) 
     band_schema = pa.schema([("node", pa.uint32()), ("band_hash", pa.uint64())])
     band_writers = [pq.ParquetWriter(bands_dir / f"{band:04d}.parquet", band_schema) for band in range(bands)]
     small = []
-    with open(work / "signatures.u32", "wb") as signature_file, phase(
-        "MinHash signatures", total=parquet.metadata.num_rows, unit="rows"
-    ) as progress:
-        for record_batch in parquet.iter_batches(batch_size=BATCH_ROWS):
-            batch = pl.from_arrow(record_batch)
+    with open(work / "signatures.u32", "wb") as signature_file, phase("MinHash signatures", total=total, unit="rows") as progress:
+        for offset in range(0, total, BATCH_ROWS):
+            rows = frame.slice(offset, BATCH_ROWS).with_row_index("__row", offset=offset)
+            batch = features_of(rows, config).collect()
             batch_sets, batch_parts = _batch_sets(batch, config)
             sets.append(batch_sets)
             for disk, part in zip(part_sets, batch_parts):
@@ -316,18 +316,17 @@ def deduplicate_out_of_core(
     decisions and report, with a saved index (if any) written to `stage_dir / "index"` by this call."""
     work = work_folder(stage_dir)
     try:
-        features_path = work / "features.parquet"
-        progress("dedup: key texts")
-        features_of(frame.with_row_index("__row"), config).sink_parquet(features_path, row_group_size=BATCH_ROWS)
         examples = example_texts_from(frame, config)
-        empty = pq.ParquetFile(features_path).metadata.num_rows == 0
-        if index is not None or config.redis is not None or empty:  # a loaded index is in memory anyway
-            outcome = deduplicate_features(pl.read_parquet(features_path), config, index, progress, phase, examples)
+        total = frame.select(pl.len()).collect().item()
+        if index is not None or config.redis is not None or total == 0:  # a loaded index is in memory anyway
+            features = features_of(frame.with_row_index("__row"), config).collect()
+            outcome = deduplicate_features(features, config, index, progress, phase, examples)
             if outcome.index is not None:
                 outcome.index.save(stage_dir / "index")
                 outcome.index = None
             return outcome
-        files = sketch_batches(features_path, config, work, phase)
+        progress("dedup: signatures")
+        files = sketch_batches(frame, total, config, work, phase)
         return _decide(files, config, stage_dir, progress, phase, examples)
     finally:
         shutil.rmtree(work, ignore_errors=True)

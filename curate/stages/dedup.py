@@ -56,11 +56,12 @@ def load_index(config: DedupConfig, ctx: StageContext) -> MinHashIndex | None:
 
 
 def split_decided(rows: pl.LazyFrame, decisions: pl.LazyFrame, stage_name: str) -> tuple[pl.LazyFrame, pl.LazyFrame]:
-    """Rows (with `__row`) joined to their decisions: (kept, dropped), both lazy and in input order."""
+    """Rows side by side with their decisions (one per row, in input order): (kept, dropped), both
+    lazy. A horizontal concat streams both in lockstep; a join would build a table of one side."""
     # Replace any dup_cluster from an earlier dedup stage with this stage's decision.
-    joined = rows.drop("dup_cluster", strict=False).join(decisions, on="__row", how="left", maintain_order="left")
-    kept = joined.filter(pl.col("reason").is_null()).drop("__row", "reason", *DETAIL_COLUMNS)
-    dropped = drop_rows(joined.filter(pl.col("reason").is_not_null()).drop("__row"), stage_name, pl.col("reason"))
+    joined = pl.concat([rows.drop("dup_cluster", strict=False), decisions.drop("__row")], how="horizontal")
+    kept = joined.filter(pl.col("reason").is_null()).drop("reason", *DETAIL_COLUMNS)
+    dropped = drop_rows(joined.filter(pl.col("reason").is_not_null()), stage_name, pl.col("reason"))
     return kept, dropped
 
 
@@ -71,5 +72,5 @@ def dedup_stage(frame: pl.LazyFrame, config: DedupConfig, ctx: StageContext) -> 
     outcome = deduplicate_out_of_core(frame, config, ctx.stage_dir, index=index, progress=ctx.progress, phase=ctx.phase)
     if "index" in outcome.report:
         outcome.report["index"]["path"] = str(ctx.stage_dir / "index")
-    kept, dropped = split_decided(frame.with_row_index("__row"), outcome.decisions.lazy(), ctx.name)
+    kept, dropped = split_decided(frame, outcome.decisions.lazy(), ctx.name)
     return StageOutput(kept=kept, dropped=dropped, report=outcome.report)
