@@ -228,42 +228,52 @@ def find_near_out_of_core(files, rows, decided, config, phase, guard) -> tuple[i
 
 def save_index_out_of_core(files, rows, decided, config, target: Path, phase) -> dict:
     """The index of this run's kept rows, written batch by batch (same content as `build_index`)."""
+    kept = np.flatnonzero(decided.reason == None)  # noqa: E711
+    batches = (_index_batch(files, rows, decided, kept[start : start + BATCH_ROWS], config.num_perm) for start in range(0, len(kept), BATCH_ROWS))
+    return write_index(batches, config, target, phase)
+
+
+def write_index(record_batches, config: DedupConfig, target: Path, phase) -> dict:
+    """Write index records (`empty_index_records` columns, batch by batch, in order) and their band
+    table atomically to `target`; returns the report's `index` entry."""
     from curate.atomic import atomic_dir
+    from curate.dedup.banding import band_table_from
 
     settings = config.settings()
     bands, band_rows = config.band_params()
-    kept = np.flatnonzero(decided.reason == None)  # noqa: E711
     records_schema = empty_index_records(settings.num_perm).to_arrow().schema
-    with atomic_dir(target) as tmp, phase("writing the index", total=len(kept), unit="rows") as progress:
+    bands_schema = pa.schema([("node", pa.uint32()), ("band", pa.uint16()), ("band_hash", pa.uint64())])
+    written = 0
+    with atomic_dir(target) as tmp, phase("writing the index", total=None, unit="rows") as progress:
         with pq.ParquetWriter(tmp / "records.parquet", records_schema, compression="zstd") as records_writer, pq.ParquetWriter(
-            tmp / "bands.parquet", pa.schema([("node", pa.uint32()), ("band", pa.uint16()), ("band_hash", pa.uint64())]),
-            compression="zstd",
+            tmp / "bands.parquet", bands_schema, compression="zstd"
         ) as bands_writer:
-            for start in range(0, len(kept), BATCH_ROWS):
-                chunk = kept[start : start + BATCH_ROWS]
-                records, table = _index_batch(files, rows, decided, chunk, start, settings.num_perm, bands, band_rows)
+            for records in record_batches:
+                if records.height == 0:
+                    continue
+                signatures = records["signature"].to_numpy().astype(np.uint32).reshape(records.height, settings.num_perm)
+                has = records["shingles"].list.len().to_numpy() > 0
                 records_writer.write_table(records.to_arrow().cast(records_schema))
-                bands_writer.write_table(table.to_arrow())
-                progress.advance(len(chunk))
+                bands_writer.write_table(band_table_from(signatures, has, bands, band_rows, offset=written).to_arrow().cast(bands_schema))
+                written += records.height
+                progress.advance(records.height)
         meta = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
             "settings": settings.as_dict(),
             "bands": bands,
             "rows": band_rows,
-            "records": int(len(kept)),
+            "records": written,
         }
         (tmp / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return {"rows_before": 0, "rows_after": int(len(kept)), "signature_bytes_per_record": settings.num_perm * 4}
+    return {"rows_before": 0, "rows_after": written, "signature_bytes_per_record": settings.num_perm * 4}
 
 
-def _index_batch(files, rows, decided, chunk, position, num_perm, bands, band_rows):
-    from curate.dedup.banding import band_table_from
-
+def _index_batch(files, rows, decided, chunk, num_perm) -> pl.DataFrame:
     signatures = np.ascontiguousarray(files.signatures()[chunk])
     sets = files.sets.open().take(chunk)
     multipart = pl.Series(rows.multipart[chunk])
-    records = pl.DataFrame(
+    return pl.DataFrame(
         {
             "id": pl.Series(rows.ids[chunk].tolist(), dtype=pl.String),
             "dup_cluster": pl.Series(decided.cluster[chunk].tolist(), dtype=pl.String),
@@ -278,8 +288,6 @@ def _index_batch(files, rows, decided, chunk, position, num_perm, bands, band_ro
             },
         }
     )
-    table = band_table_from(signatures, sets.sizes > 0, bands, band_rows, offset=position)
-    return records, table
 
 
 # --------------------------------------------------------------------------------------------------
