@@ -60,7 +60,8 @@ def _with_row_index(dataset):
     materialized = dataset.materialize()
     refs, offset = [], 0
     for bundle in materialized.iter_internal_ref_bundles():
-        for block_ref, metadata in bundle.blocks:
+        for entry in bundle.blocks:
+            block_ref, metadata = (entry.ref, entry.metadata) if hasattr(entry, "ref") else entry
             refs.append(add_index.remote(block_ref, offset))
             offset += metadata.num_rows
     if not refs:
@@ -146,11 +147,12 @@ def _similarity_batch(table: pa.Table, config: dict) -> pa.Table:
     if dedup_config.verify and dedup_config.skip_verify_margin is not None:
         worth = nodes.estimated(a, b) >= dedup_config.threshold - dedup_config.skip_verify_margin
     similarity[worth] = nodes.similarity(a[worth], b[worth], dedup_config.verify, dedup_config.merge_number_variants)
-    return pa.table({"left": frame["__row_l"].to_numpy(), "right": frame["__row_r"].to_numpy(), "similarity": similarity, "skipped": ~worth})
+    # The join keys (`left`, `right`: row ids) are the pair's columns; the sides' own ids merged into them.
+    return pa.table({"left": frame["left"].to_numpy(), "right": frame["right"].to_numpy(), "similarity": similarity, "skipped": ~worth})
 
 
 def _side(frame: pl.DataFrame, suffix: str) -> pl.DataFrame:
-    columns = ["__row", "multipart", "number_hash", "digits_hash", "signature", "shingles", *[f"shingles_{name}" for name in PART_NAMES]]
+    columns = ["multipart", "number_hash", "digits_hash", "signature", "shingles", *[f"shingles_{name}" for name in PART_NAMES]]
     return frame.select(pl.col(f"{name}{suffix}").alias(name) for name in columns)
 
 
