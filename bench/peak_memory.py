@@ -96,7 +96,7 @@ def dedup_corpus(rows: int, path: str, seed: int = 0) -> None:
     words[exact] = words[source[exact]]
     answers = [" ".join(row) for row in words.tolist()]
     records = [{"messages": [{"role": "user", "content": f"Question {answer[:40]}?"}, {"role": "assistant", "content": answer}]} for answer in answers]
-    canonical_frame(records).write_parquet(path)
+    canonical_frame(records).write_parquet(path, row_group_size=5_000)  # as a stage input should be: slices read only their groups
     del pl
 
 

@@ -127,95 +127,111 @@ def dedup_against_redis(
     a hit is judged on the whole-text estimate."""
     try:
         import redis
-        from datasketch import LeanMinHash, MinHashLSH
     except ImportError as error:  # pragma: no cover - redis is an optional dependency
         raise ConfigError(f"dedup redis: the `redis` Python package is needed ({error})") from None
     from curate.errors import ExternalServiceError
 
     options = config.redis
-    basename = options.basename
-    connection = options.connection_kwargs()
-    client = redis.Redis(**connection)
-    meta_key = f"{basename}:settings"
-    wanted = json.dumps({**settings.as_dict(), "bands": band_params[0], "rows": band_params[1]}, sort_keys=True)
+    client = redis.Redis(**options.connection_kwargs())
+    decided = (reason, duplicate_of, cluster, jaccard_estimated)
     try:
-        stored = client.get(meta_key)
-        if stored is None:
-            client.set(meta_key, wanted)
-        elif stored.decode() != wanted:
-            raise ConfigError(
-                f"dedup redis {options.display()} {basename!r}: index was built with settings "
-                f"{stored.decode()} but this stage uses {wanted}"
-            )
-        lsh = MinHashLSH(
-            threshold=config.threshold,
-            num_perm=settings.num_perm,
-            params=band_params,
-            storage_config={
-                "type": "redis",
-                "basename": basename.encode(),
-                "redis": connection,
-            },
-            prepickle=False,  # keys stay our own bytes; prepickling would unpickle whatever the Redis holds
-        )
+        lsh = _redis_lsh(client, config, settings, band_params)
         kept = survivors[reason[survivors] == None]  # noqa: E711
         node_of_row = {int(row): node for node, row in enumerate(survivors.tolist())}
-        exact_hits = client.hmget(f"{basename}:exact", [keys[int(row)] for row in kept]) if len(kept) else []
-        added = []
-        exact_found = near_found = 0
-        with lsh.insertion_session() as session:
-            for row, exact_hit in zip(kept.tolist(), exact_hits):
-                node = node_of_row[row]
-                if exact_hit is not None:
-                    hit_id = exact_hit.decode()
-                    reason[row], duplicate_of[row] = "exact_duplicate", hit_id
-                    cluster[row] = (client.hget(f"{basename}:cluster", hit_id) or exact_hit).decode()
-                    jaccard_estimated[row] = 1.0
-                    exact_found += 1
-                    continue
-                if not has_shingles[node]:
-                    added.append(row)
-                    continue
-                signature = np.ascontiguousarray(signatures[node])
-                sketch = LeanMinHash(seed=settings.seed, hashvalues=signature, scheme="affine32")
-                hits = sorted(key.decode() for key in lsh.query(sketch))
-                best_id, best = None, -1.0
-                if hits:
-                    stored_signatures = client.hmget(f"{basename}:signature", hits)
-                    for hit_id, raw in zip(hits, stored_signatures):
-                        if raw is None:
-                            continue
-                        estimate = float((np.frombuffer(raw, dtype=np.uint32) == signature).mean())
-                        if estimate > best:
-                            best_id, best = hit_id, estimate
-                if best_id is not None and best >= config.threshold:
-                    reason[row], duplicate_of[row] = "near_duplicate", best_id
-                    cluster[row] = (client.hget(f"{basename}:cluster", best_id) or best_id.encode()).decode()
-                    jaccard_estimated[row] = best
-                    near_found += 1
-                    continue
-                session.insert(str(ids[row]).encode(), sketch, check_duplication=False)
-                added.append(row)
-        if added:
-            pipe = client.pipeline(transaction=True)
-            for row in added:
-                row_id = str(ids[row])
-                node = node_of_row[row]
-                pipe.hset(f"{basename}:signature", row_id, np.ascontiguousarray(signatures[node]).tobytes())
-                pipe.hset(f"{basename}:cluster", row_id, str(cluster[row]))
-                pipe.hsetnx(f"{basename}:exact", keys[row], row_id)
-            pipe.execute()
-        size = client.hlen(f"{basename}:signature")
+        found, added = _query_redis(client, lsh, config, settings, kept, node_of_row, signatures, has_shingles, ids, keys, decided)
+        _store_in_redis(client, options.basename, added, node_of_row, signatures, ids, keys, cluster)
+        size = client.hlen(f"{options.basename}:signature")
     except redis.exceptions.RedisError as error:
         raise ExternalServiceError(
             f"dedup redis {options.display()}: {type(error).__name__}: {redact(str(error))}"
         ) from None
     return {
-        "basename": basename,
-        "exact_duplicates": exact_found,
-        "near_duplicates": near_found,
+        "basename": options.basename,
+        "exact_duplicates": found["exact"],
+        "near_duplicates": found["near"],
         "added": len(added),
         "size": int(size),
     }
 
 
+def _redis_lsh(client, config: DedupConfig, settings: MinHashSettings, band_params: tuple[int, int]):
+    """The shared `MinHashLSH`, after checking the index was built with the same settings."""
+    from datasketch import MinHashLSH
+
+    options = config.redis
+    meta_key = f"{options.basename}:settings"
+    wanted = json.dumps({**settings.as_dict(), "bands": band_params[0], "rows": band_params[1]}, sort_keys=True)
+    stored = client.get(meta_key)
+    if stored is None:
+        client.set(meta_key, wanted)
+    elif stored.decode() != wanted:
+        raise ConfigError(
+            f"dedup redis {options.display()} {options.basename!r}: index was built with settings "
+            f"{stored.decode()} but this stage uses {wanted}"
+        )
+    return MinHashLSH(
+        threshold=config.threshold,
+        num_perm=settings.num_perm,
+        params=band_params,
+        storage_config={"type": "redis", "basename": options.basename.encode(), "redis": options.connection_kwargs()},
+        prepickle=False,  # keys stay our own bytes; prepickling would unpickle whatever the Redis holds
+    )
+
+
+def _query_redis(client, lsh, config, settings, kept, node_of_row, signatures, has_shingles, ids, keys, decided):
+    """Per kept row: an exact-key hit, else the best LSH hit at the threshold, else insert it."""
+    from datasketch import LeanMinHash
+
+    reason, duplicate_of, cluster, jaccard_estimated = decided
+    basename = config.redis.basename
+    exact_hits = client.hmget(f"{basename}:exact", [keys[int(row)] for row in kept]) if len(kept) else []
+    added, found = [], {"exact": 0, "near": 0}
+    with lsh.insertion_session() as session:
+        for row, exact_hit in zip(kept.tolist(), exact_hits):
+            node = node_of_row[row]
+            if exact_hit is not None:
+                hit_id = exact_hit.decode()
+                reason[row], duplicate_of[row] = "exact_duplicate", hit_id
+                cluster[row] = (client.hget(f"{basename}:cluster", hit_id) or exact_hit).decode()
+                jaccard_estimated[row] = 1.0
+                found["exact"] += 1
+                continue
+            if not has_shingles[node]:
+                added.append(row)
+                continue
+            signature = np.ascontiguousarray(signatures[node])
+            sketch = LeanMinHash(seed=settings.seed, hashvalues=signature, scheme="affine32")
+            best_id, best = _best_redis_hit(client, basename, sorted(key.decode() for key in lsh.query(sketch)), signature)
+            if best_id is not None and best >= config.threshold:
+                reason[row], duplicate_of[row] = "near_duplicate", best_id
+                cluster[row] = (client.hget(f"{basename}:cluster", best_id) or best_id.encode()).decode()
+                jaccard_estimated[row] = best
+                found["near"] += 1
+                continue
+            session.insert(str(ids[row]).encode(), sketch, check_duplication=False)
+            added.append(row)
+    return found, added
+
+
+def _best_redis_hit(client, basename: str, hits: list[str], signature: np.ndarray) -> tuple[str | None, float]:
+    best_id, best = None, -1.0
+    if hits:
+        for hit_id, raw in zip(hits, client.hmget(f"{basename}:signature", hits)):
+            if raw is None:
+                continue
+            estimate = float((np.frombuffer(raw, dtype=np.uint32) == signature).mean())
+            if estimate > best:
+                best_id, best = hit_id, estimate
+    return best_id, best
+
+
+def _store_in_redis(client, basename, added, node_of_row, signatures, ids, keys, cluster) -> None:
+    if not added:
+        return
+    pipe = client.pipeline(transaction=True)
+    for row in added:
+        row_id = str(ids[row])
+        pipe.hset(f"{basename}:signature", row_id, np.ascontiguousarray(signatures[node_of_row[row]]).tobytes())
+        pipe.hset(f"{basename}:cluster", row_id, str(cluster[row]))
+        pipe.hsetnx(f"{basename}:exact", keys[row], row_id)
+    pipe.execute()
