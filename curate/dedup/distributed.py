@@ -81,7 +81,6 @@ def _sketch_batch(table: pa.Table, config: dict) -> pa.Table:
         pl.Series("signature", np.ascontiguousarray(signatures).ravel()).reshape((features.height, settings.num_perm)).arr.to_list(),
         sets.to_lists().alias("shingles"),
         *[part.to_lists().alias(f"shingles_{name}") for part, name in zip(part_sets, PART_NAMES)],
-        pl.col("__keep").cast(pl.Float64),
     )
     return out.to_arrow()
 
