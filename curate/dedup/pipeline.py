@@ -43,7 +43,7 @@ VERIFY_CHUNK = 200_000  # candidate pairs verified (and counted) per step
 SIGNATURE_CHUNK = 20_000  # rows shingled and signed per step
 
 
-def _silent_phase(name: str, total: int | None = None, unit: str = "rows") -> Phase:
+def silent_phase(name: str, total: int | None = None, unit: str = "rows") -> Phase:
     return Phase(name, total, unit, lambda *args: None)
 
 
@@ -546,7 +546,7 @@ def deduplicate_features(
     config: DedupConfig,
     index: MinHashIndex | None = None,
     progress=lambda message: None,
-    phase=_silent_phase,
+    phase=silent_phase,
     example_texts: Callable[[list[int]], list[str]] | None = None,
 ) -> DedupOutcome:
     """Decide every row from its features (`features_of`; `__row` must be 0..n-1 in order), in memory.
@@ -595,7 +595,7 @@ def deduplicate_features(
 
 
 def deduplicate(
-    frame: pl.DataFrame, config: DedupConfig, index: MinHashIndex | None = None, progress=lambda message: None, phase=_silent_phase
+    frame: pl.DataFrame, config: DedupConfig, index: MinHashIndex | None = None, progress=lambda message: None, phase=silent_phase
 ) -> DedupOutcome:
     """Decide, for every row of a canonical frame, whether it is kept and which cluster it belongs to.
 

@@ -1,5 +1,8 @@
-"""The dedup stage out of core: bounded batches in, per-row sketches on disk, only integer-sized
-arrays (n × a few bytes) in memory.
+"""The dedup stage out of core: bounded batches in, per-row sketches on disk, in memory only small
+per-row columns (id and key hashes, ~200 B; integers and flags, ~60 B) and the candidate pairs.
+
+Work files live in a fresh folder `work.*` under the stage's folder (a unique name, so nothing we did
+not create is ever touched), removed when the stage ends, failed or not.
 
 1. **Features** (row-local: key texts, key hashes, keep key) are computed per slice of `BATCH_ROWS`
    input rows (a Parquet scan reads only that slice's row groups); the input is never collected.
@@ -18,7 +21,7 @@ arrays (n × a few bytes) in memory.
 7. **Index** (`save_index`): written batch by batch from the files above.
 
 A run that loads a saved index (`index_path`) or uses Redis holds that index in memory anyway and
-takes the in-memory path (`pipeline.deduplicate_features`) on the streamed features.
+takes the in-memory path (`pipeline.deduplicate_features`, features collected): not out of core.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from curate.dedup.pipeline import (
     DedupOutcome,
     NearGraph,
     RowFeatures,
-    _silent_phase,
+    silent_phase,
     deduplicate_features,
     features_of,
     finish_clusters,
@@ -318,7 +321,7 @@ def deduplicate_out_of_core(
     stage_dir: Path,
     index: MinHashIndex | None = None,
     progress=lambda message: None,
-    phase=_silent_phase,
+    phase=silent_phase,
 ) -> DedupOutcome:
     """`deduplicate` over a LazyFrame (a scan of the stage's input) without collecting it: the same
     decisions and report, with a saved index (if any) written to `stage_dir / "index"` by this call."""
