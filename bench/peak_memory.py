@@ -69,3 +69,85 @@ def run_measured(target, *args) -> dict:
     process.join()
     result["peak_mb"] = max(peak, result.pop("own_peak_mb"))
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# `python bench/peak_memory.py dedup --rows 100000`: peak RSS of the dedup stage, before and after it
+# went out of core, each side in a process of its own on the same Parquet input.
+
+
+def dedup_corpus(rows: int, path: str, seed: int = 0) -> None:
+    """~1 KB SFT records (a question and a ~170-word answer), 10% near copies (5% of words replaced), 3%
+    exact copies, written as the stage's canonical input."""
+    import numpy as np
+    import polars as pl
+
+    from curate.records import canonical_frame
+
+    rng = np.random.default_rng(seed)
+    vocabulary = np.array([f"w{index:05d}" for index in range(20_000)])
+    words = vocabulary[rng.integers(0, len(vocabulary), size=(rows, 170))]
+    copies = rng.random(rows) < 0.10
+    source = np.maximum(np.arange(rows) - rng.integers(1, 50, rows), 0)
+    words[copies] = words[source[copies]]
+    edits = (rng.random(words.shape) < 0.05) & copies[:, None]
+    words[edits] = vocabulary[rng.integers(0, len(vocabulary), int(edits.sum()))]
+    exact = rng.random(rows) < 0.03
+    words[exact] = words[source[exact]]
+    answers = [" ".join(row) for row in words.tolist()]
+    records = [{"messages": [{"role": "user", "content": f"Question {answer[:40]}?"}, {"role": "assistant", "content": answer}]} for answer in answers]
+    canonical_frame(records).write_parquet(path, row_group_size=5_000)  # as a stage input should be: slices read only their groups
+    del pl
+
+
+def dedup_side(side: str, input_path: str, out_dir: str) -> dict:
+    import time
+    from pathlib import Path
+
+    import polars as pl
+
+    from curate.dedup import DedupConfig, deduplicate
+    from curate.engines.local import LocalEngine
+    from curate.stage import StageContext, get_stage
+
+    config = DedupConfig()
+    out = Path(out_dir) / side
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    if side == "in-memory":  # what the stage did before issue 13: collect, decide, join, write
+        frame = pl.read_parquet(input_path).with_row_index("__row")
+        outcome = deduplicate(frame, config)
+        joined = frame.join(outcome.decisions, on="__row", how="left")
+        joined.filter(pl.col("reason").is_null()).write_parquet(out / "data.parquet")
+        joined.filter(pl.col("reason").is_not_null()).write_parquet(out / "dropped.parquet")
+        kept = outcome.report["kept"]
+    else:
+        ctx = StageContext(name="dedup", run_dir=out, stage_dir=out / "dedup", pipeline_dir=out)
+        report = LocalEngine().execute(get_stage("dedup"), config, ctx, Path(input_path), out / "data.parquet", out / "dropped.parquet")
+        kept = report["kept"]
+    return {"side": side, "seconds": time.perf_counter() - start, "kept": kept}
+
+
+def main_dedup(rows: int) -> None:
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    with tempfile.TemporaryDirectory() as folder:
+        input_path = str(Path(folder) / "input.parquet")
+        dedup_corpus(rows, input_path)
+        results = [run_measured(dedup_side, side, input_path, folder) for side in ("in-memory", "out-of-core")]
+    for result in results:
+        print(f"{result['side']:>12}: {result['peak_mb']:7.0f} MB peak, {result['seconds']:6.1f} s, kept {result['kept']} of {rows}")
+    print(f"peak memory ratio (in-memory / out-of-core): {results[0]['peak_mb'] / results[1]['peak_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Peak memory of a stage, before and after (same run).")
+    parser.add_argument("what", choices=["dedup"])
+    parser.add_argument("--rows", type=int, default=100_000)
+    arguments = parser.parse_args()
+    main_dedup(arguments.rows)

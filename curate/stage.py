@@ -162,8 +162,10 @@ def register_stage(
     export=None,
     volatile: bool = False,
     may_add_rows: bool = False,
+    distributed=None,
 ):
-    """Decorator registering a stage function under `type_name` (the YAML `type`)."""
+    """Decorator registering a stage function under `type_name` (the YAML `type`); `distributed` is its
+    Ray Data form, if it has one (see `StageSpec.distributed`)."""
 
     def decorate(function: StageFunction) -> StageFunction:
         if type_name in _REGISTRY and _REGISTRY[type_name].run is not function:
@@ -177,6 +179,7 @@ def register_stage(
             export=export,
             volatile=volatile,
             may_add_rows=may_add_rows,
+            distributed=distributed,
             description=(function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else "",
         )
         return function
