@@ -75,6 +75,8 @@ class Pipeline:
     stages: list[StageEntry]
     source: dict  # the config as written (after defaults), for the manifest and config hash
     path: Path | None = None
+    # `engine:` options (batch_rows): how stages execute, never what they output, so not in `source`.
+    engine_options: dict = field(default_factory=dict)
 
     @property
     def config_hash(self) -> str:
@@ -170,6 +172,7 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
         stages=stages,
         source=source,
         path=path,
+        engine_options=dict(raw.get("engine") or {}),
     )
 
 
@@ -354,6 +357,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
         seed=pipeline.seed,
         progress=lambda message: events.stage_progress(entry.name, message),
         phase_progress=lambda phase, done, total, unit: events.phase_progress(entry.name, phase, done, total, unit),
+        input_schema=dict(pl.scan_parquet(input_path, glob=False).collect_schema()),
     )
     extra_files = entry.spec.extra_inputs(entry.config, ctx) if entry.spec.extra_inputs else []
     extra_fingerprints = {str(p): (file_sha256(p) if Path(p).exists() else "missing") for p in extra_files}
@@ -457,7 +461,7 @@ def run_pipeline(
         remove_leftover_temps(pipeline.run_dir)
         if clean:
             remove_all_recorded(pipeline.run_dir)
-        return _run_locked(pipeline, force, events, report, engine or LocalEngine())
+        return _run_locked(pipeline, force, events, report, engine or LocalEngine(**pipeline.engine_options))
 
 
 def _protected_paths(pipeline: Pipeline) -> list[Path]:

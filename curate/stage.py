@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Protocol
@@ -55,6 +56,19 @@ class StageContext:
     # Counted progress of a long phase: (phase, done, total or None, unit). The CLI turns it into a
     # bar with count, percentage and ETA; the library default is silent. Use `ctx.phase(...)`.
     phase_progress: Callable[[str, int, int | None, str], None] = lambda phase, done, total, unit: None
+    # The input's columns and dtypes (set by the runner): what a row stage's `summarize` compares its
+    # outputs with (e.g. which score columns it added), since it never sees the input itself.
+    input_schema: dict[str, pl.DataType] | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+    _cache_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """`build()` once per stage run, shared by every batch and thread (eval sets, tokenizers): a
+        row-local transform must not reload them per batch."""
+        with self._cache_lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+            return self._cache[key]
 
     def phase(self, name: str, total: int | None = None, unit: str = "rows") -> "Phase":
         """A counted phase (`with ctx.phase("verifying candidate pairs", total=n) as p: p.advance(k)`)."""
@@ -199,6 +213,8 @@ def register_row_stage(
 
     def decorate(transform: BatchFunction) -> BatchFunction:
         def run_whole(frame: pl.LazyFrame, stage_config: Any, ctx: StageContext) -> StageOutput:
+            if ctx.input_schema is None:
+                ctx.input_schema = dict(frame.collect_schema())
             output = transform(frame.collect(), stage_config, ctx)
             kept = output.kept.lazy()
             dropped = output.dropped.lazy() if output.dropped is not None else None
