@@ -125,7 +125,7 @@ class LocalEngine:
             kept_tmp = stack.enter_context(atomic_path(kept_path, suffix=".parquet"))
             dropped_tmp = stack.enter_context(atomic_path(dropped_path, suffix=".parquet"))
             kept, dropped = ParquetAppender(kept_tmp), ParquetAppender(dropped_tmp)
-            phase = stack.enter_context(ctx.phase(spec.type_name, total=total, unit="rows"))
+            phase = stack.enter_context(ctx.phase("transform", total=total, unit="rows"))
             for batch, output in self._transformed(spec, config, ctx, input_path):
                 kept.append(output.kept)
                 if output.dropped is not None:
