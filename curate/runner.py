@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,20 +31,20 @@ import polars as pl
 import yaml
 
 import curate
-from curate.atomic import atomic_path, disk_full_as_error, write_json, write_parquet
-from curate.errors import ConfigError, InputFileError, RunStateError
+from curate.atomic import write_json
+from curate.errors import ConfigError, RunStateError
 from curate.mapping import Mapping
-from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file, path_sha256
+from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, path_sha256
 from curate.engines import Engine
 from curate.engines.local import LocalEngine
 from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
+from curate.stages.ingest import stored_size
 from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, new_generation, remove_all_recorded, remove_leftover_temps, remove_stale
 from safety.redact import redact_value
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, load_schema
 
 INGEST_STAGE = "ingest"
-INGEST_VERSION = "1"
 SUCCESS_FILE = "_SUCCESS.json"
 MANIFEST_FILE = "manifest.json"
 QUARANTINE_FILE = "quarantine.parquet"
@@ -150,13 +149,15 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
             raise ConfigError(f"{label}: stages.{index}.name: {stage_name!r} is used twice (or is reserved); give each stage a unique name")
         seen.add(stage_name)
         spec = get_stage(item["type"])
+        if spec.kind == "source":
+            raise ConfigError(f"{label}: stages.{index}.type: {item['type']!r} always runs first; configure it under `ingest:`")
         config = parse_stage_config(spec, item.get("config"), f"{label}: stages.{index} ({stage_name})")
         stages.append(StageEntry(name=stage_name, type=item["type"], spec=spec, config=config))
     source = {
         "name": name,
         "seed": raw.get("seed", 0),
         "inputs": [_input_source(i) for i in inputs],
-        "ingest": options.__dict__,
+        "ingest": options.model_dump(),
         "stages": [
             {"name": s.name, "type": s.type, "version": s.spec.version, "config": s.config.model_dump(mode="json")}
             for s in stages
@@ -252,10 +253,10 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
     input_records = []
     for path, display, spec in files:
         input_records.append(
-            {"file": display, "format": spec.format, "sha256": file_sha256(path), "bytes": _size(path)}
+            {"file": display, "format": spec.format, "sha256": file_sha256(path), "bytes": stored_size(path)}
         )
     fingerprint = _sha256_text(
-        _canonical_json({"version": INGEST_VERSION, "inputs": pipeline.source["inputs"], "ingest": pipeline.source["ingest"], "files": input_records})
+        _canonical_json({"version": get_stage(INGEST_STAGE).version, "inputs": pipeline.source["inputs"], "ingest": pipeline.source["ingest"], "files": input_records})
     )
     events.stage_started(INGEST_STAGE, INGEST_STAGE)
     cached = None if force else _load_success(stage_dir, fingerprint)
@@ -266,36 +267,19 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
 
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
-    reports: list[FileReport] = []
-    with tempfile.TemporaryDirectory(prefix=".ingest-parts-", dir=stage_dir) as parts_dir, disk_full_as_error(stage_dir):
-        parts = Path(parts_dir)
-        record_parts, quarantine_parts = [], []
-        for file_index, (path, display, spec) in enumerate(files):
-            last_report = None
-            for chunk_index, (batch, report) in enumerate(ingest_file(path, display, spec, pipeline.ingest)):
-                last_report = report
-                if batch.records.height:
-                    part = parts / f"records-{file_index:05d}-{chunk_index:06d}.parquet"
-                    batch.records.write_parquet(part)
-                    record_parts.append(part)
-                if batch.quarantine.height:
-                    part = parts / f"quarantine-{file_index:05d}-{chunk_index:06d}.parquet"
-                    batch.quarantine.write_parquet(part)
-                    quarantine_parts.append(part)
-                events.stage_progress(INGEST_STAGE, f"{display}: {report.rows:,} rows")
-            if last_report.sha256 != input_records[file_index]["sha256"]:
-                # The fingerprint above and the rows just read must describe the same bytes.
-                raise InputFileError(f"{display}: changed while being read; rerun")
-            reports.append(last_report)
-        records = (
-            # diagonal: parts from canonical Parquet inputs may carry score columns the others lack.
-            pl.concat([pl.scan_parquet(part, glob=False) for part in record_parts], how="diagonal_relaxed")
-            if record_parts
-            else pl.LazyFrame(schema=CANONICAL_SCHEMA)
-        )
-        quarantine = pl.scan_parquet(quarantine_parts, glob=False) if quarantine_parts else pl.LazyFrame(schema=QUARANTINE_SCHEMA)
-        write_parquet(records, stage_dir / "data.parquet")
-        write_parquet(quarantine, pipeline.run_dir / QUARANTINE_FILE)
+    ctx = StageContext(
+        name=INGEST_STAGE,
+        run_dir=pipeline.run_dir,
+        stage_dir=stage_dir,
+        pipeline_dir=pipeline.base_dir,
+        seed=pipeline.seed,
+        progress=lambda message: events.stage_progress(INGEST_STAGE, message),
+        phase_progress=lambda phase, done, total, unit: events.phase_progress(INGEST_STAGE, phase, done, total, unit),
+    )
+    reports: list[FileReport] = get_stage(INGEST_STAGE).run(
+        files, pipeline.ingest, ctx, stage_dir / "data.parquet", pipeline.run_dir / QUARANTINE_FILE,
+        expected_sha256=[record["sha256"] for record in input_records],
+    )
 
     rows_in = sum(r.rows for r in reports)
     rows_added = sum(r.rows_added for r in reports)
@@ -314,7 +298,7 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
     record = {
         "name": INGEST_STAGE,
         "type": INGEST_STAGE,
-        "version": INGEST_VERSION,
+        "version": get_stage(INGEST_STAGE).version,
         "fingerprint": fingerprint,
         "output_fingerprint": file_sha256(stage_dir / "data.parquet"),
         "rows_in": rows_in,
@@ -338,12 +322,6 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
     record = {**record, "skipped": False}
     events.stage_finished(INGEST_STAGE, record)
     return record
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: RunEvents, force: bool, engine: Engine) -> dict:

@@ -154,7 +154,8 @@ class StageSpec:
     may_add_rows: bool = False
     description: str = ""
     # "row": `transform` runs per batch (engines stream it: bounded memory, any number of workers) and
-    # `run` is derived from it; "global": `run` sees the whole table and says itself what it collects.
+    # `run` is derived from it; "global": `run` sees the whole table and says itself what it collects;
+    # "source": `run` reads the raw inputs (ingest, register_source_stage), always first, always local.
     kind: str = "global"
     transform: BatchFunction | None = None
     summarize: SummaryFunction | None = None
@@ -235,6 +236,28 @@ def register_row_stage(
             description=(transform.__doc__ or "").strip().splitlines()[0] if transform.__doc__ else "",
         )
         return transform
+
+    return decorate
+
+
+def register_source_stage(type_name: str, *, config: type[StageConfig], version: str = "1"):
+    """Decorator registering a source stage: it reads the pipeline's raw inputs (not an earlier stage's
+    rows) and the runner starts every run with it (`ingest`). Its function is
+    `read(files, config, ctx, records_path, quarantine_path, expected_sha256) -> per-file reports`;
+    it writes both Parquet files atomically and reports bytes read through `ctx.phase`."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        if type_name in _REGISTRY and _REGISTRY[type_name].run is not function:
+            raise RuntimeError(f"stage type {type_name!r} registered twice")
+        _REGISTRY[type_name] = StageSpec(
+            type_name=type_name,
+            run=function,
+            config_model=config,
+            version=version,
+            kind="source",
+            description=(function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else "",
+        )
+        return function
 
     return decorate
 

@@ -140,3 +140,23 @@ def test_batch_rows_must_be_a_positive_integer(tmp_path, batch_rows):
     write_rows(tmp_path, count=3)
     with pytest.raises(ConfigError, match="engine.batch_rows"):
         run_pipeline(write_pipeline(tmp_path, [{"type": "tag"}], batch_rows, "run"), report=False)
+
+
+def test_ingest_reports_bytes_read_ending_at_the_inputs_size(tmp_path):
+    write_rows(tmp_path, count=40)
+    calls: list[tuple] = []
+    run_pipeline(write_pipeline(tmp_path, [], None, "run"), events=RunEvents(phase_progress=lambda *call: calls.append(call)), report=False)
+    counted = [(phase, done, total, unit) for stage, phase, done, total, unit in calls if stage == "ingest"]
+    size = (tmp_path / "chats.jsonl").stat().st_size
+    assert counted[0] == ("reading inputs", 0, size, "bytes") and counted[-1] == ("reading inputs", size, size, "bytes")
+    assert [done for _, done, _, _ in counted] == sorted(done for _, done, _, _ in counted)
+
+
+def test_ingest_is_a_registered_stage_that_cannot_be_listed_among_the_stages(tmp_path):
+    from curate.errors import ConfigError
+    from curate.stage import get_stage
+
+    assert get_stage("ingest").kind == "source"
+    write_rows(tmp_path, count=3)
+    with pytest.raises(ConfigError, match=r"stages\.0\.type: 'ingest' always runs first; configure it under `ingest:`"):
+        run_pipeline(write_pipeline(tmp_path, [{"name": "again", "type": "ingest"}], None, "run"), report=False)
