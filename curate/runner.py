@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jsonschema
+from pydantic import ValidationError
 import polars as pl
 import yaml
 
 import curate
 from curate.atomic import write_json
 from curate.errors import ConfigError, RunStateError
+from curate.manifest import IngestRecord, Manifest, PipelineInfo, StageRecord, accounting, parse_record
 from curate.mapping import Mapping
 from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, path_sha256
 from curate.engines import Engine
@@ -232,19 +234,30 @@ def _parquet_rows(path: Path) -> int:
     return pl.scan_parquet(path, glob=False).select(pl.len()).collect().item()
 
 
-def _load_success(stage_dir: Path, fingerprint: str) -> dict | None:
+def _load_success(stage_dir: Path, fingerprint: str) -> StageRecord | None:
     marker = stage_dir / SUCCESS_FILE
     if not marker.is_file() or not (stage_dir / "data.parquet").is_file():
         return None
     try:
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError):
+        record = parse_record(json.loads(marker.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, OSError, ValidationError):
+        return None  # damaged or from an older layout: recompute
+    if record.fingerprint != fingerprint:
         return None
-    if record.get("fingerprint") != fingerprint:
-        return None
-    if record.get("output_fingerprint") != file_sha256(stage_dir / "data.parquet"):
+    if record.output_fingerprint != file_sha256(stage_dir / "data.parquet"):
         return None  # the output was touched since: recompute rather than trust it
     return record
+
+
+def _finished(events: RunEvents, record: StageRecord, skipped: bool) -> StageRecord:
+    """The record as this run sees it (cached or not), announced to the display."""
+    record = record.model_copy(update={"skipped": skipped})
+    events.stage_finished(record.name, record.as_dict())
+    return record
+
+
+def _store(stage_dir: Path, record: StageRecord) -> None:
+    write_json(stage_dir / SUCCESS_FILE, redact_value(record.as_dict()))  # credentials in configs/reports never persist
 
 
 def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
@@ -261,9 +274,7 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
     events.stage_started(INGEST_STAGE, INGEST_STAGE)
     cached = None if force else _load_success(stage_dir, fingerprint)
     if cached is not None and (pipeline.run_dir / QUARANTINE_FILE).is_file():
-        cached = {**cached, "skipped": True}
-        events.stage_finished(INGEST_STAGE, cached)
-        return cached
+        return _finished(events, cached, skipped=True)
 
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +292,13 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
         expected_sha256=[record["sha256"] for record in input_records],
     )
 
+    record = _ingest_record(pipeline, fingerprint, input_records, reports, time.perf_counter() - started)
+    _store(stage_dir, record)
+    return _finished(events, record, skipped=False)
+
+
+def _ingest_record(pipeline: Pipeline, fingerprint: str, input_records: list[dict], reports: list[FileReport], seconds: float) -> IngestRecord:
+    stage_dir = pipeline.run_dir / INGEST_STAGE
     rows_in = sum(r.rows for r in reports)
     rows_added = sum(r.rows_added for r in reports)
     kept = _parquet_rows(stage_dir / "data.parquet")
@@ -288,45 +306,38 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
     if kept + quarantined != rows_in + rows_added:
         raise AssertionError(f"ingest lost rows: read {rows_in} (+{rows_added} exploded), kept {kept}, quarantined {quarantined}")
     repairs: dict[str, int] = {}
+    reasons: dict[str, int] = {}
     for report in reports:
         for name, count in report.repairs.as_dict().items():
             repairs[name] = repairs.get(name, 0) + count
-    reasons: dict[str, int] = {}
-    for report in reports:
         for reason, count in report.quarantine_reasons.items():
             reasons[reason] = reasons.get(reason, 0) + count
-    record = {
-        "name": INGEST_STAGE,
-        "type": INGEST_STAGE,
-        "version": get_stage(INGEST_STAGE).version,
-        "fingerprint": fingerprint,
-        "output_fingerprint": file_sha256(stage_dir / "data.parquet"),
-        "rows_in": rows_in,
-        "rows_out": kept,
-        "rows_dropped": 0,
-        "rows_quarantined": quarantined,
-        "dropped_by_reason": {},
-        "quarantined_by_reason": dict(sorted(reasons.items())),
+    return IngestRecord(
+        name=INGEST_STAGE,
+        type=INGEST_STAGE,
+        version=get_stage(INGEST_STAGE).version,
+        fingerprint=fingerprint,
+        output_fingerprint=file_sha256(stage_dir / "data.parquet"),
+        rows_in=rows_in,
+        rows_out=kept,
+        rows_quarantined=quarantined,
+        quarantined_by_reason=dict(sorted(reasons.items())),
         # Present only when a mapping changed rows, so manifests of plain inputs read as before.
-        **({"rows_added": rows_added} if rows_added else {}),
-        **({"repairs": dict(sorted(repairs.items()))} if repairs else {}),
-        "seconds": round(time.perf_counter() - started, 3),
-        "files": [
+        rows_added=rows_added or None,
+        repairs=dict(sorted(repairs.items())) or None,
+        seconds=round(seconds, 3),
+        files=[
             {**inp, **{"rows": r.rows, "kept": r.kept, "quarantined": r.quarantined, "blank_lines": r.blank_lines, "format": r.format},
              **({"repairs": r.repairs.as_dict()} if r.repairs.as_dict() else {}), **({"rows_added": r.rows_added} if r.rows_added else {})}
             for inp, r in zip(input_records, reports)
         ],
-        "report": dict(sorted(repairs.items())),  # the mapping's repairs: shown in the summary and report
-    }
-    write_json(stage_dir / SUCCESS_FILE, redact_value(record))  # credentials in configs/reports never persist
-    record = {**record, "skipped": False}
-    events.stage_finished(INGEST_STAGE, record)
-    return record
+        report=dict(sorted(repairs.items())),  # the mapping's repairs: shown in the summary and report
+    )
 
 
-def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: RunEvents, force: bool, engine: Engine) -> dict:
+def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: StageRecord, events: RunEvents, force: bool, engine: Engine) -> StageRecord:
     stage_dir = pipeline.run_dir / entry.name
-    input_path = pipeline.run_dir / previous["name"] / "data.parquet"
+    input_path = pipeline.run_dir / previous.name / "data.parquet"
     ctx = StageContext(
         name=entry.name,
         run_dir=pipeline.run_dir,
@@ -345,7 +356,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
                 "type": entry.type,
                 "version": entry.spec.version,
                 "config": entry.config.model_dump(mode="json"),
-                "input": previous["output_fingerprint"],
+                "input": previous.output_fingerprint,
                 "extra_inputs": extra_fingerprints,
                 "seed": pipeline.seed,
             }
@@ -358,9 +369,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
             # Exports (split datasets) live outside the stage folder and may have been deleted or
             # edited; rewriting them from the cached data is cheap and gives the same bytes.
             entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet", glob=False), entry.config, ctx)
-        cached = {**cached, "skipped": True}
-        events.stage_finished(entry.name, cached)
-        return cached
+        return _finished(events, cached, skipped=True)
 
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -368,7 +377,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
     report = engine.execute(
         entry.spec, entry.config, ctx, input_path, stage_dir / "data.parquet", stage_dir / "dropped.parquet"
     )
-    rows_in = previous["rows_out"]
+    rows_in = previous.rows_out
     rows_out = _parquet_rows(stage_dir / "data.parquet")
     dropped_frame = pl.scan_parquet(stage_dir / "dropped.parquet", glob=False)
     rows_dropped = dropped_frame.select(pl.len()).collect().item()
@@ -384,24 +393,22 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
     )
     if entry.spec.export is not None:
         report.update(entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet", glob=False), entry.config, ctx) or {})
-    record = {
-        "name": entry.name,
-        "type": entry.type,
-        "version": entry.spec.version,
-        "fingerprint": fingerprint,
-        "output_fingerprint": file_sha256(stage_dir / "data.parquet"),
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_dropped": rows_dropped,
-        "rows_added": rows_added,
-        "dropped_by_reason": {reason: count for reason, count in by_reason},
-        "seconds": round(time.perf_counter() - started, 3),
-        "report": report,
-    }
-    write_json(stage_dir / SUCCESS_FILE, redact_value(record))  # credentials in configs/reports never persist
-    record = {**record, "skipped": False}
-    events.stage_finished(entry.name, record)
-    return record
+    record = StageRecord(
+        name=entry.name,
+        type=entry.type,
+        version=entry.spec.version,
+        fingerprint=fingerprint,
+        output_fingerprint=file_sha256(stage_dir / "data.parquet"),
+        rows_in=rows_in,
+        rows_out=rows_out,
+        rows_dropped=rows_dropped,
+        rows_added=rows_added,
+        dropped_by_reason={reason: count for reason, count in by_reason},
+        seconds=round(time.perf_counter() - started, 3),
+        report=report,
+    )
+    _store(stage_dir, record)
+    return _finished(events, record, skipped=False)
 
 
 def _versions() -> dict[str, str]:
@@ -474,48 +481,24 @@ def _write_report(run_dir: Path) -> None:
     write_report(run_dir)
 
 
-def build_manifest(pipeline: Pipeline, records: list[dict], seconds: float) -> dict:
-    ingest = records[0]
-    final = records[-1]
-    dropped_total = sum(r["rows_dropped"] for r in records[1:])
-    added_total = sum(r.get("rows_added", 0) for r in records)  # ingest adds rows when answers explode
-    quarantined = ingest["rows_quarantined"]
-    rows_in = ingest["rows_in"]
-    reconciled = rows_in + added_total == final["rows_out"] + dropped_total + quarantined
-    if not reconciled:
-        raise AssertionError(
-            f"row accounting does not reconcile: in {rows_in} + added {added_total} != kept {final['rows_out']} + dropped {dropped_total} + quarantined {quarantined}"
-        )
-    stages = []
-    for record in records:
-        stages.append({key: value for key, value in record.items() if key not in ("files",)})
+def build_manifest(pipeline: Pipeline, records: list[StageRecord], seconds: float) -> dict:
+    manifest = Manifest(
+        pipeline=PipelineInfo(
+            name=pipeline.name,
+            path=str(pipeline.path) if pipeline.path else None,
+            config_hash=pipeline.config_hash,
+            config=pipeline.source,
+        ),
+        run_dir=str(pipeline.run_dir),
+        versions=_versions(),
+        inputs=records[0].files if isinstance(records[0], IngestRecord) else [],
+        stages=[{key: value for key, value in record.as_dict().items() if key != "files"} for record in records],
+        accounting=accounting(records),
+        final_stage=records[-1].name,
+        seconds=round(seconds, 3),
+    )
     # Shown and persisted, so credentials (a URL with user:pass@) go; the config hash is of the real config.
-    return redact_value({
-        "pipeline": {
-            "name": pipeline.name,
-            "path": str(pipeline.path) if pipeline.path else None,
-            "config_hash": pipeline.config_hash,
-            "config": pipeline.source,
-        },
-        "run_dir": str(pipeline.run_dir),
-        "versions": _versions(),
-        "inputs": ingest.get("files", []),
-        "stages": stages,
-        "accounting": {
-            "rows_in": rows_in,
-            "rows_added": added_total,
-            "kept": final["rows_out"],
-            "dropped": dropped_total,
-            "quarantined": quarantined,
-            "dropped_by_stage_reason": {
-                r["name"]: r["dropped_by_reason"] for r in records[1:] if r["rows_dropped"]
-            },
-            "quarantined_by_reason": ingest["quarantined_by_reason"],
-            "reconciled": reconciled,
-        },
-        "final_stage": final["name"],
-        "seconds": round(seconds, 3),
-    })
+    return redact_value(manifest.as_dict())
 
 
 def load_manifest(run_dir: str | Path) -> dict:
