@@ -160,3 +160,29 @@ def test_ingest_is_a_registered_stage_that_cannot_be_listed_among_the_stages(tmp
     write_rows(tmp_path, count=3)
     with pytest.raises(ConfigError, match=r"stages\.0\.type: 'ingest' always runs first; configure it under `ingest:`"):
         run_pipeline(write_pipeline(tmp_path, [{"name": "again", "type": "ingest"}], None, "run"), report=False)
+
+
+def test_the_documented_batch_rows_default_is_the_engines():
+    from curate.engines.local import DEFAULT_BATCH_ROWS
+    from schemas import load_schema
+
+    assert load_schema("pipeline")["properties"]["engine"]["properties"]["batch_rows"]["default"] == DEFAULT_BATCH_ROWS
+
+
+def test_the_live_view_shows_a_bar_per_phase_with_count_percentage_and_eta():
+    from rich.console import Console
+
+    from curate.display import PhaseBars
+
+    bars = PhaseBars()
+    bars.update("tag", "transform", 0, 1000, "rows")
+    bars.update("tag", "transform", 400, 1000, "rows")
+    bars.update("ingest", "reading [bold]inputs", 3_000_000, 10_000_000, "bytes")
+    console = Console(width=140, record=True, force_terminal=False)
+    console.print(bars.progress)
+    text = console.export_text()
+    assert "tag: transform" in text and "400/1,000 rows" in text and "40%" in text and "-:--:--" in text
+    assert "ingest: reading [bold]inputs" in text and "3.0 MB/10.0 MB" in text and "30%" in text  # no markup
+    bars.finish_stage("tag")
+    console.print(bars.progress)
+    assert "tag: transform" not in console.export_text()
