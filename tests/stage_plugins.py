@@ -61,6 +61,8 @@ def _min_length_summary(kept: pl.LazyFrame, dropped: pl.LazyFrame, config: MinLe
 def min_length_rows(batch: pl.DataFrame, config: MinLengthConfig, ctx) -> BatchOutput:
     """min_length as a row-local stage."""
     BATCH_HEIGHTS.append(batch.height)
+    if os.environ.get("CRASH_STAGE") == ctx.name and len(BATCH_HEIGHTS) > 2:
+        raise RuntimeError("simulated crash in a later batch")
     tagged = batch.with_columns(_assistant_chars().alias("chars"))
     short = pl.col("chars") < config.min_chars
     return BatchOutput(kept=tagged.filter(~short), dropped=drop_rows(tagged.lazy().filter(short), ctx.name, "too_short").collect())

@@ -186,3 +186,18 @@ def test_the_live_view_shows_a_bar_per_phase_with_count_percentage_and_eta():
     bars.finish_stage("tag")
     console.print(bars.progress)
     assert "tag: transform" not in console.export_text()
+
+
+def test_a_crash_in_a_later_batch_leaves_no_partial_output_and_rerun_resumes(tmp_path, monkeypatch):
+    write_rows(tmp_path, count=50)
+    stages = [{"name": "length", "type": "stage_plugins:min_length_rows", "config": {"min_chars": 10}}]
+    pipeline = write_pipeline(tmp_path, stages, 7, "run")
+    stage_plugins.BATCH_HEIGHTS.clear()
+    monkeypatch.setenv("CRASH_STAGE", "length")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pipeline(pipeline, report=False)
+    assert sorted(path.name for path in (tmp_path / "run" / "length").iterdir()) == []  # no partial or temp file
+    monkeypatch.delenv("CRASH_STAGE")
+    result = run_pipeline(pipeline, report=False)
+    assert [record.get("skipped") for record in result.manifest["stages"]] == [True, False]
+    assert result.manifest["accounting"]["reconciled"]

@@ -53,6 +53,12 @@ class ParquetAppender:
             self._schema = table.schema
             self._writer = pq.ParquetWriter(self.path, self._schema, compression="zstd")
         elif table.schema != self._schema:
+            if sorted(table.schema.names) != sorted(self._schema.names):
+                # A column only some batches carry would be lost or misaligned: a bug in the stage.
+                raise ValueError(
+                    f"{self.path.name}: a batch's columns {sorted(table.schema.names)} differ from the first batch's "
+                    f"{sorted(self._schema.names)}; a row-local stage must output the same columns for every batch"
+                )
             table = table.select(self._schema.names).cast(self._schema)
         if table.num_rows == 0:
             return
