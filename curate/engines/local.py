@@ -132,29 +132,31 @@ class LocalEngine:
             dropped_tmp = stack.enter_context(atomic_path(dropped_path, suffix=".parquet"))
             kept, dropped = ParquetAppender(kept_tmp), ParquetAppender(dropped_tmp)
             phase = stack.enter_context(ctx.phase("transform", total=total, unit="rows"))
-            for batch, output in self._transformed(spec, config, ctx, input_path):
+            for rows_read, output in self._transformed(spec, config, ctx, input_path):
                 kept.append(output.kept)
                 if output.dropped is not None:
                     dropped.append(output.dropped)
-                phase.advance(batch.height)
+                phase.advance(rows_read)
             kept.close(fallback_schema=dict(ctx.input_schema or CANONICAL_SCHEMA))
             dropped.close(fallback_schema=empty_dropped_schema())
         if spec.summarize is None:
             return {}
         return dict(spec.summarize(pl.scan_parquet(kept_path, glob=False), pl.scan_parquet(dropped_path, glob=False), config, ctx))
 
-    def _transformed(self, spec: StageSpec, config: Any, ctx: StageContext, input_path: Path) -> Iterator[tuple[pl.DataFrame, BatchOutput]]:
-        """(batch, transform(batch)) in input order, with at most `workers + 1` batches in flight."""
+    def _transformed(self, spec: StageSpec, config: Any, ctx: StageContext, input_path: Path) -> Iterator[tuple[int, BatchOutput]]:
+        """(batch rows, transform(batch)) in input order, with at most `workers + 1` batches in flight (a
+        batch is released once transformed: only its row count is kept)."""
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"curate-{ctx.name}") as pool:
             in_flight: deque = deque()
             for batch in read_batches(input_path, self.batch_rows):
-                in_flight.append((batch, pool.submit(spec.transform, batch, config, ctx)))
+                in_flight.append((batch.height, pool.submit(spec.transform, batch, config, ctx)))
+                del batch
                 if len(in_flight) > self.workers:
-                    batch_done, future = in_flight.popleft()
-                    yield batch_done, future.result()
+                    rows_read, future = in_flight.popleft()
+                    yield rows_read, future.result()
             while in_flight:
-                batch_done, future = in_flight.popleft()
-                yield batch_done, future.result()
+                rows_read, future = in_flight.popleft()
+                yield rows_read, future.result()
 
     def close(self) -> None:
         pass
