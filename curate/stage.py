@@ -70,6 +70,14 @@ class StageContext:
                 self._cache[key] = build()
             return self._cache[key]
 
+    def __getstate__(self) -> dict:
+        # Shipped to other processes (Ray workers) without the lock and the cache: each process builds
+        # its own cached resources once.
+        return {key: value for key, value in self.__dict__.items() if key not in ("_cache", "_cache_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _cache={}, _cache_lock=threading.Lock())
+
     def phase(self, name: str, total: int | None = None, unit: str = "rows") -> "Phase":
         """A counted phase (`with ctx.phase("verifying candidate pairs", total=n) as p: p.advance(k)`)."""
         return Phase(name, total, unit, self.phase_progress)

@@ -201,3 +201,15 @@ def test_a_crash_in_a_later_batch_leaves_no_partial_output_and_rerun_resumes(tmp
     result = run_pipeline(pipeline, report=False)
     assert [record.get("skipped") for record in result.manifest["stages"]] == [True, False]
     assert result.manifest["accounting"]["reconciled"]
+
+
+def test_a_stage_context_travels_to_another_process_and_caches_there_afresh(tmp_path):
+    import pickle
+
+    from curate.stage import StageContext
+
+    ctx = StageContext(name="tag", run_dir=tmp_path, stage_dir=tmp_path / "tag", pipeline_dir=tmp_path, progress=print, phase_progress=print)
+    assert ctx.cached("items", lambda: [1, 2]) == [1, 2]
+    copy = pickle.loads(pickle.dumps(ctx))
+    assert copy.name == "tag" and copy.stage_dir == tmp_path / "tag"
+    assert copy.cached("items", lambda: ["rebuilt"]) == ["rebuilt"]
