@@ -22,12 +22,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.atomic import atomic_path
+from curate.atomic import ROW_GROUP_ROWS, atomic_path
 from curate.stage import BatchOutput, StageContext, StageSpec
 from schemas import CANONICAL_SCHEMA
 
 DEFAULT_BATCH_ROWS = 10_000  # tag holds ~25 KB per 1 KB chat record of a batch: ~250 MB per batch in flight
-ROW_GROUP_ROWS = 65_536  # fixed, so the bytes written do not depend on the batch size
 WORKERS = 2  # the transforms are Polars-heavy and release the GIL; more threads only add memory
 
 
@@ -115,8 +114,8 @@ class LocalEngine:
             # One execution for both sinks: the shared upstream plan is computed once, streaming.
             pl.collect_all(
                 [
-                    output.kept.sink_parquet(kept_tmp, lazy=True, compression="zstd"),
-                    dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd"),
+                    output.kept.sink_parquet(kept_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
+                    dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
                 ],
                 engine="streaming",
             )
