@@ -122,6 +122,15 @@ def test_a_tolerance_that_cannot_be_met_keeps_the_current_adapter_and_a_rerun_do
     assert not (state / "gen-0004").exists() and (state / "current.json").read_bytes() == before
 
 
+def test_a_promotion_cut_short_by_a_kill_is_finished_by_the_next_run(refreshed, capsys):
+    # killed after gen 2's decision.json, before current.json moved: current still names gen 1
+    state = refreshed["state"]
+    promoted = (state / "current.json").read_bytes()
+    (state / "current.json").write_text(json.dumps(refreshed["current_after_gen1"]))
+    assert _refresh(refreshed, FIXTURES / "batch3.jsonl", "--tolerance", "-100") == 3  # gen 3: done, nothing new
+    assert (state / "current.json").read_bytes() == promoted and not (state / "gen-0004").exists()
+
+
 def test_a_generation_that_failed_resumes_and_another_request_waits_for_it(refreshed, tmp_path, capsys):
     """A refresh that failed in training is rerun with its finished steps skipped; a different request
     is refused until the unfinished generation is finished or discarded."""

@@ -366,13 +366,24 @@ def refresh(request: RefreshRequest, console=None) -> dict:
     state = claim_dir(request.state_dir, "train", "refresh-state", [request.pipeline, request.train_config, *files], option="--state")
     with exclusive_lock(state, "train refresh"):
         remove_leftover_temps(state)
+        _reconcile_current(state)
         number, finished = _choose_generation(state, asked, request.discard_unfinished)
         gen = _gen_dir(state, number)
         if finished:
-            decision, trained = _read_json(gen / "decision.json"), _read_json(gen / "trained.json")
-            _apply(state, gen, decision, trained)
+            decision = _read_json(gen / "decision.json")
             return {**(_read_json(gen / "report.json") or {"decision": decision}), "already_done": True}
         return {**_run_generation(request, state, number, asked, console), "already_done": False}
+
+
+def _reconcile_current(state: Path) -> None:
+    """A run killed between its decision and current.json left the promotion half done: finish it
+    (the newest promoted generation is current), before anything reads current.json."""
+    for number in reversed(_generations(state)):
+        gen = _gen_dir(state, number)
+        decision = _read_json(gen / "decision.json")
+        if decision is not None and decision.get("promoted"):
+            _apply(state, gen, decision, _read_json(gen / "trained.json"))
+            return
 
 
 def _run_generation(request: RefreshRequest, state: Path, number: int, asked: dict, console) -> dict:
