@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Curate a new batch with PIPELINE (deduplicated against everything curated before; earlier rows and prompts keep "
         "their split), continue the current adapter on it with replay of the previous train split, compare new and current adapter on "
         "the previous and the new validation set (and eval.general_set), and promote the new one only if its loss on the previous "
-        "validation set is not worse by more than --tolerance. Resumable: rerun the same command after a kill. Exit 0: promoted (or "
-        "already done); 3: not promoted (current.json unchanged); 2: an error.",
+        "validation set is not worse by more than --tolerance. Resumable: rerun the same command after a kill; a rerun of a finished "
+        "refresh changes nothing. Exit 0: promoted; 3: not promoted (current.json unchanged); 2: an error.",
     )  # fmt: skip
     p.add_argument("--pipeline", required=True, help="curate pipeline YAML with a dedup and a split stage (its inputs are replaced by --new)")
     p.add_argument("--train", dest="train_config", required=True, help="training config YAML (model, LoRA, optim; data.split_dir and output_dir are set by refresh)")
