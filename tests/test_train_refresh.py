@@ -91,6 +91,7 @@ def test_a_duplicate_of_generation_1_data_is_dropped_as_earlier_data(refreshed):
     assert dropped.select("reason", "duplicate_of").rows() == [("exact_duplicate", original["id"][0])]
     report = _json(state / "gen-0002" / "report.json")
     assert report["batch"]["duplicates_of_earlier_data"] == 1
+    assert report["batch"]["dropped"] == [{"stage": "dedup", "reason": "exact_duplicate", "rows": 1}]
     assert report["batch"]["rows_in"] == 38 and report["batch"]["kept"] == 37
     # the duplicate is not trained on again: gen 2's own rows are only the kept new ones
     assert sum(report["splits"]["this batch (trained on)"].values()) == 37

@@ -265,14 +265,21 @@ def cmd_refresh(args) -> int:
 
 
 def _print_refresh_report(report: dict) -> None:
+    from train.refresh import SPLIT_ROWS
+
     batch = report["batch"]
     table = Table(title=f"refresh, generation {report['generation']}: the new batch", show_header=False)
     for key in ("rows_in", "quarantined", "kept", "duplicates_of_earlier_data"):
         table.add_row(key.replace("_", " "), str(batch[key]))
-    for where, count in batch["dropped"].items():
-        table.add_row(f"dropped, {where}", str(count))
-    for name, counts in report["splits"].items():
-        table.add_row(f"sft rows, {name}", " / ".join(f"{split} {counts[split]}" for split in ("train", "validation", "test")))
+    by_stage: dict[str, list[tuple[str, int]]] = {}  # one line per stage; report.md lists every reason
+    for dropped in batch["dropped"]:
+        by_stage.setdefault(dropped["stage"], []).append((dropped["reason"], dropped["rows"]))
+    for stage, reasons in by_stage.items():
+        reasons.sort(key=lambda item: -item[1])
+        shown = ", ".join(f"{reason} {count}" for reason, count in reasons[:3]) + (", ..." if len(reasons) > 3 else "")
+        table.add_row(f"dropped by {stage}", f"{sum(count for _, count in reasons)} ({shown})")
+    for name in SPLIT_ROWS:
+        table.add_row(f"sft rows, {name}", " / ".join(f"{split} {report['splits'][name][split]}" for split in ("train", "validation", "test")))
     training = report["training"]
     table.add_row("trained", f"{training['steps']} steps from {training['init_adapter'] or 'the base model'}, {training['replayed_rows']} rows replayed")
     console.print(table)

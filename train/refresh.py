@@ -48,6 +48,7 @@ CURRENT = "current.json"
 GENERATION_PREFIX = "gen-"
 NOT_PROMOTED_EXIT = 3  # `train refresh` exit status when the new adapter is kept out (not an error)
 SPLITS = ("train", "validation", "test")
+SPLIT_ROWS = ("this batch (trained on)", "all data so far")  # the report's split-size rows
 
 
 @dataclass
@@ -318,13 +319,14 @@ def _split_counts(folder: Path) -> dict:
 def build_report(number: int, tree: dict, gen: Path, parent_run: Path | None, manifest: dict, counts: dict,
                  trained: dict, evaluation: dict | None, decision: dict) -> dict:  # fmt: skip
     stages = manifest["stages"]
-    dropped = {f"{s['name']}: {reason}": n for s in stages[1:] for reason, n in (s.get("dropped_by_reason") or {}).items()}
+    # a list, in pipeline order (report.json's keys are sorted)
+    dropped = [{"stage": s["name"], "reason": reason, "rows": n} for s in stages[1:] for reason, n in (s.get("dropped_by_reason") or {}).items()]
     replay = trained.get("replay") or {}
     return {
         "generation": number,
         "batch": {"rows_in": stages[0]["rows_in"], "quarantined": stages[0].get("rows_quarantined", 0), "kept": stages[-1]["rows_out"],
                   "dropped": dropped, "duplicates_of_earlier_data": _earlier_duplicates(tree, gen / "curate", parent_run)},
-        "splits": {"this batch (trained on)": counts, "all data so far": _split_counts(gen / "curate" / "sft")},
+        "splits": dict(zip(SPLIT_ROWS, (counts, _split_counts(gen / "curate" / "sft")))),
         "training": {"steps": trained["steps"], "init_adapter": trained.get("init_adapter"), "adapter": trained["adapter"],
                      "replayed_rows": replay.get("rows_replayed", 0), "replay_split": replay.get("split_dir"),
                      **{k: v for k, v in (trained.get("final") or {}).items() if k in ("base_loss", "adapter_loss")}},
@@ -338,9 +340,9 @@ def report_markdown(report: dict) -> str:
     lines = [f"# Refresh, generation {report['generation']}", "", "## New batch", "",
              f"- rows in: {batch['rows_in']}; quarantined: {batch['quarantined']}; kept: {batch['kept']}",
              f"- duplicates of earlier data: {batch['duplicates_of_earlier_data']}"]  # fmt: skip
-    lines += [f"- dropped, {where}: {n}" for where, n in batch["dropped"].items()]
+    lines += [f"- dropped by {d['stage']}, {d['reason']}: {d['rows']}" for d in batch["dropped"]]
     lines += ["", "## Splits (sft rows)", "", "| rows | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
-    lines += [f"| {name} | " + " | ".join(str(c[s]) for s in SPLITS) + " |" for name, c in report["splits"].items()]
+    lines += [f"| {name} | " + " | ".join(str(report["splits"][name][s]) for s in SPLITS) + " |" for name in SPLIT_ROWS]
     training = report["training"]
     lines += ["", "## Training", "", f"- steps: {training['steps']}; from: {training['init_adapter'] or 'the base model'}",
               f"- replayed rows: {training['replayed_rows']} (from {training['replay_split'] or 'none'})", f"- adapter: {training['adapter']}"]  # fmt: skip
