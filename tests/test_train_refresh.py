@@ -148,3 +148,18 @@ def test_a_generation_that_failed_resumes_and_another_request_waits_for_it(refre
     assert _refresh(ctx, FIXTURES / "batch2.jsonl", "--discard-unfinished") == 0
     assert _json(state / "current.json")["generation"] == 1
     assert list(_json(state / "gen-0001" / "request.json")["inputs"]) == [str((FIXTURES / "batch2.jsonl").resolve())]
+
+
+def test_a_pipeline_refresh_cannot_chain_is_a_one_line_error(refreshed, tmp_path, capsys):
+    tree = yaml.safe_load((FIXTURES / "pipeline.yaml").read_text())
+    no_split = tmp_path / "no_split.yaml"
+    no_split.write_text(yaml.safe_dump({**tree, "stages": tree["stages"][:1]}))
+    bad_stage = tmp_path / "bad_stage.yaml"
+    bad_stage.write_text(yaml.safe_dump({**tree, "stages": [{"type": "dedup", "config": {"threshold": 7}}, tree["stages"][1]]}))
+    for pipeline, expected in ((no_split, "needs a dedup stage and exactly one split stage"), (bad_stage, "threshold")):
+        argv = ["refresh", "--pipeline", str(pipeline), "--train", str(refreshed["config"]),
+                "--new", str(FIXTURES / "batch1.jsonl"), "--state", str(tmp_path / "state")]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "state").exists()  # refused before any state was written

@@ -40,6 +40,7 @@ import yaml
 
 from curate.atomic import atomic_dir, write_json, write_parquet, write_text
 from curate.errors import CurateError
+from curate.runner import file_sha256
 from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, record, recorded, remove_leftover_temps, remove_recorded
 from train.errors import DataError, TrainConfigError, TrainError
@@ -64,14 +65,6 @@ class RefreshRequest:
 
 
 DEFAULT_REPLAY = 0.2
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict | None:
@@ -132,9 +125,9 @@ def _input_files(tree: dict, base: Path) -> list[Path]:
 def _fingerprint(request: RefreshRequest, files: list[Path]) -> dict:
     """What this refresh was asked to do; a rerun with the same fingerprint resumes or does nothing."""
     asked = {
-        "pipeline": str(request.pipeline), "pipeline_sha256": _sha256(request.pipeline),
-        "train_config": str(request.train_config), "train_config_sha256": _sha256(request.train_config),
-        "inputs": {str(p): _sha256(p) for p in files},
+        "pipeline": str(request.pipeline), "pipeline_sha256": file_sha256(request.pipeline),
+        "train_config": str(request.train_config), "train_config_sha256": file_sha256(request.train_config),
+        "inputs": {str(p): file_sha256(p) for p in files},
         "overrides": {k: request.overrides[k] for k in sorted(request.overrides)},
         "tolerance": request.tolerance, "replay": request.replay,
     }  # fmt: skip
@@ -187,11 +180,7 @@ def _curate(tree: dict, request: RefreshRequest, gen: Path, console) -> dict:
 
     if console is not None:
         console.print(f"curating the new batch into {gen / 'curate'}")
-    try:
-        result = run_pipeline(tree, run_dir=gen / "curate", base_dir=request.pipeline.parent)
-    except CurateError as error:
-        raise TrainError(str(error)) from None
-    return result.manifest
+    return run_pipeline(tree, run_dir=gen / "curate", base_dir=request.pipeline.parent).manifest
 
 
 def _own_rows(run: Path, split_stage: str, gen: Path) -> dict:
@@ -356,7 +345,15 @@ def report_markdown(report: dict) -> str:
 
 # -------------------------------------------------------------------------------------------- main
 def refresh(request: RefreshRequest, console=None) -> dict:
-    """Run (or resume, or find already done) one refresh; returns its report (with `already_done`)."""
+    """Run (or resume, or find already done) one refresh; returns its report (with `already_done`).
+    Errors are TrainError / SafetyError with one-line messages (curate's own errors included)."""
+    try:
+        return _refresh(request, console)
+    except CurateError as error:  # a bad pipeline or batch: the same one line `curate run` would print
+        raise TrainError(str(error)) from None
+
+
+def _refresh(request: RefreshRequest, console) -> dict:
     request.pipeline, request.train_config = Path(request.pipeline).resolve(), Path(request.train_config).resolve()
     if not request.train_config.is_file():
         raise TrainConfigError(f"{request.train_config}: --train config file not found")
