@@ -148,6 +148,11 @@ def test_a_generation_that_failed_resumes_and_another_request_waits_for_it(refre
     assert _refresh(ctx, FIXTURES / "batch2.jsonl", "--discard-unfinished") == 0
     assert _json(state / "current.json")["generation"] == 1
     assert list(_json(state / "gen-0001" / "request.json")["inputs"]) == [str((FIXTURES / "batch2.jsonl").resolve())]
+    # the same batch again (another request): nothing new survives dedup, so nothing is trained or promoted
+    assert _refresh(ctx, FIXTURES / "batch2.jsonl", "--tolerance", "1") == 3
+    assert "no sft rows" in capsys.readouterr().out
+    assert _json(state / "current.json")["generation"] == 1 and not (state / "gen-0002" / "train").exists()
+    assert _json(state / "gen-0002" / "report.json")["batch"]["duplicates_of_earlier_data"] == 37  # every row of batch2
 
 
 def test_a_pipeline_refresh_cannot_chain_is_a_one_line_error(refreshed, tmp_path, capsys):

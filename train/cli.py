@@ -281,7 +281,8 @@ def _print_refresh_report(report: dict) -> None:
     for name in SPLIT_ROWS:
         table.add_row(f"sft rows, {name}", " / ".join(f"{split} {report['splits'][name][split]}" for split in ("train", "validation", "test")))
     training = report["training"]
-    table.add_row("trained", f"{training['steps']} steps from {training['init_adapter'] or 'the base model'}, {training['replayed_rows']} rows replayed")
+    if training["steps"]:
+        table.add_row("trained", f"{training['steps']} steps from {training['init_adapter'] or 'the base model'}, {training['replayed_rows']} rows replayed")
     console.print(table)
     if report["forgetting"]:
         _print_forgetting(report["forgetting"])

@@ -196,10 +196,10 @@ def _own_rows(run: Path, split_stage: str, gen: Path) -> dict:
                 if rows is not None and rows.height:
                     write_parquet(rows, tmp / f"{split}-00000-of-00001.parquet")
     counts = _split_counts(gen / "split")
-    if not counts["train"] or not counts["validation"]:
+    if (counts["train"] or counts["validation"]) and not (counts["train"] and counts["validation"]):
         raise DataError(
             f"{run}: the new batch left {counts['train']} train and {counts['validation']} validation sft rows after curation; "
-            "refresh needs both (see its manifest.json; the split stage's min_validation_rows can reserve validation rows)"
+            "refresh needs both, or none (see its manifest.json; the split stage's min_validation_rows can reserve validation rows)"
         )
     return counts
 
@@ -310,6 +310,7 @@ def build_report(number: int, tree: dict, gen: Path, parent_run: Path | None, ma
     stages = manifest["stages"]
     # a list, in pipeline order (report.json's keys are sorted)
     dropped = [{"stage": s["name"], "reason": reason, "rows": n} for s in stages[1:] for reason, n in (s.get("dropped_by_reason") or {}).items()]
+    trained = trained or {"steps": 0, "adapter": None}
     replay = trained.get("replay") or {}
     return {
         "generation": number,
@@ -333,8 +334,11 @@ def report_markdown(report: dict) -> str:
     lines += ["", "## Splits (sft rows)", "", "| rows | " + " | ".join(SPLITS) + " |", "|---|" + "---:|" * len(SPLITS)]
     lines += [f"| {name} | " + " | ".join(str(report["splits"][name][s]) for s in SPLITS) + " |" for name in SPLIT_ROWS]
     training = report["training"]
-    lines += ["", "## Training", "", f"- steps: {training['steps']}; from: {training['init_adapter'] or 'the base model'}",
-              f"- replayed rows: {training['replayed_rows']} (from {training['replay_split'] or 'none'})", f"- adapter: {training['adapter']}"]  # fmt: skip
+    lines += ["", "## Training", ""] + (
+        [f"- steps: {training['steps']}; from: {training['init_adapter'] or 'the base model'}",
+         f"- replayed rows: {training['replayed_rows']} (from {training['replay_split'] or 'none'})", f"- adapter: {training['adapter']}"]
+        if training["steps"] else ["- not trained: no new rows"]
+    )  # fmt: skip
     if report["forgetting"]:
         lines += ["", "## Forgetting (validation loss; change = new - previous, > 0: worse)", "",
                   "| set | target tokens | base | previous | new | change |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -396,10 +400,15 @@ def _run_generation(request: RefreshRequest, state: Path, number: int, asked: di
     tree = _pipeline_tree(request, parent_run)
     manifest = _curate(tree, request, gen, console)
     counts = _own_rows(gen / "curate", _stage_names(tree, "split")[0], gen)
-    config = _train_config(request, gen, current, parent_run)
-    trained = _train(config, request, gen, console)
-    evaluation = _evaluate(config, gen, trained, current)
-    decision = _decide(number, evaluation, request.tolerance)
+    if counts["train"]:
+        config = _train_config(request, gen, current, parent_run)
+        trained = _train(config, request, gen, console)
+        evaluation = _evaluate(config, gen, trained, current)
+        decision = _decide(number, evaluation, request.tolerance)
+    else:  # every row dropped or a duplicate of earlier data: the generation ends here, data chain intact
+        trained, evaluation = None, None
+        reason = "the batch added no sft rows (all dropped, or duplicates of earlier data): nothing to train"
+        decision = {"generation": number, "promoted": False, "reason": reason, "tolerance": request.tolerance}
     report = build_report(number, tree, gen, parent_run, manifest, counts, trained, evaluation, decision)
     write_json(gen / "report.json", report)
     write_text(gen / "report.md", report_markdown(report))
