@@ -18,7 +18,7 @@ from train.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import one_torch_thread  # noqa: E402,F401  (autouse fixture)
-from train_helpers import base_config, make_tiny_model  # noqa: E402
+from train_helpers import base_config, make_tiny_model, sft_conversations, write_sft_split  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "refresh"
 
@@ -44,6 +44,7 @@ def refreshed(tmp_path_factory):
     tree = base_config(model, root / "set-by-refresh", root / "set-by-refresh-too", max_steps=4, grad_accum=1)
     tree["eval"]["samples"] = 0
     tree["data"]["max_seq_len"] = 256  # the fixture's conversations whole (the tiny tokenizer is verbose)
+    tree["eval"]["general_set"] = str(write_sft_split(root / "general", sft_conversations(4), sft_conversations(6, offset=50)))
     (root / "train.yaml").write_text(yaml.safe_dump(tree))
     ctx = {"root": root, "config": root / "train.yaml", "state": root / "state"}
     assert _refresh(ctx, FIXTURES / "batch1.jsonl") == 0
@@ -71,7 +72,7 @@ def test_refresh_promotes_the_continued_adapter_with_a_forgetting_table(refreshe
     assert report["training"]["replayed_rows"] > 0
     assert _json(state / "gen-0002" / "train" / "train_config.json")["replay"]["split_dir"] == str(state / "gen-0001" / "curate" / "sft")
     sets = {row["set"]: row for row in report["forgetting"]}
-    assert set(sets) == {"new validation", "previous validation"}
+    assert set(sets) == {"new validation", "previous validation", "general"}
     assert sets["previous validation"]["split_dir"] == str(state / "gen-0001" / "split")
     for row in sets.values():
         assert row["target_tokens"] > 0
