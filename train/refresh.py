@@ -187,13 +187,14 @@ def _own_rows(run: Path, split_stage: str, gen: Path) -> dict:
     """This batch's kept SFT rows out of the cumulative sft/ export, into gen/split (what this
     generation trains and is validated on); returns their counts per split."""
     if not (gen / "split").is_dir():  # written once, after the curate run finished; a resume reuses it
-        batch_ids = pl.scan_parquet(run / split_stage / "data.parquet").filter(pl.col("kind") == "sft").select("id").unique()
-        shards = sorted((run / "sft").glob("*-*.parquet"))
+        batch = pl.scan_parquet(run / split_stage / "data.parquet").filter(pl.col("kind") == "sft").select("id").unique()
         with atomic_dir(gen / "split") as tmp:
             for split in SPLITS:
-                parts = [p for p in shards if p.name.startswith(f"{split}-")]
-                rows = pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed").join(batch_ids.collect(), on="id", how="semi") if parts else None
-                if rows is not None and rows.height:
+                shards = sorted((run / "sft").glob(f"{split}-*.parquet"))
+                if not shards:
+                    continue
+                rows = pl.scan_parquet(shards).join(batch, on="id", how="semi", maintain_order="left").collect()
+                if rows.height:
                     write_parquet(rows, tmp / f"{split}-00000-of-00001.parquet")
     counts = _split_counts(gen / "split")
     if (counts["train"] or counts["validation"]) and not (counts["train"] and counts["validation"]):
