@@ -269,6 +269,8 @@ def _print_refresh_report(report: dict) -> None:
 
     batch = report["batch"]
     table = Table(title=f"refresh, generation {report['generation']}: the new batch", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # adapter paths whole
     for key in ("rows_in", "quarantined", "kept", "duplicates_of_earlier_data"):
         table.add_row(key.replace("_", " "), str(batch[key]))
     by_stage: dict[str, list[tuple[str, int]]] = {}  # one line per stage; report.md lists every reason
