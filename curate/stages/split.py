@@ -39,7 +39,7 @@ def _export(kept: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> dict[
     return export_splits(rows, ctx.run_dir, _resolved(config, ctx), _seed(config, ctx), stage_name=ctx.name)
 
 
-@register_stage("split", config=SplitConfig, version="2", extra_inputs=_previous_inputs, export=_export)
+@register_stage("split", config=SplitConfig, version="3", extra_inputs=_previous_inputs, export=_export)
 def split_stage(frame: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> StageOutput:
     """Assign train/validation/test by group (dup_cluster joined with same or near-duplicate prompts) and export sft/ and pref/."""
     ctx.progress("assigning splits by cluster")
