@@ -136,14 +136,16 @@ def add_engine_arguments(parser) -> None:
     parser.add_argument("--num-cpus", type=int, metavar="N", help="with --engine ray and no --address: CPUs of the local cluster (default: all)")
 
 
-def engine_from_args(args):
-    """The engine the flags ask for; the caller closes it (a local Ray cluster stops then)."""
+def engine_from_args(args, pipeline_options: dict | None = None):
+    """The engine the flags ask for, or None for the local engine (the runner builds it from the pipeline's
+    `engine:` options); the caller closes it (a local Ray cluster stops then). `pipeline_options` (e.g.
+    batch_rows) apply to the Ray engine too."""
     from curate.engines import get_engine
 
     if args.engine != "ray":
         if args.address is not None or args.num_cpus is not None:
             raise ConfigError("--address and --num-cpus go with --engine ray")
-        return get_engine("local")
+        return None
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus: expected at least 1, got {args.num_cpus}")
-    return get_engine("ray", address=args.address, num_cpus=args.num_cpus)
+    return get_engine("ray", address=args.address, num_cpus=args.num_cpus, **(pipeline_options or {}))

@@ -27,12 +27,14 @@ def register(subparsers) -> None:
 
 def handle(args) -> int:
     pipeline = load_pipeline(args.pipeline, run_dir=args.run_dir)
-    engine = engine_from_args(args)  # after the pipeline: a config error needs no cluster
+    # After the pipeline is read: a config error needs no cluster.
+    engine = engine_from_args(args, getattr(pipeline, "engine_options", None))
     try:
         with live_run_events(enabled=not args.quiet) as events:
             result = run_pipeline(pipeline, force=args.force, events=events, clean=args.clean, engine=engine)
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
     print_summary(result.manifest)
     if result.removed_stale:
         console.print(f"removed outputs of stages no longer in the pipeline: {', '.join(result.removed_stale)}", markup=False)

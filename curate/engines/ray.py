@@ -19,6 +19,7 @@ filesystem every node of the cluster shares (workers write the parts, the driver
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -90,28 +91,14 @@ class RayEngine:
 
     def _row_stage(self, spec, config, ctx, input_path, kept_path, dropped_path) -> dict[str, Any]:
         schema = pl.scan_parquet(input_path, glob=False).collect_schema()
-        total = pl.scan_parquet(input_path, glob=False).select(pl.len()).collect().item()
-        worker_ctx = _worker_context(ctx)
+        fields = _context_fields(ctx)
         with _parts_folder(ctx.stage_dir) as parts:
-            transform_batch = _TransformBatch(spec.transform, config, worker_ctx, dict(schema), str(parts))
-            results = self._read(input_path).map_batches(transform_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-            kept_parts, dropped_parts, done = [], [], 0
-            with ctx.phase("rows", total=total) as phase:
-                for written in _ordered_results(results):
-                    for error_class, message in zip(written["error_class"], written["error"]):
-                        if error_class is not None:
-                            _raise_carried(error_class, message)
-                    kept_parts += [name for name in written["kept_file"] if name]
-                    dropped_parts += [name for name in written["dropped_file"] if name]
-                    rows = sum(written["rows_in"])
-                    done += rows
-                    phase.advance(rows)
-            if done != total:
-                raise AssertionError(f"stage {ctx.name!r} on Ray read {done} of {total} input rows")
+            transform_batch = _TransformBatch(spec.transform, config, fields, dict(schema), str(parts))
+            kept_parts, dropped_parts = self._transform_batches(transform_batch, input_path, ctx)
             empty = None
             if not kept_parts or not dropped_parts:
                 # A side no batch wrote still needs its columns: the stage's answer for no rows.
-                empty = spec.transform(pl.DataFrame(schema=schema), config, worker_ctx)
+                empty = spec.transform(pl.DataFrame(schema=schema), config, StageContext(**fields))
             kept = _concat(parts, kept_parts, empty.kept if empty is not None else None)
             dropped = _concat(parts, dropped_parts, _dropped_or_empty(empty))
             _write_outputs(kept, dropped, kept_path, dropped_path)
@@ -120,6 +107,25 @@ class RayEngine:
         return dict(
             spec.summarize(pl.scan_parquet(kept_path, glob=False), pl.scan_parquet(dropped_path, glob=False), config, ctx)
         )
+
+    def _transform_batches(self, transform_batch, input_path: Path, ctx: StageContext) -> tuple[list[str], list[str]]:
+        """Run the transform over every batch on the cluster; the parts' names come back in input order."""
+        total = pl.scan_parquet(input_path, glob=False).select(pl.len()).collect().item()
+        results = self._read(input_path).map_batches(transform_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+        kept_parts, dropped_parts, done = [], [], 0
+        with ctx.phase("rows", total=total) as phase:
+            for written in _ordered_results(results):
+                for error_class, message in zip(written["error_class"], written["error"]):
+                    if error_class is not None:
+                        _raise_carried(error_class, message)
+                kept_parts += [name for name in written["kept_file"] if name]
+                dropped_parts += [name for name in written["dropped_file"] if name]
+                rows = sum(written["rows_in"])
+                done += rows
+                phase.advance(rows)
+        if done != total:
+            raise AssertionError(f"stage {ctx.name!r} on Ray read {done} of {total} input rows")
+        return kept_parts, dropped_parts
 
     def _distributed_stage(self, spec, config, ctx, input_path, kept_path, dropped_path) -> dict[str, Any]:
         kept_ds, dropped_ds, report = spec.distributed(self._read(input_path), config, ctx)
@@ -195,9 +201,24 @@ def _quiet_ray_data() -> None:
 # Worker side: callables Ray ships to the workers (plain classes: picklable, no driver state).
 
 
-def _worker_context(ctx: StageContext) -> StageContext:
-    """The stage context without the driver's callbacks (the live display cannot travel to a worker)."""
-    return StageContext(name=ctx.name, run_dir=ctx.run_dir, stage_dir=ctx.stage_dir, pipeline_dir=ctx.pipeline_dir, seed=ctx.seed)
+def _context_fields(ctx: StageContext) -> dict[str, Any]:
+    """What a worker needs of the stage context: its plain fields, not the driver's callbacks (the live
+    display cannot travel) nor its private state (a per-run cache, a lock)."""
+    skip = {"progress", "phase_progress"}
+    return {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx) if f.init and f.name not in skip and not f.name.startswith("_")}
+
+
+_WORKER_CONTEXTS: dict[str, StageContext] = {}
+
+
+def _context_on_worker(token: str, fields: dict[str, Any]) -> StageContext:
+    """One context per stage run in each worker process, so what a transform caches in it (an eval set, a
+    tokenizer) is built once per worker, not once per batch."""
+    ctx = _WORKER_CONTEXTS.get(token)
+    if ctx is None:
+        _WORKER_CONTEXTS.clear()  # stages run one after another: the previous stage's cache can go
+        ctx = _WORKER_CONTEXTS[token] = StageContext(**fields)
+    return ctx
 
 
 def _write_part(frame: pl.DataFrame | None, parts: str, side: str) -> str | None:
@@ -211,15 +232,16 @@ def _write_part(frame: pl.DataFrame | None, parts: str, side: str) -> str | None
 class _TransformBatch:
     """One batch: Arrow → Polars (the input's exact dtypes) → the stage's transform → two Parquet parts."""
 
-    def __init__(self, transform, config, ctx: StageContext, schema: dict, parts: str):
-        self.transform, self.config, self.ctx, self.schema, self.parts = transform, config, ctx, schema, parts
+    def __init__(self, transform, config, ctx_fields: dict, schema: dict, parts: str):
+        self.transform, self.config, self.ctx_fields, self.schema, self.parts = transform, config, ctx_fields, schema, parts
+        self.token = uuid.uuid4().hex  # this stage run
 
     def __call__(self, table: pa.Table) -> pa.Table:
         batch = pl.from_arrow(table)
         if batch.schema != self.schema:
             batch = batch.cast(self.schema)
         try:
-            output = self.transform(batch, self.config, self.ctx)
+            output = self.transform(batch, self.config, _context_on_worker(self.token, self.ctx_fields))
         except CurateError as error:
             # Carried back as data: Ray would wrap it in a traceback that loses the error itself.
             return _batch_result(None, None, batch.height, error)
