@@ -5,6 +5,7 @@ real data whatever the built-in stages are today."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import polars as pl
 
@@ -40,11 +41,16 @@ def reply_words(batch: pl.DataFrame, config: ReplyWordsConfig, ctx) -> BatchOutp
 
 class MentionsConfig(StageConfig):
     word: str = "order"
+    # Batches holding a reply with this text take a second longer: on two workers the batch after it
+    # finishes first, so an engine that wrote batches in the order they finish would be caught.
+    slow_batches_with: str | None = None
 
 
 @register_row_stage("mentions", config=MentionsConfig)
 def mentions(batch: pl.DataFrame, config: MentionsConfig, ctx) -> BatchOutput:
     """Add a boolean column: does the reply mention `word`? Drops nothing (no dropped frame at all)."""
+    if config.slow_batches_with and batch.select(_last_reply().str.contains(config.slow_batches_with, literal=True).any()).item():
+        time.sleep(1.0)
     return BatchOutput(kept=batch.with_columns(_last_reply().str.to_lowercase().str.contains(config.word, literal=True).alias("mentions")))
 
 

@@ -45,7 +45,7 @@ def sample_like_pipeline(tmp_path: Path) -> Path:
             {"type": "dedup"},
             {"type": "pii", "config": {"mode": "redact"}},
             {"name": "reply_words", "type": "engine_plugins:reply_words", "config": {"min_words": 3}},
-            {"name": "mentions", "type": "engine_plugins:mentions"},
+            {"name": "mentions", "type": "engine_plugins:mentions", "config": {"slow_batches_with": "Order #HB-10233 left"}},
             {"type": "tag"},
             {"type": "decontaminate", "config": {"eval_files": [str(FIXTURES / "eval.jsonl")]}},
             {"type": "filter", "config": {"preset": "chat", "languages": ["en"]}},
