@@ -42,7 +42,7 @@ from curate.errors import ConfigError, CurateError, ExternalServiceError, RunSta
 from curate.stage import StageContext, StageSpec
 from safety.redact import redact
 
-DEFAULT_BATCH_ROWS = 20_000  # ~20 MB of 1 KB chat records per task: bounded, and enough tasks to spread
+DEFAULT_BATCH_ROWS = 10_000  # rows per task; a worker holds about one batch of a stage (tag: ~25 KB per 1 KB record)
 PARTS_PREFIX = ".ray-parts."  # + 8 random chars + ".tmp": a name safety.ownership cleans after a kill
 
 
