@@ -17,8 +17,12 @@ holds junk answers nobody would score against) and is the evaluation set of both
 Metrics per run: held-out loss (assistant tokens), exact match and ROUGE-L F1 of greedy answers to the
 first `--gen` held-out prompts against their reference answers, and the loss on a general set
 (`bench/fixtures/general_qa.jsonl`: ~50 hand-written general-knowledge Q/A pairs, nothing about support)
-before (the base model) and after, to see forgetting. The trainer has no replay option (mixing general
-data back into training), so there is no "with replay" arm.
+before (the base model) and after, to see forgetting.
+
+A third arm, **curated+replay**, trains on the curated split with `data.replay`: a share
+(`--replay-fraction`, default 0.2) of each step's rows comes from a separate general set
+(`bench/fixtures/general_replay.jsonl`: other hand-written general Q/A pairs, none of the evaluation
+set's questions), the standard guard against forgetting. Same steps and token budget as the others.
 
 Everything is written under `--out`, which must not exist yet (the tools write only into folders they
 created). Sizes are flags; the defaults are the small CPU run in docs/benchmarks.md.
@@ -60,6 +64,8 @@ CURATION_STAGES = """
     config: {{preset: chat, languages: [en]}}
 """
 GENERAL_SET = REPO / "bench" / "fixtures" / "general_qa.jsonl"
+REPLAY_SET = REPO / "bench" / "fixtures" / "general_replay.jsonl"  # disjoint from GENERAL_SET
+ARMS = ("raw", "curated", "curated+replay")
 
 
 def curate_run(work: Path, name: str, inputs: str, stages: str, split: str) -> Path:
@@ -103,53 +109,22 @@ def build_data(work: Path, holdout: float) -> dict[str, Path]:
         "curated": curate_run(work, "curated", pool_input, CURATION_STAGES.format(eval_files=f"{sample_eval}, {heldout}"), all_in_train),
         "heldout": curate_run(work, "heldout", f"\n  - path: {heldout}\n", CURATION_STAGES.format(eval_files=sample_eval), all_in_validation),
         "general": curate_run(work, "general", f"\n  - path: {GENERAL_SET}\n", "\n", all_in_validation),
+        "replay": curate_run(work, "replay", f"\n  - path: {REPLAY_SET}\n", "\n", all_in_train),
     }  # fmt: skip
 
 
-def train_config(split_dir: Path, out: Path, seed: int, args):
+def train_config(split_dir: Path, out: Path, seed: int, args, replay: dict | None = None):
     from train.config import load_config
 
     return load_config(None, base={
         "model": {"path": args.model}, "output_dir": str(out), "seed": seed, "progress": False, "threads": args.threads,
-        "data": {"split_dir": str(split_dir), "max_seq_len": args.seq_len, "overflow": "truncate", "max_val_samples": args.max_eval},
+        "data": {"split_dir": str(split_dir), "max_seq_len": args.seq_len, "overflow": "truncate", "max_val_samples": args.max_eval,
+                 "replay": replay},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
         "optim": {"lr": args.lr, "warmup_steps": 2, "schedule": "cosine", "max_steps": args.steps,
                   "batch_rows": args.batch_rows, "grad_accum": args.grad_accum},
         "eval": {"every": 0, "at_end": False, "samples": 0}, "checkpoint": {"every": 0},
     })  # fmt: skip
-
-
-def rouge_l_f1(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lowercased whitespace tokens (longest common subsequence)."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a or not b:
-        return 0.0
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
-
-
-def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """The adapter's greedy answers (the base's come from `generate_side_by_side`, once per experiment)."""
-    import torch
-
-    answers = []
-    model.eval()
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fmt: skip
-            answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    return answers
 
 
 def generation_scores(model, tokenizer, split_dir: Path, count: int, max_new_tokens: int, with_base: bool) -> dict:
@@ -158,24 +133,24 @@ def generation_scores(model, tokenizer, split_dir: Path, count: int, max_new_tok
     import torch
 
     from train.data import read_split
-    from train.evaluate import generate_side_by_side
+    from train.generate import exact_match, greedy_replies, rouge_l
 
     frame = read_split(split_dir, "validation", ["messages"], "sft", count)
     conversations = [[{"role": m["role"], "content": m["content"]} for m in c] for c in frame.get_column("messages").to_list()]
     prompts = [c[:-1] for c in conversations if c[-1]["role"] == "assistant"]
     references = [c[-1]["content"] for c in conversations if c[-1]["role"] == "assistant"]
+    # Generation stops at max_new_tokens: the reference is cut to the same word budget (~0.75 words a token).
+    cut = max(1, int(max_new_tokens * 0.75))
+    references = [" ".join(r.split()[:cut]) for r in references]
+    replies = {}
     if with_base:
-        rows = generate_side_by_side(model, tokenizer, prompts, max_new_tokens, torch.device("cpu"))
-    else:
-        rows = [{"adapter": text} for text in greedy_answers(model, tokenizer, prompts, max_new_tokens)]
+        with model.disable_adapter():
+            replies["base"] = greedy_replies(model, tokenizer, prompts, max_new_tokens, 8, torch.device("cpu"))
+    replies["adapter"] = greedy_replies(model, tokenizer, prompts, max_new_tokens, 8, torch.device("cpu"))
     scores = {}
-    for side in ("base", "adapter") if with_base else ("adapter",):
-        answers = [row[side] for row in rows]
-        norm = lambda s: " ".join(s.lower().split())  # noqa: E731
-        scores[f"{side}_exact_match"] = sum(norm(a) == norm(r) for a, r in zip(answers, references)) / len(rows)
-        # Generation stops at max_new_tokens: the reference is cut to the same word budget (~0.75 words a token).
-        cut = max(1, int(max_new_tokens * 0.75))
-        scores[f"{side}_rouge_l"] = statistics.fmean(rouge_l_f1(a, " ".join(r.split()[:cut])) for a, r in zip(answers, references))
+    for side, answers in replies.items():  # the metrics `train eval` reports (train/generate.py)
+        scores[f"{side}_exact_match"] = statistics.fmean(exact_match(a, r) for a, r in zip(answers, references))
+        scores[f"{side}_rouge_l"] = statistics.fmean(rouge_l(a, r) for a, r in zip(answers, references))
     return scores
 
 
@@ -210,7 +185,8 @@ def run_arm(arm: str, seed: int, data: dict[str, Path], work: Path, args, with_b
     from train.loop import train
 
     out = work / f"train-{arm}-seed{seed}"
-    config = train_config(data[arm], out, seed, args)
+    replay = {"split_dir": str(data["replay"]), "fraction": args.replay_fraction} if arm == "curated+replay" else None
+    config = train_config(data["raw" if arm == "raw" else "curated"], out, seed, args, replay)
     started = time.perf_counter()
     result = train(config, "sft", resume="never")
     trained = time.perf_counter() - started
@@ -230,18 +206,17 @@ def mean_spread(values: list[float]) -> str:
 
 def summarize(rows: list[dict], args) -> list[str]:
     first = rows[0]
-    lines = ["| metric | base model (no adapter) | raw arm | curated arm |", "|---|---|---|---|"]
+    lines = ["| metric | base model (no adapter) | " + " | ".join(f"{arm} arm" for arm in ARMS) + " |", "|---" * (len(ARMS) + 2) + "|"]
     metrics = [("held-out loss (lower is better)", "heldout", "base_loss", "adapter_loss"),
                ("general-set loss (forgetting; lower is better)", "general", "base_loss", "adapter_loss")]  # fmt: skip
     if args.gen:
         metrics += [(f"held-out ROUGE-L F1, greedy, {args.gen} prompts", "generation", "base_rouge_l", "adapter_rouge_l"),
                     (f"held-out exact match, {args.gen} prompts", "generation", "base_exact_match", "adapter_exact_match")]  # fmt: skip
     for label, section, base_key, key in metrics:
-        cells = [mean_spread([r[section][key] for r in rows if r["arm"] == arm]) for arm in ("raw", "curated")]
-        lines.append(f"| {label} | {first[section][base_key]:.4f} | {cells[0]} | {cells[1]} |")
-    for arm in ("raw", "curated"):
-        tokens = sorted({r["train_tokens"] for r in rows if r["arm"] == arm})
-        lines.append(f"| training tokens per run ({arm}) | | {tokens} | |" if arm == "raw" else f"| training tokens per run ({arm}) | | | {tokens} |")
+        cells = [mean_spread([r[section][key] for r in rows if r["arm"] == arm]) for arm in ARMS]
+        lines.append(f"| {label} | {first[section][base_key]:.4f} | " + " | ".join(cells) + " |")
+    tokens = [str(sorted({r["train_tokens"] for r in rows if r["arm"] == arm})) for arm in ARMS]
+    lines.append("| training tokens per run | | " + " | ".join(tokens) + " |")
     return lines
 
 
@@ -255,6 +230,15 @@ def verdict(rows: list[dict]) -> str:
     if gap > 0:
         return f"curated is {gap:.4f} lower on average on held-out loss, but the seeds overlap: not a clear win at this size"
     return f"curation does NOT win on held-out loss at this size: curated is {-gap:.4f} higher on average"
+
+
+def replay_verdict(rows: list[dict]) -> str:
+    """Does replay reduce forgetting (general-set loss), and what does it cost on the held-out set?"""
+    mean = lambda arm, section: statistics.fmean(r[section]["adapter_loss"] for r in rows if r["arm"] == arm)  # noqa: E731
+    general_gain = mean("curated", "general") - mean("curated+replay", "general")
+    heldout_cost = mean("curated+replay", "heldout") - mean("curated", "heldout")
+    return (f"replay {'lowers' if general_gain > 0 else 'does NOT lower'} general-set loss by {general_gain:+.4f} on average "
+            f"(held-out loss {heldout_cost:+.4f} vs curated without replay)")  # fmt: skip
 
 
 def main() -> None:
@@ -271,6 +255,7 @@ def main() -> None:
     parser.add_argument("--max-eval", type=int, default=24, help="held-out and general conversations scored")
     parser.add_argument("--gen", type=int, default=4, help="held-out prompts answered greedily for ROUGE-L / exact match (0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--replay-fraction", type=float, default=0.2, help="curated+replay arm: share of train rows from the replay set")
     parser.add_argument("--threads", default="1", help="torch threads (a number, 'all' or 'auto')")
     args = parser.parse_args()
     args.threads = int(args.threads) if args.threads.isdigit() else args.threads
@@ -284,7 +269,7 @@ def main() -> None:
           f"x {args.seq_len} tokens, seeds {seeds}, threads {args.threads}")  # fmt: skip
     rows = []
     for seed in seeds:
-        for arm in ("raw", "curated"):
+        for arm in ARMS:
             row = run_arm(arm, seed, data, work, args, with_base=not rows)
             rows.append(row)
             print(f"{arm:8s} seed {seed}: held-out {row['heldout']['adapter_loss']:.4f}, general {row['general']['adapter_loss']:.4f}, "
@@ -293,6 +278,7 @@ def main() -> None:
     (work / "table.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     print(verdict(rows))
+    print(replay_verdict(rows))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""bench/run_all.py's table round trip and bench/curation_ablation.py's ROUGE-L (bench code the docs quote)."""
+"""bench code the docs quote: run_all.py's table round trip, scale.py's corpus and fit."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -32,9 +33,24 @@ def test_table_rows_read_back_as_written_so_only_keeps_the_other_rows():
     assert rows["packing"][4] == "not run"
 
 
-@pytest.mark.parametrize(
-    ("candidate", "reference", "expected"),
-    [("a b c d", "a b c d", 1.0), ("a x c", "a b c", 2 / 3), ("", "a", 0.0), ("q r", "a b", 0.0), ("b a", "a b", 0.5)],
-)
-def test_rouge_l_f1(candidate, reference, expected):
-    assert _load("curation_ablation").rouge_l_f1(candidate, reference) == pytest.approx(expected)
+def test_scale_growth_exponent_recovers_a_power_law():
+    scale = _load("scale")
+    sizes = [100_000, 300_000, 1_000_000]
+    assert scale.growth_exponent(sizes, [3.0 * n**0.25 for n in sizes]) == pytest.approx(0.25)
+    assert scale.growth_exponent(sizes, [0.002 * n for n in sizes]) == pytest.approx(1.0)
+
+
+def test_scale_corpus_has_the_planted_shares_and_is_reproducible(tmp_path):
+    scale = _load("scale")
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    scale.write_corpus(first, 4_000, seed=3, chunk_rows=1_500)
+    scale.write_corpus(second, 4_000, seed=3, chunk_rows=1_500)
+    assert first.read_bytes() == second.read_bytes()
+    rows = pl.read_ndjson(first)
+    assert rows.height == 4_000 and rows["conversation_id"].n_unique() == 4_000
+    answers = rows.select(pl.col("messages").list.last().struct.field("content"))["content"]
+    exact_copies = rows.height - rows["messages"].n_unique()
+    assert 0.03 * rows.height < exact_copies < 0.08 * rows.height  # EXACT_COPY_SHARE, plus rare collisions
+    assert 0.01 * rows.height < answers.str.starts_with("Thanks for reaching out about your order.").sum() < 0.04 * rows.height
+    typical = answers.str.len_bytes().median()
+    assert 700 < typical < 1300  # ~1 KB records

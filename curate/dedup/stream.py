@@ -1,0 +1,363 @@
+"""The dedup stage out of core: bounded batches in, per-row sketches on disk, in memory only small
+per-row columns (id and key hashes, ~200 B; integers and flags, ~60 B) and the candidate pairs.
+
+Work files live in a fresh folder `work.*` under the stage's folder (a unique name, so nothing we did
+not create is ever touched), removed when the stage ends, failed or not.
+
+1. **Features** (row-local: key texts, key hashes, keep key) are computed per slice of `BATCH_ROWS`
+   input rows (a Parquet scan reads only that slice's row groups); the input is never collected.
+2. **Sketches** of each slice: hashed shingle sets (CSR values appended to a raw
+   uint32 file, offsets kept in memory), MinHash signatures (appended to a raw `(n, num_perm)` uint32
+   file) and band hashes (Parquet, one file per band). Raw files rather than Parquet for sets and
+   signatures because verification reads them back *by row id*: a fresh `np.memmap` per step reads only
+   the pages of the rows it needs, and dropping it releases them.
+3. **Exact duplicates** from the key hashes (n strings in memory).
+4. **Candidates**, one band at a time (a sort of that band's `(band_hash, row)`), merged into sorted
+   unique pairs; buckets over `max_bucket_pairs` are capped (see `banding.candidate_pairs`).
+5. **Verification** in steps of `VERIFY_PAIRS` pairs over the memory-mapped sets and signatures.
+6. **Components and keep decisions** over integer row ids (`clusters`), exactly as in memory: node =
+   row id keeps the node order of the in-memory path (survivors in row order), so every decision,
+   every star head and every tie is the same.
+7. **Index** (`save_index`): written batch by batch from the files above.
+
+A run that loads a saved index (`index_path`) or uses Redis holds that index in memory anyway and
+takes the in-memory path (`pipeline.deduplicate_features`, features collected): not out of core.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.dedup.banding import BucketGuard, band_hashes, candidate_pairs, sorted_unique
+from curate.dedup.config import DedupConfig
+from curate.dedup.index import INDEX_FORMAT, INDEX_VERSION, MinHashIndex, empty_index_records
+from curate.dedup.pipeline import (
+    PART_COLUMNS,
+    Decisions,
+    DedupOutcome,
+    NearGraph,
+    RowFeatures,
+    silent_phase,
+    deduplicate_features,
+    features_of,
+    finish_clusters,
+    lsh_settings_report,
+    mark_exact_duplicates,
+    mark_near_duplicates,
+    outcome_report,
+    verify_candidates,
+)
+from curate.dedup.signatures import minhash_signatures
+from curate.dedup.text import PART_NAMES, ShingleSets, hash_code, key_text, shingle_sets
+from curate.dedup.verify import NodeFeatures
+
+BATCH_ROWS = 2_000
+VERIFY_PAIRS = 5_000  # pairs per verification step: at most 2× this many rows' sets mapped at once
+SHINGLE_CHUNK_CHARS = 250_000  # characters shingled at once: their exploded n-grams take ~150 B each
+SMALL_COLUMNS = ["__row", "id", "__keep", "key_hash", "number_hash", "digits_hash"]
+
+
+class DiskSets:
+    """CSR shingle sets whose values live in a raw uint32 file: appended batch by batch, read back
+    through a fresh memory map (`open`), so only the pages of the rows looked at are ever resident."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "wb")
+        self._sizes: list[np.ndarray] = []
+
+    def append(self, sets: ShingleSets) -> None:
+        self._file.write(np.ascontiguousarray(sets.values, dtype=np.uint32).tobytes())
+        self._sizes.append(sets.sizes.astype(np.int64))
+
+    def close(self) -> None:
+        self._file.close()
+        sizes = np.concatenate(self._sizes) if self._sizes else np.empty(0, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def open(self) -> ShingleSets:
+        total = int(self.offsets[-1])
+        values = np.memmap(self.path, dtype=np.uint32, mode="r", shape=(total,)) if total else np.empty(0, np.uint32)
+        return ShingleSets(values=values, offsets=self.offsets)
+
+
+@dataclass
+class SketchFiles:
+    """What the batch pass wrote (under the work folder) and the small per-row columns it kept."""
+
+    small: pl.DataFrame  # SMALL_COLUMNS + multipart
+    sets: DiskSets
+    part_sets: list[DiskSets]
+    signatures_path: Path
+    bands_dir: Path
+    num_perm: int
+
+    def signatures(self) -> np.ndarray:
+        n = self.small.height
+        if n == 0:
+            return np.empty((0, self.num_perm), np.uint32)
+        return np.memmap(self.signatures_path, dtype=np.uint32, mode="r", shape=(n, self.num_perm))
+
+
+class DiskNodes:
+    """`NodeFeatures` over the sketch files, mapped afresh for every call (pages released after)."""
+
+    def __init__(self, files: SketchFiles, rows: RowFeatures, verify: bool):
+        self.files, self.verify = files, verify
+        self.multipart = rows.multipart
+        self.number_code = hash_code(rows.number_keys)
+        self.digits_code = hash_code(rows.digit_keys)
+
+    def _open(self) -> NodeFeatures:
+        return NodeFeatures(
+            signatures=self.files.signatures(),
+            sets=self.files.sets.open() if self.verify else None,
+            part_sets=[part.open() for part in self.files.part_sets],
+            multipart=self.multipart,
+            number_code=self.number_code,
+            digits_code=self.digits_code,
+        )
+
+    def estimated(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._open().estimated(a, b)
+
+    def similarity(self, a, b, verify: bool, merge_number_variants: bool) -> np.ndarray:
+        return self._open().similarity(a, b, verify, merge_number_variants)
+
+
+# --------------------------------------------------------------------------------------------------
+# The batch pass
+
+
+def _batch_sets(batch: pl.DataFrame, config: DedupConfig) -> tuple[ShingleSets, list[ShingleSets]]:
+    settings = config.settings()
+    sets = shingle_sets(batch["text"], settings, chunk_tokens=SHINGLE_CHUNK_CHARS)
+    multipart = batch[PART_COLUMNS[1]].is_not_null()
+    if multipart.any():
+        parts = batch.select(pl.when(multipart).then(pl.col(column)).otherwise(pl.lit("")) for column in PART_COLUMNS)
+        part_sets = [shingle_sets(parts[column], settings, chunk_tokens=SHINGLE_CHUNK_CHARS) for column in PART_COLUMNS]
+    else:
+        empty = ShingleSets(values=np.empty(0, np.uint32), offsets=np.zeros(batch.height + 1, np.int64))
+        part_sets = [empty] * len(PART_NAMES)
+    return sets, part_sets
+
+
+def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: Path, phase) -> SketchFiles:
+    """One pass over the input in slices of `BATCH_ROWS` rows (a Parquet scan reads only the row groups
+    of each slice): features, then sets, signatures and band hashes to disk."""
+    settings = config.settings()
+    bands, band_rows = config.band_params()
+    sets = DiskSets(work / "sets.u32")
+    part_sets = [DiskSets(work / f"sets_{name}.u32") for name in PART_NAMES]
+    bands_dir = work / "bands"
+    bands_dir.mkdir()
+    band_schema = pa.schema([("node", pa.uint32()), ("band_hash", pa.uint64())])
+    band_writers = [pq.ParquetWriter(bands_dir / f"{band:04d}.parquet", band_schema) for band in range(bands)]
+    small = []
+    with open(work / "signatures.u32", "wb") as signature_file, phase("MinHash signatures", total=total, unit="rows") as progress:
+        for offset in range(0, total, BATCH_ROWS):
+            rows = frame.slice(offset, BATCH_ROWS).with_row_index("__row", offset=offset)
+            batch = features_of(rows, config).collect()
+            batch_sets, batch_parts = _batch_sets(batch, config)
+            sets.append(batch_sets)
+            for disk, part in zip(part_sets, batch_parts):
+                disk.append(part)
+            signatures = minhash_signatures(batch_sets.values, batch_sets.sizes, settings.num_perm, settings.seed)
+            signature_file.write(np.ascontiguousarray(signatures).tobytes())
+            has = np.flatnonzero(batch_sets.sizes > 0)
+            if len(has):
+                hashes = band_hashes(signatures[has], bands, band_rows)
+                nodes = pa.array(batch["__row"].to_numpy()[has].astype(np.uint32))
+                for band, writer in enumerate(band_writers):
+                    writer.write_table(pa.table({"node": nodes, "band_hash": pa.array(hashes[:, band])}, schema=band_schema))
+            small.append(batch.select(*SMALL_COLUMNS, pl.col(PART_COLUMNS[1]).is_not_null().alias("multipart")))
+            progress.advance(batch.height)
+    for writer in band_writers:
+        writer.close()
+    for disk in (sets, *part_sets):
+        disk.close()
+    return SketchFiles(
+        small=pl.concat(small), sets=sets, part_sets=part_sets, signatures_path=work / "signatures.u32", bands_dir=bands_dir,
+        num_perm=settings.num_perm,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Global steps over integer row ids
+
+
+def candidates_by_band(files: SketchFiles, survivor: np.ndarray, config: DedupConfig, guard: BucketGuard):
+    """Candidate pairs (row ids, left < right), one band at a time: the same buckets as one sort over
+    all `(band, band_hash)` keys, in memory of one band."""
+    keys = []
+    for path in sorted(files.bands_dir.glob("*.parquet")):
+        band = pl.read_parquet(path).with_columns(pl.lit(0, pl.UInt16).alias("band"))
+        band = band.filter(pl.Series(survivor[band["node"].to_numpy()]))
+        left, right = candidate_pairs(band, config.max_bucket_pairs, guard=guard)
+        keys.append((left.astype(np.uint64) << np.uint64(32)) | right.astype(np.uint64))
+    merged = sorted_unique(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
+    return (merged >> np.uint64(32)).astype(np.int64), (merged & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
+def find_near_out_of_core(files, rows, decided, config, phase, guard) -> tuple[int, dict]:
+    n = len(rows.ids)
+    survivor = np.zeros(n, dtype=bool)
+    survivor[decided.survivors()] = True
+    left, right = candidates_by_band(files, survivor, config, guard)
+    graph = NearGraph(
+        nodes=DiskNodes(files, rows, config.verify),
+        priority=rows.priority,
+        protected=np.zeros(n, dtype=bool),
+        old_count=0,
+        survivors=np.arange(n),
+    )
+    pairs = verify_candidates(graph, left, right, config, phase, chunk=VERIFY_PAIRS)
+    with phase("clustering", total=None, unit="pairs"):
+        dropped, report, _ = mark_near_duplicates(rows, decided, graph, pairs, config, empty_index_records(config.num_perm))
+    report = {"candidate_pairs": int(len(left)), **report, "verify": config.verify}
+    if pairs.skipped_by_estimate is not None:
+        report["skipped_by_estimate"] = pairs.skipped_by_estimate
+    return dropped, report
+
+
+def save_index_out_of_core(files, rows, decided, config, target: Path, phase) -> dict:
+    """The index of this run's kept rows, written batch by batch (same content as `build_index`)."""
+    kept = np.flatnonzero(decided.reason == None)  # noqa: E711
+    batches = (_index_batch(files, rows, decided, kept[start : start + BATCH_ROWS], config.num_perm) for start in range(0, len(kept), BATCH_ROWS))
+    return write_index(batches, config, target, phase)
+
+
+def write_index(record_batches, config: DedupConfig, target: Path, phase) -> dict:
+    """Write index records (`empty_index_records` columns, batch by batch, in order) and their band
+    table atomically to `target`; returns the report's `index` entry."""
+    from curate.atomic import atomic_dir
+    from curate.dedup.banding import band_table_from
+
+    settings = config.settings()
+    bands, band_rows = config.band_params()
+    records_schema = empty_index_records(settings.num_perm).to_arrow().schema
+    bands_schema = pa.schema([("node", pa.uint32()), ("band", pa.uint16()), ("band_hash", pa.uint64())])
+    written = 0
+    with atomic_dir(target) as tmp, phase("writing the index", total=None, unit="rows") as progress:
+        with pq.ParquetWriter(tmp / "records.parquet", records_schema, compression="zstd") as records_writer, pq.ParquetWriter(
+            tmp / "bands.parquet", bands_schema, compression="zstd"
+        ) as bands_writer:
+            for records in record_batches:
+                if records.height == 0:
+                    continue
+                signatures = records["signature"].to_numpy().astype(np.uint32).reshape(records.height, settings.num_perm)
+                has = records["shingles"].list.len().to_numpy() > 0
+                records_writer.write_table(records.to_arrow().cast(records_schema))
+                bands_writer.write_table(band_table_from(signatures, has, bands, band_rows, offset=written).to_arrow().cast(bands_schema))
+                written += records.height
+                progress.advance(records.height)
+        meta = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "settings": settings.as_dict(),
+            "bands": bands,
+            "rows": band_rows,
+            "records": written,
+        }
+        (tmp / "index.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return {"rows_before": 0, "rows_after": written, "signature_bytes_per_record": settings.num_perm * 4}
+
+
+def _index_batch(files, rows, decided, chunk, num_perm) -> pl.DataFrame:
+    signatures = np.ascontiguousarray(files.signatures()[chunk])
+    sets = files.sets.open().take(chunk)
+    multipart = pl.Series(rows.multipart[chunk])
+    return pl.DataFrame(
+        {
+            "id": pl.Series(rows.ids[chunk].tolist(), dtype=pl.String),
+            "dup_cluster": pl.Series(decided.cluster[chunk].tolist(), dtype=pl.String),
+            "key_hash": rows.keys.gather(chunk),
+            "number_hash": rows.number_keys.gather(chunk),
+            "digits_hash": rows.digit_keys.gather(chunk),
+            "signature": pl.Series(signatures, dtype=pl.Array(pl.UInt32, num_perm)),
+            "shingles": sets.to_lists(),
+            **{
+                f"shingles_{name}": pl.select(pl.when(pl.lit(multipart)).then(pl.lit(part.open().take(chunk).to_lists()))).to_series()
+                for name, part in zip(PART_NAMES, files.part_sets)
+            },
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage's entry point
+
+
+def work_folder(stage_dir: Path) -> Path:
+    """A fresh folder of our own under the stage's folder (a unique name: never one we did not create)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="work.", dir=stage_dir))
+
+
+def example_texts_from(frame: pl.LazyFrame, config: DedupConfig):
+    settings = config.settings()
+    raw = key_text(settings.key, settings.include_system, settings.preference_key)
+
+    def read(chosen: list[int]) -> list[str]:
+        picked = frame.with_row_index("__row").filter(pl.col("__row").is_in(chosen)).select("__row", raw.alias("raw")).collect()
+        lookup = dict(zip(picked["__row"].to_list(), picked["raw"].to_list()))
+        return [lookup[row] for row in chosen]
+
+    return read
+
+
+def deduplicate_out_of_core(
+    frame: pl.LazyFrame,
+    config: DedupConfig,
+    stage_dir: Path,
+    index: MinHashIndex | None = None,
+    progress=lambda message: None,
+    phase=silent_phase,
+) -> DedupOutcome:
+    """`deduplicate` over a LazyFrame (a scan of the stage's input) without collecting it: the same
+    decisions and report, with a saved index (if any) written to `stage_dir / "index"` by this call."""
+    work = work_folder(stage_dir)
+    try:
+        examples = example_texts_from(frame, config)
+        total = frame.select(pl.len()).collect().item()
+        if index is not None or config.redis is not None or total == 0:  # a loaded index is in memory anyway
+            features = features_of(frame.with_row_index("__row"), config).collect()
+            outcome = deduplicate_features(features, config, index, progress, phase, examples)
+            if outcome.index is not None:
+                outcome.index.save(stage_dir / "index")
+                outcome.index = None
+            return outcome
+        progress("dedup: signatures")
+        files = sketch_batches(frame, total, config, work, phase)
+        return _decide(files, config, stage_dir, progress, phase, examples)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _decide(files: SketchFiles, config, stage_dir: Path, progress, phase, examples) -> DedupOutcome:
+    rows = RowFeatures.read(files.small)
+    decided = Decisions.start(rows.ids)
+    exact_dropped = mark_exact_duplicates(rows, decided, empty_index_records(config.num_perm)) if config.exact else 0
+    lsh_report = lsh_settings_report(config)
+    guard = BucketGuard()
+    near_dropped = 0
+    if config.near and len(decided.survivors()):
+        progress("dedup: LSH candidates and verification")
+        near_dropped, near_report = find_near_out_of_core(files, rows, decided, config, phase, guard)
+        lsh_report.update(near_report)
+    lsh_report["bucket_guard"] = {"max_bucket_pairs": config.max_bucket_pairs, **guard.as_dict()}
+    finish_clusters(rows, decided)
+    decisions = decided.frame(files.small["__row"])
+    report = outcome_report(decided, decisions, config, exact_dropped, near_dropped, lsh_report, examples)
+    if config.save_index:
+        report["index"] = save_index_out_of_core(files, rows, decided, config, stage_dir / "index", phase)
+    return DedupOutcome(decisions=decisions, report=report, index=None)
