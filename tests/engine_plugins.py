@@ -1,17 +1,15 @@
-"""Stages for tests/test_engine_ray.py, loaded through `type: engine_plugins:<name>`: row-local stages
-(a per-batch transform) and a global stage with a distributed form, so both Ray engine paths run on
-real data whatever the built-in stages are today."""
+"""Row-local stages for tests/test_engine_ray.py, loaded through `type: engine_plugins:<name>`: a
+stage that drops (with a summarize report), one that only adds a column (and can be made slow on
+chosen batches), and one that meets bad input on a worker."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import polars as pl
 
-from curate import stage as stage_registry
 from curate.errors import InputFileError
-from curate.stage import BatchOutput, StageConfig, StageOutput, drop_rows, register_row_stage, register_stage
+from curate.stage import BatchOutput, StageConfig, drop_rows, register_row_stage
 
 
 def _last_reply() -> pl.Expr:
@@ -65,43 +63,3 @@ def fail_on(batch: pl.DataFrame, config: FailOnConfig, ctx) -> BatchOutput:
     if hit.height:
         raise InputFileError(f"row {hit['id'][0]}: field messages: contains {config.needle!r}")
     return BatchOutput(kept=batch)
-
-
-class KindShareConfig(StageConfig):
-    min_rows: int = 1
-
-
-def _kind_counts(frame: pl.LazyFrame) -> pl.LazyFrame:
-    return frame.group_by("kind").agg(pl.len().cast(pl.Int64).alias("kind_rows"))
-
-
-@register_stage("kind_share", config=KindShareConfig)
-def kind_share(frame: pl.LazyFrame, config: KindShareConfig, ctx) -> StageOutput:
-    """A global stage: every row gets how many rows share its `kind`; kinds with fewer than min_rows go."""
-    tagged = frame.join(_kind_counts(frame), on="kind", how="left", maintain_order="left")
-    rare = pl.col("kind_rows") < config.min_rows
-    return StageOutput(kept=tagged.filter(~rare), dropped=drop_rows(tagged.filter(rare), ctx.name, "rare_kind"), report={"kinds": 0})
-
-
-def kind_share_distributed(dataset, config: KindShareConfig, ctx):
-    """kind_share on Ray: counts per batch on the workers, summed on the driver (a handful of rows); the
-    join and the split into kept and dropped run per batch."""
-    per_batch = dataset.map_batches(
-        lambda table: _kind_counts(pl.from_arrow(table).lazy()).collect().to_arrow(), batch_format="pyarrow", batch_size=None
-    )
-    counts = pl.DataFrame(per_batch.take_all()).group_by("kind").agg(pl.col("kind_rows").sum())
-    stage_name = ctx.name  # not ctx itself: its callbacks hold the driver's live display
-
-    def side(rare: bool):
-        def select(table):
-            batch = pl.from_arrow(table).join(counts, on="kind", how="left", maintain_order="left")
-            chosen = batch.filter((pl.col("kind_rows") < config.min_rows) == rare)
-            return (drop_rows(chosen.lazy(), stage_name, "rare_kind").collect() if rare else chosen).to_arrow()
-
-        return dataset.map_batches(select, batch_format="pyarrow", batch_size=None)
-
-    return side(False), side(True), {"kinds": 0}
-
-
-# register_stage has no slot for the distributed form yet: attach it to the registered spec.
-stage_registry._REGISTRY["kind_share"] = dataclasses.replace(stage_registry._REGISTRY["kind_share"], distributed=kind_share_distributed)

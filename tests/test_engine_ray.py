@@ -1,7 +1,7 @@
 """The Ray engine gives the same run as the local engine: kept rows in order, dropped rows with stage and
 reason, quarantine, split assignments and accounting, on hand-written inputs (tests/fixtures/engines).
 
-One local Ray cluster (2 CPUs) serves the module. Row-local stages run on it in batches of 6 rows, so
+One local Ray cluster (2 CPUs) serves the module. Row-local stages run on it in batches of 10 rows, so
 every stage is cut into several batches that two workers finish in any order: the outputs must still
 come out in input order."""
 
@@ -22,21 +22,21 @@ from curate.runner import RunEvents, run_pipeline
 pytestmark = pytest.mark.ray
 
 FIXTURES = Path(__file__).parent / "fixtures" / "engines"
-RAY_STAGES = {"reply_words", "mentions", "kind_share"}  # row-local or with a distributed form: on the cluster
+RAY_STAGES = {"dedup", "pii", "reply_words", "mentions", "tag", "decontaminate", "filter"}  # row-local or distributed
 
 
 @pytest.fixture(scope="module")
 def ray_engine():
     from curate.engines import get_engine
 
-    engine = get_engine("ray", num_cpus=2, batch_rows=6)
+    engine = get_engine("ray", num_cpus=2, batch_rows=10)
     yield engine
     engine.close()
 
 
 def sample_like_pipeline(tmp_path: Path) -> Path:
-    """The sample pipeline's shape (dedup, pii, tag, decontaminate, filter, split) with row-local and
-    distributed plugin stages in between."""
+    """The sample pipeline's shape (dedup, pii, tag, decontaminate, filter, split) with two row-local
+    plugin stages in between."""
     pipeline = {
         "name": "engines",
         "seed": 7,
@@ -50,7 +50,6 @@ def sample_like_pipeline(tmp_path: Path) -> Path:
             {"type": "decontaminate", "config": {"eval_files": [str(FIXTURES / "eval.jsonl")]}},
             {"type": "filter", "config": {"preset": "chat", "languages": ["en"]}},
             {"type": "split", "config": {"train": 0.6, "validation": 0.2, "test": 0.2}},
-            {"name": "kind_share", "type": "engine_plugins:kind_share", "config": {"min_rows": 5}},
         ],
     }
     path = tmp_path / "pipeline.yaml"
@@ -82,7 +81,7 @@ def test_both_engines_give_the_same_run(tmp_path, ray_engine):
     assert stage_records(on_ray.manifest, tmp_path / "ray") == stage_records(local.manifest, tmp_path / "local")
     # The fixtures exercise every stage: something is dropped by each dropping stage, and quarantined.
     by_stage = local.manifest["accounting"]["dropped_by_stage_reason"]
-    assert {"dedup", "reply_words", "decontaminate", "filter", "kind_share"} <= set(by_stage)
+    assert {"dedup", "reply_words", "decontaminate", "filter"} <= set(by_stage)
     assert local.manifest["accounting"]["quarantined_by_reason"] == {"empty_content": 1, "malformed_json": 2}
 
     for record in on_ray.manifest["stages"][1:]:
@@ -108,20 +107,13 @@ def test_both_engines_give_the_same_run(tmp_path, ray_engine):
 
     # Progress: each stage on the cluster counted its rows as batches finished, up to the total.
     counted = {(stage, phase): (done, total) for stage, phase, done, total in phases}
-    assert counted[("reply_words", "rows")] == (29, 29)
-    assert counted[("mentions", "rows")] == (27, 27)
+    assert counted[("reply_words", "transform")] == (29, 29)
+    assert counted[("mentions", "transform")] == (27, 27)
     assert not list((tmp_path / "ray").rglob("*.tmp")), "the workers' parts are gone"
 
 
 def _runs_on_cluster(type_name: str) -> bool:
-    """Row-local stages and global ones with a distributed form; the rest (split, ...) on the driver.
-    Built-in stages move to the cluster as they become row-local."""
-    from curate.stage import get_stage
-
-    spec = get_stage(type_name)
-    on_cluster = spec.kind == "row" or spec.distributed is not None
-    assert on_cluster or type_name.split(":")[-1] not in RAY_STAGES
-    return on_cluster
+    return type_name.split(":")[-1] in RAY_STAGES  # split (no distributed form) runs on the driver
 
 
 def small_pipeline(tmp_path: Path, stages: list[dict]) -> Path:
@@ -131,12 +123,15 @@ def small_pipeline(tmp_path: Path, stages: list[dict]) -> Path:
     return path
 
 
-def test_cli_engine_ray_gives_the_same_bytes_whatever_the_batch_size(tmp_path, ray_engine):
+def test_ray_writes_the_local_engines_bytes_whatever_the_batch_size(tmp_path, ray_engine):
     pipeline = small_pipeline(tmp_path, [{"name": "words", "type": "engine_plugins:reply_words", "config": {"min_words": 4}}])
-    run_pipeline(pipeline, run_dir=tmp_path / "batches-of-6", report=False, engine=ray_engine)
+    run_pipeline(pipeline, run_dir=tmp_path / "local", report=False)
+    run_pipeline(pipeline, run_dir=tmp_path / "batches-of-10", report=False, engine=ray_engine)
     assert main(["run", str(pipeline), "--engine", "ray", "--quiet"]) == 0  # one batch: the default size
     for name in ("data.parquet", "dropped.parquet"):
-        assert (tmp_path / "out" / "words" / name).read_bytes() == (tmp_path / "batches-of-6" / "words" / name).read_bytes()
+        local = (tmp_path / "local" / "words" / name).read_bytes()
+        assert (tmp_path / "batches-of-10" / "words" / name).read_bytes() == local
+        assert (tmp_path / "out" / "words" / name).read_bytes() == local
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     report = manifest["stages"][1]["report"]
     assert (report["dropped"], report["min_words"], report["executed_on"]) == (2, 4, "ray")  # summarize ran on the outputs

@@ -36,13 +36,12 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from curate.atomic import atomic_path
-from curate.engines.local import LocalEngine, empty_dropped_schema
+from curate.atomic import ROW_GROUP_ROWS, atomic_path
+from curate.engines.local import DEFAULT_BATCH_ROWS, LocalEngine, ParquetAppender, empty_dropped_schema
 from curate.errors import ConfigError, CurateError, ExternalServiceError, RunStateError
 from curate.stage import StageContext, StageSpec
 from safety.redact import redact
 
-DEFAULT_BATCH_ROWS = 10_000  # rows per task; a worker holds about one batch of a stage (tag: ~25 KB per 1 KB record)
 PARTS_PREFIX = ".ray-parts."  # + 8 random chars + ".tmp": a name safety.ownership cleans after a kill
 
 
@@ -99,9 +98,10 @@ class RayEngine:
             if not kept_parts or not dropped_parts:
                 # A side no batch wrote still needs its columns: the stage's answer for no rows.
                 empty = spec.transform(pl.DataFrame(schema=schema), config, StageContext(**fields))
-            kept = _concat(parts, kept_parts, empty.kept if empty is not None else None)
-            dropped = _concat(parts, dropped_parts, _dropped_or_empty(empty))
-            _write_outputs(kept, dropped, kept_path, dropped_path)
+            # Through the local engine's writer: the same bytes as a local run, whatever the batches.
+            with atomic_path(kept_path, suffix=".parquet") as kept_tmp, atomic_path(dropped_path, suffix=".parquet") as dropped_tmp:
+                _append_parts(kept_tmp, parts, kept_parts, empty.kept if empty is not None else None, dict(ctx.input_schema or schema))
+                _append_parts(dropped_tmp, parts, dropped_parts, empty.dropped if empty is not None else None, empty_dropped_schema())
         if spec.summarize is None:
             return {}
         return dict(
@@ -113,7 +113,7 @@ class RayEngine:
         total = pl.scan_parquet(input_path, glob=False).select(pl.len()).collect().item()
         results = self._read(input_path).map_batches(transform_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
         kept_parts, dropped_parts, done = [], [], 0
-        with ctx.phase("rows", total=total) as phase:
+        with ctx.phase("transform", total=total, unit="rows") as phase:
             for written in _ordered_results(results):
                 for error_class, message in zip(written["error_class"], written["error"]):
                     if error_class is not None:
@@ -135,7 +135,7 @@ class RayEngine:
                 dropped = pl.LazyFrame(schema=empty_dropped_schema())
             else:
                 dropped = self._write_dataset(dropped_ds, parts, ctx, "writing dropped rows")
-            _write_outputs(kept, dropped, kept_path, dropped_path)
+            _sink_outputs(kept, dropped, kept_path, dropped_path)
         return dict(report)
 
     def _write_dataset(self, dataset, parts: Path, ctx: StageContext, phase_name: str) -> pl.LazyFrame:
@@ -305,9 +305,7 @@ def _parts_folder(stage_dir: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _concat(parts: Path, names: list[str], empty: pl.DataFrame | None) -> pl.LazyFrame:
-    if not names:
-        return (empty if empty is not None else pl.DataFrame()).lazy()
+def _visible(parts: Path, names: list[str]) -> list[Path]:
     paths = [parts / name for name in names]
     missing = next((path for path in paths if not path.is_file()), None)
     if missing is not None:
@@ -315,21 +313,33 @@ def _concat(parts: Path, names: list[str], empty: pl.DataFrame | None) -> pl.Laz
             f"{missing}: a part a Ray worker wrote is not visible to the driver; the run directory must be "
             "on a filesystem every node of the cluster shares"
         )
-    return pl.scan_parquet(paths, glob=False)
+    return paths
 
 
-def _dropped_or_empty(empty) -> pl.DataFrame:
-    if empty is not None and empty.dropped is not None:
-        return empty.dropped
-    return pl.DataFrame(schema=empty_dropped_schema())
+def _append_parts(target: Path, parts: Path, names: list[str], empty: pl.DataFrame | None, fallback_schema: dict) -> None:
+    """The parts, in order, into one file as the local engine writes a row stage's output (fixed row
+    groups); with no parts, the stage's columns for no rows (or the fallback, as the local engine)."""
+    appender = ParquetAppender(target)
+    for path in _visible(parts, names):
+        appender.append(pl.read_parquet(path))  # one batch in memory at a time
+    if not names and empty is not None:
+        appender.append(empty)
+    appender.close(fallback_schema=fallback_schema)
 
 
-def _write_outputs(kept: pl.LazyFrame, dropped: pl.LazyFrame, kept_path: Path, dropped_path: Path) -> None:
+def _concat(parts: Path, names: list[str], empty: pl.DataFrame | None) -> pl.LazyFrame:
+    if not names:
+        return (empty if empty is not None else pl.DataFrame()).lazy()
+    return pl.scan_parquet(_visible(parts, names), glob=False)
+
+
+def _sink_outputs(kept: pl.LazyFrame, dropped: pl.LazyFrame, kept_path: Path, dropped_path: Path) -> None:
+    """A distributed stage's outputs, written as the local engine writes a global stage's."""
     with atomic_path(kept_path, suffix=".parquet") as kept_tmp, atomic_path(dropped_path, suffix=".parquet") as dropped_tmp:
         pl.collect_all(
             [
-                kept.sink_parquet(kept_tmp, lazy=True, compression="zstd"),
-                dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd"),
+                kept.sink_parquet(kept_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
+                dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
             ],
             engine="streaming",
         )
