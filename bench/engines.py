@@ -3,10 +3,10 @@
 Corpus: `--rows` generated chat records (default 200,000, ~1 KB each: a user question and an assistant
 answer of random words from a fixed vocabulary, an e-mail address in every 7th row, a short answer in
 every 11th). Pipeline: ingest, then `pii` (redact), `tag` (no language id: its model load is the same on
-both sides) and `filter` (`chat` preset), the row-local stages. A built-in stage that is not row-local yet
-runs here in its row form: its whole-table step applied per batch (valid for these stages: each row's
-result depends only on the row), so the Ray side really runs it on the workers; the report prints where
-each stage ran.
+both sides) and `filter` (`chat` preset), the row-local stages. A stage given here that is not
+row-local runs in a row form (its whole-table step applied per batch: valid only for a stage whose
+every row's result depends on that row alone), so the Ray side runs it on the workers; the table
+prints where each stage ran.
 
 Each side runs in a process of its own (`--side`); the parent samples the memory of that process and of
 every process below it (a local Ray cluster's GCS, raylet and workers are its descendants) every 50 ms:
