@@ -79,7 +79,10 @@ class IngestOptions(StageConfig):
         description="Raw rows larger than this are quarantined as row_too_large: a single pasted log file is not a conversation.",
     )
     quarantine_raw_chars: int = Field(2_000, ge=0, le=1 << 30, description="How much of a quarantined row's raw text is kept.")
-    chunk_rows: int = Field(50_000, ge=1, le=100_000_000, description="Rows decoded per batch; bounds memory on large inputs.")
+    chunk_rows: int = Field(
+        10_000, ge=1, le=100_000_000,
+        description="Rows decoded per batch; bounds memory on large inputs (10,000 ~1 KB chat rows decode in ~100 MB; 50,000 peaked ~120 MB higher on 100k records).",
+    )
 
 
 @dataclass

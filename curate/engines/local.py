@@ -26,7 +26,7 @@ from curate.atomic import ROW_GROUP_ROWS, atomic_path
 from curate.stage import BatchOutput, StageContext, StageSpec
 from schemas import CANONICAL_SCHEMA
 
-DEFAULT_BATCH_ROWS = 10_000  # tag holds ~25 KB per 1 KB chat record of a batch: ~250 MB per batch in flight
+DEFAULT_BATCH_ROWS = 2_000  # tag holds ~25 KB per 1 KB chat record of a batch: ~50 MB per batch, three in flight
 WORKERS = 2  # the transforms are Polars-heavy and release the GIL; more threads only add memory
 
 
