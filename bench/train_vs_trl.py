@@ -149,6 +149,7 @@ def run_ours(mode: str, model_dir: str, split_dir: str, out: str, args: dict) ->
     import torch
 
     import train.loop as loop
+    import train.strategies as strategies
     from train.config import load_config
 
     torch.set_num_threads(args["threads"])
@@ -171,14 +172,14 @@ def run_ours(mode: str, model_dir: str, split_dir: str, out: str, args: dict) ->
 
         loop.add_lora = add_lora_counted
     else:
-        original = loop.pack_pairs
+        original = strategies.pack_pairs
 
         def pack_pairs_counted(*a, **k):
             batch = original(*a, **k)
             clock.add(int(len(batch.sample)))
             return batch
 
-        loop.pack_pairs = pack_pairs_counted
+        strategies.pack_pairs = pack_pairs_counted
     loop.train(config, mode, resume="never")
     return {"rate": clock.rate()}
 
