@@ -17,7 +17,9 @@ import torch
 from train.data import dpo_target_stats, load_dpo_split, load_sft_split, sft_target_stats
 from train.dpo import batch_dpo_loss, pack_pairs, pair_logps, precompute_reference_logps, reference_logps
 from train.evaluate import base_vs_adapter_sft, dpo_metrics, sft_loss
-from train.packing import pack_batch, packed_lm_loss, packing_canary, plan_dpo_packing, plan_packing
+from train.packing import (
+    PACKED_SDPA, pack_batch, packed_lm_loss, packing_canary, plan_dpo_packing, plan_packing, use_packed_sdpa, without_padding,
+)
 
 if TYPE_CHECKING:  # the run context is built by the loop
     from train.loop import RunContext
@@ -59,12 +61,16 @@ class SftStrategy:
         return splits.train_plan.target_counts(data.target_mask.numpy(), data.offsets.numpy())
 
     def check_model(self, run: RunContext) -> None:
+        use_packed_sdpa(run.model)  # attention per packed sample, not over the whole masked row
         packing_canary(run.model)  # packed samples must not see each other, before any step
 
     def micro_step(self, run: RunContext, rows, scale: float) -> dict[str, torch.Tensor]:
         batch = pack_batch(self.tokens, self.mask, self.offsets, run.splits.train_plan, rows, pad_id=run.pad_id, pad_to_multiple_of=8)
+        attn = run.model.config._attn_implementation
+        if attn == PACKED_SDPA:  # rows no longer matter: one row without the padding's compute
+            batch = without_padding(batch)
         with run.amp():
-            loss_sum, _ = packed_lm_loss(run.train_model, batch.model_inputs(run.model.config._attn_implementation), batch.labels)
+            loss_sum, _ = packed_lm_loss(run.train_model, batch.model_inputs(attn), batch.labels)
         (loss_sum * scale).backward()
         return {"loss": loss_sum.detach()}
 
