@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,15 +42,10 @@ import polars_hash  # noqa: F401  (registers the .chash namespace)
 from pydantic import Field, model_validator
 
 from curate.atomic import atomic_dir
-from curate.dedup import (
-    connected_components,
-    key_parts,
-    number_masked,
-    number_variant,
-    numbers_in,
-    similar_pairs,
-    simplify_text,
-)
+from curate.dedup import connected_components, key_hash, key_parts, simplify_text
+from curate.dedup.near_pairs import near_duplicate_pairs
+from curate.dedup.pipeline import silent_phase
+from curate.dedup.stream import work_folder
 from safety.ownership import is_owned, record
 from curate.errors import ConfigError, RunStateError
 from curate.stage import Seed, StageConfig
@@ -63,6 +60,7 @@ EXPORT_COLUMNS: dict[str, list[str]] = {
 _HASH_HEX = 13  # 52 bits: exactly representable in a float64, so the fraction is exact and stable
 _CLUSTER = "__cluster"
 _PRIOR = "__prior_split"
+_PROMPT_HASH = ["__ph1", "__ph2"]  # a prompt's sha256 as two integers (`prompt_hashes`)
 
 
 class SplitConfig(StageConfig):
@@ -128,19 +126,33 @@ def prompt_text() -> pl.Expr:
     return simplify_text(key_parts("prompt", include_system=False, preference_key="prompt")[0])
 
 
-def group_keys(rows: pl.DataFrame, config: SplitConfig) -> tuple[pl.Series, dict[str, Any]]:
-    """Each row's split group (see the module docstring), from its `_CLUSTER` and `__prompt`.
+def prompt_hashes(prompt: pl.Expr) -> list[pl.Expr]:
+    """`__ph1`, `__ph2`: the 128 bits of sha256 of a (simplified) prompt as two integers, null for an empty
+    prompt. Rows are grouped by exact prompt on these (16 B per row) instead of the texts themselves."""
+    digest = key_hash(prompt)
+    present = prompt.str.len_bytes() > 0
+    return [
+        pl.when(present).then(digest.str.slice(start, 16).str.to_integer(base=16, dtype=pl.UInt64)).alias(name)
+        for name, start in (("__ph1", 0), ("__ph2", 16))
+    ]
+
+
+def group_keys(
+    rows: pl.DataFrame, config: SplitConfig, frame: pl.LazyFrame, work_dir: Path | None = None, phase=silent_phase
+) -> tuple[pl.Series, dict[str, Any]]:
+    """Each row's split group (see the module docstring), from its `_CLUSTER` and prompt hash (`rows`,
+    in the order of `frame`, whose prompts are read again only for the near-duplicate step).
 
     Nodes are rows; edges join each row to the first row of its cluster, of its exact prompt and of every
     prompt near-duplicating its own; the group key is the smallest cluster key of the component."""
     n = rows.height
     if config.group_prompts == "off" or n == 0:
         return rows[_CLUSTER], {"group_prompts": config.group_prompts}
-    has_prompt = pl.col("__prompt").str.len_chars() > 0
+    has_prompt = pl.col("__ph1").is_not_null()
     table = rows.with_row_index("__node").select(
         pl.col(_CLUSTER),
         pl.col("__node").first().over(_CLUSTER).cast(pl.Int64).alias("cluster_first"),
-        pl.when(has_prompt).then(pl.col("__node").first().over("__prompt").cast(pl.Int64)).alias("prompt_first"),
+        pl.when(has_prompt).then(pl.col("__node").first().over(_PROMPT_HASH).cast(pl.Int64)).alias("prompt_first"),
     )
     left = [np.arange(n), np.arange(n)]
     # A row without a prompt is joined to itself only.
@@ -150,15 +162,9 @@ def group_keys(rows: pl.DataFrame, config: SplitConfig) -> tuple[pl.Series, dict
     if config.group_prompts == "near":
         # One node per distinct prompt (its first row): near-duplicate pairs among distinct prompts only.
         firsts = table.select(pl.col("prompt_first").drop_nulls().unique().sort())["prompt_first"].to_numpy()
-        prompts = rows["__prompt"].gather(firsts)
-        a, b = similar_pairs(prompts, config.prompt_threshold)
-        # As in dedup, prompts that differ only in their numbers are distinct questions ("What is 17+25?",
-        # "What is 18+25?"); without this, templated prompts chain into one group holding most rows.
-        masks = pl.select(number_masked(pl.lit(prompts)).alias("m"), numbers_in(pl.lit(prompts)).alias("n"))
-        distinct = ~number_variant(masks["m"], masks["n"], a, b)
-        a, b = a[distinct], b[distinct]
-        left.append(firsts[a])
-        right.append(firsts[b])
+        a, b = near_prompt_pairs(frame, firsts, config.prompt_threshold, work_dir, phase)
+        left.append(a)
+        right.append(b)
         near_pairs = len(a)
     labels = connected_components(n, np.concatenate(left), np.concatenate(right))
     keys = (
@@ -176,28 +182,54 @@ def group_keys(rows: pl.DataFrame, config: SplitConfig) -> tuple[pl.Series, dict
     return keys, report
 
 
+def near_prompt_pairs(
+    frame: pl.LazyFrame, firsts: np.ndarray, threshold: float, work_dir: Path | None, phase
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs `(first row of a prompt, first row of a near-duplicate prompt)`, out of core: the distinct
+    prompts (the rows `firsts`, ascending) are written to a Parquet file in a work folder of our own
+    (under `work_dir`, the stage's folder, else the system's temp folder; removed at the end), and
+    `near_duplicate_pairs` finds their pairs in bounded memory. As in dedup, prompts that differ only in
+    their numbers ("What is 17+25?", "What is 18+25?") are distinct questions; without this, templated
+    prompts chain into one group holding most rows."""
+    work = work_folder(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="curate-split."))
+    try:
+        path = work / "prompts.parquet"
+        wanted = pl.Series(firsts, dtype=pl.UInt32).implode()
+        (
+            frame.with_row_index("node")
+            .filter(pl.col("node").is_in(wanted))
+            .select("node", prompt_text().alias("prompt"))
+            .sink_parquet(path, row_group_size=10_000, engine="streaming")
+        )
+        nodes = pl.read_parquet(path, columns=["node"])["node"].to_numpy().astype(np.int64)
+        a, b = near_duplicate_pairs(path, "prompt", threshold, work, phase=phase)
+        return nodes[a], nodes[b]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def read_previous_splits(folder: Path) -> pl.DataFrame:
-    """Rows of earlier exports: `id`, `dup_cluster` (string, may be null), `split`, `kind` and `__prompt`
-    (their prompt as `prompt_text` gives it, so a new row asking an earlier prompt joins its split)."""
+    """Rows of earlier exports: `id`, `dup_cluster` (string, may be null), `split`, `kind` and the hash of
+    their prompt as `prompt_text` gives it (`prompt_hashes`: a new row asking an earlier prompt joins its
+    split). Each shard is scanned for these columns only: the messages are read, never held."""
     frames = []
     for kind, sub in KIND_FOLDERS.items():
         for split in SPLITS:
             for path in sorted((folder / sub).glob(f"{split}-*.parquet")):
-                shard = pl.read_parquet(path, glob=False)
-                cluster = (
-                    pl.col("dup_cluster").cast(pl.String) if "dup_cluster" in shard.columns else pl.lit(None, pl.String)
-                )
+                shard = pl.scan_parquet(path, glob=False)
+                schema = shard.collect_schema()
+                cluster = pl.col("dup_cluster").cast(pl.String) if "dup_cluster" in schema else pl.lit(None, pl.String)
                 # A shard holds only its own kind's message column; prompt_text() reads both.
                 mine, other = ("messages", "prompt") if kind == "sft" else ("prompt", "messages")
-                prompt = pl.lit("")
-                if mine in shard.columns:
-                    if other not in shard.columns:
-                        shard = shard.with_columns(pl.lit(None).cast(shard.schema[mine]).alias(other))
-                    prompt = prompt_text().fill_null("")
+                hashes = [pl.lit(None, pl.UInt64).alias(name) for name in _PROMPT_HASH]
+                if mine in schema:
+                    if other not in schema:
+                        shard = shard.with_columns(pl.lit(None).cast(schema[mine]).alias(other))
+                    hashes = prompt_hashes(prompt_text().fill_null(""))
                 frames.append(
-                    shard.with_columns(pl.lit(kind).alias("kind")).select(
-                        pl.col("id"), cluster.alias("dup_cluster"), pl.lit(split).alias("split"), pl.col("kind"), prompt.alias("__prompt")
-                    )
+                    shard.with_columns(pl.lit(kind).alias("kind"))
+                    .select(pl.col("id"), cluster.alias("dup_cluster"), pl.lit(split).alias("split"), pl.col("kind"), *hashes)
+                    .collect()
                 )
     if not frames:
         raise RunStateError(f"{folder}: previous_splits holds no sft/ or pref/ <split>-*.parquet shards")
@@ -224,10 +256,10 @@ def _prior_cluster_splits(rows: pl.DataFrame, previous: pl.DataFrame) -> tuple[p
     )
     # A new row asking an earlier row's prompt (a new answer to a validation question) follows that
     # prompt's split: otherwise the prompt would be trained on and validated on (exact prompts only).
-    prompts = previous.filter(pl.col("__prompt").str.len_chars() > 0).group_by("__prompt", "split").agg(pl.len().alias("n"))
+    prompts = previous.drop_nulls(_PROMPT_HASH).group_by(*_PROMPT_HASH, "split").agg(pl.len().alias("n"))
     via_prompt = (
-        rows.filter(pl.col("__prompt").str.len_chars() > 0)
-        .join(prompts, on="__prompt", how="inner")
+        rows.drop_nulls(_PROMPT_HASH)
+        .join(prompts, on=_PROMPT_HASH, how="inner")
         .group_by(_CLUSTER, "split")
         .agg(pl.col("n").sum())
         .select(_CLUSTER, pl.col("split").alias(_PRIOR), pl.col("n").cast(pl.UInt32))
@@ -242,16 +274,9 @@ def _prior_cluster_splits(rows: pl.DataFrame, previous: pl.DataFrame) -> tuple[p
     return by_id, cluster_prior, conflicts
 
 
-def assign_splits(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Add a `split` column to every row (nothing dropped); returns the frame and a report."""
-    rows, report = split_assignment(frame, config, seed)
-    return rows.collect(), report
-
-
-def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tuple[pl.LazyFrame, dict[str, Any]]:
-    """The lazy form of :func:`assign_splits`: only the key columns (id, kind, cluster, stratum) are
-    collected to decide the splits; the full rows are joined to the decision lazily."""
-    columns = frame.collect_schema().names()
+def _key_rows(frame: pl.LazyFrame, config: SplitConfig, columns: list[str]) -> pl.DataFrame:
+    """What the decision needs of every row, collected by the streaming engine (the messages are read
+    batch by batch, never held): id, kind, cluster key, stratum and the prompt's hash."""
     if config.stratify_by not in (None, "source") and config.stratify_by not in columns:
         raise ConfigError(f"split: stratify_by column {config.stratify_by!r} is not in the data")
     stratum = (
@@ -261,28 +286,48 @@ def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tup
         if config.stratify_by == "source"
         else pl.col(config.stratify_by)
     ).cast(pl.String).fill_null("")
+    return (
+        frame.select(
+            "id",
+            "kind",
+            cluster_key(columns, config.cluster_column).alias(_CLUSTER),
+            stratum.alias("__stratum"),
+            prompt_text().alias("__prompt"),
+        )
+        .select(pl.exclude("__prompt"), *prompt_hashes(pl.col("__prompt")))
+        .collect(engine="streaming")
+    )
 
-    rows = frame.select(
-        "id",
-        "kind",
-        cluster_key(columns, config.cluster_column).alias(_CLUSTER),
-        stratum.alias("__stratum"),
-        prompt_text().alias("__prompt"),
-    ).collect()
-    groups, group_report = group_keys(rows, config)
-    prompts = rows["__prompt"]
-    rows = rows.drop("__prompt").with_columns(groups.alias(_CLUSTER)).with_row_index("__split_row")
+
+def assign_splits(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Add a `split` column to every row (nothing dropped); returns the frame and a report."""
+    rows, report = split_assignment(frame, config, seed)
+    return rows.collect(), report
+
+
+def split_assignment(
+    frame: pl.LazyFrame, config: SplitConfig, seed: int, work_dir: Path | None = None, phase=silent_phase
+) -> tuple[pl.LazyFrame, dict[str, Any]]:
+    """The lazy form of :func:`assign_splits`: only the key columns (id, kind, cluster, stratum and a
+    prompt hash, ~150 B per row) are collected to decide the splits; the prompts themselves are grouped
+    out of core (`near_prompt_pairs`, work files under `work_dir`), and the full rows are joined to the
+    decision lazily. `phase` reports the counted phases (`StageContext.phase`)."""
+    columns = frame.collect_schema().names()
+    rows = _key_rows(frame, config, columns)
+    groups, group_report = group_keys(rows, config, frame, work_dir, phase)
+    rows = rows.with_columns(groups.alias(_CLUSTER)).with_row_index("__split_row")
 
     report: dict[str, Any] = {"seed": seed, "cluster_column": config.cluster_column if config.cluster_column in columns else "id"}
     report["grouping"] = group_report
     prior_row = None
     if config.previous_splits:
         previous = read_previous_splits(Path(config.previous_splits))
-        by_id, cluster_prior, conflicts = _prior_cluster_splits(rows.select("id", _CLUSTER, prompts), previous)
+        by_id, cluster_prior, conflicts = _prior_cluster_splits(rows.select("id", _CLUSTER, *_PROMPT_HASH), previous)
         prior_row = by_id
         report["previous"] = {"rows": previous.height, "cluster_conflicts": conflicts}
     else:
         cluster_prior = pl.DataFrame(schema={_CLUSTER: pl.String, "__cluster_prior": pl.String})
+    rows = rows.drop(_PROMPT_HASH)
 
     clusters = (
         rows.group_by(_CLUSTER)

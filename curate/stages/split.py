@@ -43,5 +43,5 @@ def _export(kept: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> dict[
 def split_stage(frame: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> StageOutput:
     """Assign train/validation/test by group (dup_cluster joined with same or near-duplicate prompts) and export sft/ and pref/."""
     ctx.progress("assigning splits by cluster")
-    rows, report = split_assignment(frame, _resolved(config, ctx), _seed(config, ctx))
+    rows, report = split_assignment(frame, _resolved(config, ctx), _seed(config, ctx), work_dir=ctx.stage_dir, phase=ctx.phase)
     return StageOutput(kept=rows, dropped=None, report=report)
