@@ -201,7 +201,7 @@ def near_prompt_pairs(
             .select("node", prompt_text().alias("prompt"))
             .sink_parquet(path, row_group_size=10_000, engine="streaming")
         )
-        nodes = pl.read_parquet(path, columns=["node"])["node"].to_numpy().astype(np.int64)
+        nodes = pl.read_parquet(path, columns=["node"], glob=False)["node"].to_numpy().astype(np.int64)
         a, b = near_duplicate_pairs(path, "prompt", threshold, work, phase=phase)
         return nodes[a], nodes[b]
     finally:

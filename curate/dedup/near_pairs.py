@@ -101,7 +101,7 @@ def _candidates(work: Path, max_bucket_pairs: int) -> tuple[np.ndarray, np.ndarr
     `stream.candidates_by_band`, without its survivor filter (every text takes part)."""
     merged = np.empty(0, np.uint64)
     for path in sorted((work / "bands").glob("*.parquet")):
-        left, right = candidate_pairs(pl.read_parquet(path), max_bucket_pairs)
+        left, right = candidate_pairs(pl.read_parquet(path, glob=False), max_bucket_pairs)
         merged = sorted_unique(np.concatenate([merged, (left.astype(np.uint64) << np.uint64(32)) | right.astype(np.uint64)]))
     return (merged >> np.uint64(32)).astype(np.int64), (merged & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
