@@ -81,16 +81,16 @@ def test_the_fixture_has_pairs_number_variants_and_a_capped_bucket():
 
 def test_out_of_core_pairs_equal_the_in_memory_ones_in_small_batches(tmp_path):
     texts = PROMPTS + TEMPLATED
-    for threshold in (0.7, 0.5):
-        for distinct in (True, False):
-            work = tmp_path / f"work-{threshold}-{distinct}"
-            work.mkdir()
-            left, right = near_duplicate_pairs(
-                _write(tmp_path, texts), "prompt", threshold, work, distinct_number_variants=distinct, batch_rows=5, verify_pairs=3
-            )
-            expected = _reference(texts, threshold, distinct)
-            np.testing.assert_array_equal(left, expected[0])
-            np.testing.assert_array_equal(right, expected[1])
+    # Steps of 40 hashes: every pair is a step of its own and its sets are read from several blocks.
+    for threshold, distinct, step_values in ((0.7, True, 40), (0.7, False, 40), (0.5, True, 10**6), (0.5, False, 40)):
+        work = tmp_path / f"work-{threshold}-{distinct}-{step_values}"
+        work.mkdir()
+        left, right = near_duplicate_pairs(
+            _write(tmp_path, texts), "prompt", threshold, work, distinct_number_variants=distinct, batch_rows=5, step_values=step_values
+        )
+        expected = _reference(texts, threshold, distinct)
+        np.testing.assert_array_equal(left, expected[0])
+        np.testing.assert_array_equal(right, expected[1])
 
 
 def test_empty_and_pairless_inputs(tmp_path):
