@@ -41,7 +41,7 @@ import polars as pl
 import polars_hash  # noqa: F401  (registers the .chash namespace)
 from pydantic import Field, model_validator
 
-from curate.atomic import atomic_dir
+from curate.atomic import ROW_GROUP_ROWS, atomic_dir
 from curate.dedup import connected_components, key_hash, key_parts, simplify_text
 from curate.dedup.near_pairs import near_duplicate_pairs
 from curate.dedup.pipeline import silent_phase
@@ -441,11 +441,12 @@ def split_assignment(
 # ---------------------------------------------------------------- export
 
 
-def export_frame(rows: pl.DataFrame, kind: str, cluster_column: str, extra_columns: list[str]) -> pl.DataFrame:
-    """Project rows of one kind onto the exported columns (dup_cluster as a string, id if unknown)."""
-    subset = rows.filter(pl.col("kind") == kind)
-    cluster = cluster_key(subset.columns, cluster_column).alias("dup_cluster")
-    missing = [column for column in extra_columns if column not in subset.columns]
+def export_frame(rows: pl.LazyFrame | pl.DataFrame, kind: str, cluster_column: str, extra_columns: list[str]) -> pl.LazyFrame:
+    """Project rows of one kind onto the exported columns (dup_cluster as a string, id if unknown), lazily."""
+    subset = rows.lazy().filter(pl.col("kind") == kind)
+    columns = subset.collect_schema().names()
+    cluster = cluster_key(columns, cluster_column).alias("dup_cluster")
+    missing = [column for column in extra_columns if column not in columns]
     if missing:
         raise ConfigError(f"split: extra_columns {missing} are not in the data")
     return subset.select(*[c for c in EXPORT_COLUMNS[kind] if c != "dup_cluster"], cluster, *extra_columns, "split")
@@ -455,7 +456,7 @@ def _previous_rows(folder: Path, kind: str) -> pl.DataFrame | None:
     return read_exported(folder / KIND_FOLDERS[kind])
 
 
-def _source_key(frame: pl.DataFrame) -> pl.DataFrame:
+def _source_key(frame: pl.LazyFrame) -> pl.LazyFrame:
     return frame.select(
         "id",
         pl.col("source").struct.field("file").alias("__file"),
@@ -467,27 +468,39 @@ def shard_name(split: str, index: int, total: int) -> str:
     return f"{split}-{index:05d}-of-{total:05d}.parquet"
 
 
-def write_split_folder(folder: Path, data: pl.DataFrame, max_shard_rows: int, save_to_disk: bool, card: str) -> list[str]:
+def split_counts(data: pl.LazyFrame | pl.DataFrame) -> dict[str, int]:
+    """Rows per split (every split named, 0 where empty), from the `split` column alone."""
+    counts = dict(data.lazy().group_by("split").len().collect().iter_rows())
+    return {split: int(counts.get(split, 0)) for split in SPLITS}
+
+
+def write_split_folder(
+    folder: Path, data: pl.LazyFrame | pl.DataFrame, max_shard_rows: int, save_to_disk: bool, card: str
+) -> list[str]:
     """Write one dataset folder atomically: shards per split, the card, and optionally a save_to_disk
     copy. An empty split gets no shard (`datasets` cannot load an empty Parquet split); returns the
-    splits written."""
-    written = []
+    splits written.
+
+    Each shard is streamed from `data` (lazy) into row groups of `ROW_GROUP_ROWS` rows, so memory holds
+    a row group, not a shard (a shard written as one row group must be buffered whole by any writer).
+    The `save_to_disk` copy is built from each split collected in memory: `datasets` needs it."""
+    data = data.lazy()
+    counts = split_counts(data)
+    written = [split for split in SPLITS if counts[split]]
     with atomic_dir(folder) as tmp:
-        for split in SPLITS:
+        for split in written:
             part = data.filter(pl.col("split") == split).drop("split")
-            if part.is_empty():
-                continue
-            written.append(split)
-            total = -(-part.height // max_shard_rows)
+            total = -(-counts[split] // max_shard_rows)
             for index in range(total):
-                shard = part.slice(index * max_shard_rows, max_shard_rows)
-                shard.write_parquet(tmp / shard_name(split, index, total), compression="zstd", statistics=True)
+                part.slice(index * max_shard_rows, max_shard_rows).sink_parquet(
+                    tmp / shard_name(split, index, total), compression="zstd", statistics=True, row_group_size=ROW_GROUP_ROWS
+                )
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if save_to_disk and written:
             import datasets
 
             dataset_dict = datasets.DatasetDict(
-                {split: datasets.Dataset(data.filter(pl.col("split") == split).drop("split").to_arrow()) for split in written}
+                {split: datasets.Dataset(data.filter(pl.col("split") == split).drop("split").collect().to_arrow()) for split in written}
             )
             dataset_dict.save_to_disk(str(tmp / "hf_dataset"))
     return written
@@ -499,18 +512,21 @@ def _config_hash(payload: Any) -> str:
 
 def dataset_card(
     kind: str,
-    data: pl.DataFrame,
+    data: pl.LazyFrame | pl.DataFrame,
     config: SplitConfig,
     seed: int,
     manifest: dict[str, Any] | None,
     stage_name: str,
 ) -> str:
     """README.md for one exported folder: HF front matter (license, configs), counts, sources, the
-    stages applied with their configs (filters and thresholds), and config hashes."""
-    counts = {split: int(data.filter(pl.col("split") == split).height) for split in SPLITS}
+    stages applied with their configs (filters and thresholds), and config hashes. Reads only the
+    `split` and `source` columns of a lazy `data`."""
+    data = data.lazy()
+    counts = split_counts(data)
     sources = (
         data.group_by(pl.col("source").struct.field("file").alias("file"), "split")
         .len()
+        .collect()
         .pivot(on="split", index="file", values="len")
         .fill_null(0)
         .sort("file")
@@ -530,7 +546,7 @@ def dataset_card(
     lines += [
         f"Conversational {fmt} in TRL's format, with `id`, `source` and `dup_cluster` (near-duplicate",
         "cluster; every cluster lies in exactly one split).",
-        *_carried_columns_line(data, kind),
+        *_carried_columns_line(data.collect_schema(), kind),
         "",
         "```python",
         "from datasets import load_dataset",
@@ -578,11 +594,11 @@ def dataset_card(
     return "\n".join(lines) + "\n"
 
 
-def _carried_columns_line(data: pl.DataFrame, kind: str) -> list[str]:
+def _carried_columns_line(schema: pl.Schema, kind: str) -> list[str]:
     """The input columns the split carries besides the canonical ones (`extra_columns`), struct fields named."""
-    extra = [name for name in data.columns if name not in EXPORT_COLUMNS[kind] and name != "split"]
+    extra = [name for name in schema.names() if name not in EXPORT_COLUMNS[kind] and name != "split"]
     described = [
-        f"`{name}` ({', '.join(data.schema[name].to_schema())})" if isinstance(data.schema[name], pl.Struct) else f"`{name}`"
+        f"`{name}` ({', '.join(schema[name].to_schema())})" if isinstance(schema[name], pl.Struct) else f"`{name}`"
         for name in extra
     ]
     return ["", "Carried input columns: " + ", ".join(described) + "."] if extra else []
@@ -673,33 +689,21 @@ def refresh_dataset_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]
 
 
 def export_splits(
-    rows: pl.DataFrame,
+    rows: pl.LazyFrame | pl.DataFrame,
     out_dir: Path,
     config: SplitConfig,
     seed: int,
     stage_name: str = "split",
 ) -> dict[str, Any]:
-    """Write `out_dir/sft` and `out_dir/pref`; returns counts per folder and split."""
+    """Write `out_dir/sft` and `out_dir/pref` from the rows with their `split` (lazy: a scan of the
+    stage's output is streamed into the shards, never collected); returns counts per folder and split."""
     manifest = None  # the run's manifest is written after all stages: refresh_dataset_cards adds it
     report: dict[str, Any] = {"folders": {}}
     for kind, sub in KIND_FOLDERS.items():
         data = export_frame(rows, kind, config.cluster_column, config.extra_columns)
         carried = 0
         if config.previous_splits and config.include_previous:
-            previous = _previous_rows(Path(config.previous_splits), kind)
-            if previous is not None and previous.height:
-                previous = previous.select([column for column in data.columns if column in previous.columns])
-                # Earlier rows that are not in this input (same id, file and row) are carried over as-is.
-                absent = (
-                    previous.with_columns(
-                        pl.col("source").struct.field("file").alias("__file"),
-                        pl.col("source").struct.field("row").alias("__row"),
-                    )
-                    .join(_source_key(data), on=["id", "__file", "__row"], how="anti", maintain_order="left")
-                    .drop("__file", "__row")
-                )
-                carried = absent.height
-                data = pl.concat([absent, data], how="diagonal_relaxed")
+            data, carried = _with_previous_rows(data, Path(config.previous_splits), kind)
         card = dataset_card(kind, data, config, seed, manifest, stage_name)
         if is_owned(out_dir, "curate"):
             record(out_dir, sub)  # in a run dir: this run's export (an earlier config's is removed as stale)
@@ -707,7 +711,27 @@ def export_splits(
         report["folders"][sub] = {
             "path": str(out_dir / sub),
             "splits_written": written,
-            "counts": {split: int(data.filter(pl.col("split") == split).height) for split in SPLITS},
+            "counts": split_counts(data),
             "carried_from_previous": carried,
         }
     return report
+
+
+def _with_previous_rows(data: pl.LazyFrame, folder: Path, kind: str) -> tuple[pl.LazyFrame, int]:
+    """`data` preceded by the earlier export's rows that are not in this input (same id, file and row),
+    carried over as-is, and their count. The earlier export is read into memory (its rows are
+    concatenated with this run's): bounded by what was exported before, not streamed."""
+    previous = _previous_rows(folder, kind)
+    if previous is None or not previous.height:
+        return data, 0
+    columns = data.collect_schema().names()
+    previous = previous.select([column for column in columns if column in previous.columns])
+    absent = (
+        previous.with_columns(
+            pl.col("source").struct.field("file").alias("__file"),
+            pl.col("source").struct.field("row").alias("__row"),
+        )
+        .join(_source_key(data).collect(), on=["id", "__file", "__row"], how="anti", maintain_order="left")
+        .drop("__file", "__row")
+    )
+    return pl.concat([absent.lazy(), data], how="diagonal_relaxed"), absent.height
