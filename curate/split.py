@@ -196,12 +196,12 @@ def near_prompt_pairs(
         path = work / "prompts.parquet"
         wanted = pl.Series(firsts, dtype=pl.UInt32).implode()
         (
-            frame.with_row_index("node")
-            .filter(pl.col("node").is_in(wanted))
-            .select("node", prompt_text().alias("prompt"))
-            .sink_parquet(path, row_group_size=10_000, engine="streaming")
+            frame.with_row_index("__node")
+            .filter(pl.col("__node").is_in(wanted))
+            .select("__node", prompt_text().alias("prompt"))
+            .sink_parquet(path, row_group_size=ROW_GROUP_ROWS, engine="streaming")
         )
-        nodes = pl.read_parquet(path, columns=["node"], glob=False)["node"].to_numpy().astype(np.int64)
+        nodes = pl.read_parquet(path, columns=["__node"], glob=False)["__node"].to_numpy().astype(np.int64)
         a, b = near_duplicate_pairs(path, "prompt", threshold, work, phase=phase)
         return nodes[a], nodes[b]
     finally:
@@ -650,14 +650,20 @@ def pipeline_card_lines(manifest: dict[str, Any], stage_name: str) -> list[str]:
     return lines
 
 
-def read_exported(folder: Path) -> pl.DataFrame | None:
-    """The rows of an exported folder, with `split` taken from the shard names."""
+def scan_exported(folder: Path) -> pl.LazyFrame | None:
+    """The rows of an exported folder, lazily, with `split` taken from the shard names."""
     frames = [
-        pl.read_parquet(path, glob=False).with_columns(pl.lit(split).alias("split"))
+        pl.scan_parquet(path, glob=False).with_columns(pl.lit(split).alias("split"))
         for split in SPLITS
         for path in sorted(folder.glob(f"{split}-*.parquet"))
     ]
     return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+
+def read_exported(folder: Path) -> pl.DataFrame | None:
+    """The rows of an exported folder, with `split` taken from the shard names (in memory)."""
+    frames = scan_exported(folder)
+    return frames.collect() if frames is not None else None
 
 
 def refresh_dataset_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]:
@@ -679,7 +685,7 @@ def refresh_dataset_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]
     seed = config.seed if config.seed is not None else int(pipeline_seed or 0)
     written = []
     for kind, sub in KIND_FOLDERS.items():
-        data = read_exported(run_dir / sub)
+        data = scan_exported(run_dir / sub)  # the card reads its split and source columns only
         if data is None or not (run_dir / sub / "README.md").exists() or not is_owned(run_dir / sub, "curate"):
             continue
         target = run_dir / sub / "README.md"
