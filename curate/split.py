@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,16 +41,11 @@ import polars as pl
 import polars_hash  # noqa: F401  (registers the .chash namespace)
 from pydantic import Field, model_validator
 
-from curate.atomic import atomic_dir
-from curate.dedup import (
-    connected_components,
-    key_parts,
-    number_masked,
-    number_variant,
-    numbers_in,
-    similar_pairs,
-    simplify_text,
-)
+from curate.atomic import ROW_GROUP_ROWS, atomic_dir
+from curate.dedup import connected_components, key_hash, key_parts, simplify_text
+from curate.dedup.near_pairs import near_duplicate_pairs
+from curate.dedup.pipeline import silent_phase
+from curate.dedup.stream import work_folder
 from safety.ownership import is_owned, record
 from curate.errors import ConfigError, RunStateError
 from curate.stage import Seed, StageConfig
@@ -63,6 +60,7 @@ EXPORT_COLUMNS: dict[str, list[str]] = {
 _HASH_HEX = 13  # 52 bits: exactly representable in a float64, so the fraction is exact and stable
 _CLUSTER = "__cluster"
 _PRIOR = "__prior_split"
+_PROMPT_HASH = ["__ph1", "__ph2"]  # a prompt's sha256 as two integers (`prompt_hashes`)
 
 
 class SplitConfig(StageConfig):
@@ -128,19 +126,33 @@ def prompt_text() -> pl.Expr:
     return simplify_text(key_parts("prompt", include_system=False, preference_key="prompt")[0])
 
 
-def group_keys(rows: pl.DataFrame, config: SplitConfig) -> tuple[pl.Series, dict[str, Any]]:
-    """Each row's split group (see the module docstring), from its `_CLUSTER` and `__prompt`.
+def prompt_hashes(prompt: pl.Expr) -> list[pl.Expr]:
+    """`__ph1`, `__ph2`: the 128 bits of sha256 of a (simplified) prompt as two integers, null for an empty
+    prompt. Rows are grouped by exact prompt on these (16 B per row) instead of the texts themselves."""
+    digest = key_hash(prompt)
+    present = prompt.str.len_bytes() > 0
+    return [
+        pl.when(present).then(digest.str.slice(start, 16).str.to_integer(base=16, dtype=pl.UInt64)).alias(name)
+        for name, start in (("__ph1", 0), ("__ph2", 16))
+    ]
+
+
+def group_keys(
+    rows: pl.DataFrame, config: SplitConfig, frame: pl.LazyFrame, work_dir: Path | None = None, phase=silent_phase
+) -> tuple[pl.Series, dict[str, Any]]:
+    """Each row's split group (see the module docstring), from its `_CLUSTER` and prompt hash (`rows`,
+    in the order of `frame`, whose prompts are read again only for the near-duplicate step).
 
     Nodes are rows; edges join each row to the first row of its cluster, of its exact prompt and of every
     prompt near-duplicating its own; the group key is the smallest cluster key of the component."""
     n = rows.height
     if config.group_prompts == "off" or n == 0:
         return rows[_CLUSTER], {"group_prompts": config.group_prompts}
-    has_prompt = pl.col("__prompt").str.len_chars() > 0
+    has_prompt = pl.col("__ph1").is_not_null()
     table = rows.with_row_index("__node").select(
         pl.col(_CLUSTER),
         pl.col("__node").first().over(_CLUSTER).cast(pl.Int64).alias("cluster_first"),
-        pl.when(has_prompt).then(pl.col("__node").first().over("__prompt").cast(pl.Int64)).alias("prompt_first"),
+        pl.when(has_prompt).then(pl.col("__node").first().over(_PROMPT_HASH).cast(pl.Int64)).alias("prompt_first"),
     )
     left = [np.arange(n), np.arange(n)]
     # A row without a prompt is joined to itself only.
@@ -150,15 +162,9 @@ def group_keys(rows: pl.DataFrame, config: SplitConfig) -> tuple[pl.Series, dict
     if config.group_prompts == "near":
         # One node per distinct prompt (its first row): near-duplicate pairs among distinct prompts only.
         firsts = table.select(pl.col("prompt_first").drop_nulls().unique().sort())["prompt_first"].to_numpy()
-        prompts = rows["__prompt"].gather(firsts)
-        a, b = similar_pairs(prompts, config.prompt_threshold)
-        # As in dedup, prompts that differ only in their numbers are distinct questions ("What is 17+25?",
-        # "What is 18+25?"); without this, templated prompts chain into one group holding most rows.
-        masks = pl.select(number_masked(pl.lit(prompts)).alias("m"), numbers_in(pl.lit(prompts)).alias("n"))
-        distinct = ~number_variant(masks["m"], masks["n"], a, b)
-        a, b = a[distinct], b[distinct]
-        left.append(firsts[a])
-        right.append(firsts[b])
+        a, b = near_prompt_pairs(frame, firsts, config.prompt_threshold, work_dir, phase)
+        left.append(a)
+        right.append(b)
         near_pairs = len(a)
     labels = connected_components(n, np.concatenate(left), np.concatenate(right))
     keys = (
@@ -176,28 +182,54 @@ def group_keys(rows: pl.DataFrame, config: SplitConfig) -> tuple[pl.Series, dict
     return keys, report
 
 
+def near_prompt_pairs(
+    frame: pl.LazyFrame, firsts: np.ndarray, threshold: float, work_dir: Path | None, phase
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs `(first row of a prompt, first row of a near-duplicate prompt)`, out of core: the distinct
+    prompts (the rows `firsts`, ascending) are written to a Parquet file in a work folder of our own
+    (under `work_dir`, the stage's folder, else the system's temp folder; removed at the end), and
+    `near_duplicate_pairs` finds their pairs in bounded memory. As in dedup, prompts that differ only in
+    their numbers ("What is 17+25?", "What is 18+25?") are distinct questions; without this, templated
+    prompts chain into one group holding most rows."""
+    work = work_folder(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="curate-split."))
+    try:
+        path = work / "prompts.parquet"
+        wanted = pl.Series(firsts, dtype=pl.UInt32).implode()
+        (
+            frame.with_row_index("__node")
+            .filter(pl.col("__node").is_in(wanted))
+            .select("__node", prompt_text().alias("prompt"))
+            .sink_parquet(path, row_group_size=ROW_GROUP_ROWS, engine="streaming")
+        )
+        nodes = pl.read_parquet(path, columns=["__node"], glob=False)["__node"].to_numpy().astype(np.int64)
+        a, b = near_duplicate_pairs(path, "prompt", threshold, work, phase=phase)
+        return nodes[a], nodes[b]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def read_previous_splits(folder: Path) -> pl.DataFrame:
-    """Rows of earlier exports: `id`, `dup_cluster` (string, may be null), `split`, `kind` and `__prompt`
-    (their prompt as `prompt_text` gives it, so a new row asking an earlier prompt joins its split)."""
+    """Rows of earlier exports: `id`, `dup_cluster` (string, may be null), `split`, `kind` and the hash of
+    their prompt as `prompt_text` gives it (`prompt_hashes`: a new row asking an earlier prompt joins its
+    split). Each shard is scanned for these columns only: the messages are read, never held."""
     frames = []
     for kind, sub in KIND_FOLDERS.items():
         for split in SPLITS:
             for path in sorted((folder / sub).glob(f"{split}-*.parquet")):
-                shard = pl.read_parquet(path, glob=False)
-                cluster = (
-                    pl.col("dup_cluster").cast(pl.String) if "dup_cluster" in shard.columns else pl.lit(None, pl.String)
-                )
+                shard = pl.scan_parquet(path, glob=False)
+                schema = shard.collect_schema()
+                cluster = pl.col("dup_cluster").cast(pl.String) if "dup_cluster" in schema else pl.lit(None, pl.String)
                 # A shard holds only its own kind's message column; prompt_text() reads both.
                 mine, other = ("messages", "prompt") if kind == "sft" else ("prompt", "messages")
-                prompt = pl.lit("")
-                if mine in shard.columns:
-                    if other not in shard.columns:
-                        shard = shard.with_columns(pl.lit(None).cast(shard.schema[mine]).alias(other))
-                    prompt = prompt_text().fill_null("")
+                hashes = [pl.lit(None, pl.UInt64).alias(name) for name in _PROMPT_HASH]
+                if mine in schema:
+                    if other not in schema:
+                        shard = shard.with_columns(pl.lit(None).cast(schema[mine]).alias(other))
+                    hashes = prompt_hashes(prompt_text().fill_null(""))
                 frames.append(
-                    shard.with_columns(pl.lit(kind).alias("kind")).select(
-                        pl.col("id"), cluster.alias("dup_cluster"), pl.lit(split).alias("split"), pl.col("kind"), prompt.alias("__prompt")
-                    )
+                    shard.with_columns(pl.lit(kind).alias("kind"))
+                    .select(pl.col("id"), cluster.alias("dup_cluster"), pl.lit(split).alias("split"), pl.col("kind"), *hashes)
+                    .collect()
                 )
     if not frames:
         raise RunStateError(f"{folder}: previous_splits holds no sft/ or pref/ <split>-*.parquet shards")
@@ -224,10 +256,10 @@ def _prior_cluster_splits(rows: pl.DataFrame, previous: pl.DataFrame) -> tuple[p
     )
     # A new row asking an earlier row's prompt (a new answer to a validation question) follows that
     # prompt's split: otherwise the prompt would be trained on and validated on (exact prompts only).
-    prompts = previous.filter(pl.col("__prompt").str.len_chars() > 0).group_by("__prompt", "split").agg(pl.len().alias("n"))
+    prompts = previous.drop_nulls(_PROMPT_HASH).group_by(*_PROMPT_HASH, "split").agg(pl.len().alias("n"))
     via_prompt = (
-        rows.filter(pl.col("__prompt").str.len_chars() > 0)
-        .join(prompts, on="__prompt", how="inner")
+        rows.drop_nulls(_PROMPT_HASH)
+        .join(prompts, on=_PROMPT_HASH, how="inner")
         .group_by(_CLUSTER, "split")
         .agg(pl.col("n").sum())
         .select(_CLUSTER, pl.col("split").alias(_PRIOR), pl.col("n").cast(pl.UInt32))
@@ -242,16 +274,9 @@ def _prior_cluster_splits(rows: pl.DataFrame, previous: pl.DataFrame) -> tuple[p
     return by_id, cluster_prior, conflicts
 
 
-def assign_splits(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Add a `split` column to every row (nothing dropped); returns the frame and a report."""
-    rows, report = split_assignment(frame, config, seed)
-    return rows.collect(), report
-
-
-def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tuple[pl.LazyFrame, dict[str, Any]]:
-    """The lazy form of :func:`assign_splits`: only the key columns (id, kind, cluster, stratum) are
-    collected to decide the splits; the full rows are joined to the decision lazily."""
-    columns = frame.collect_schema().names()
+def _key_rows(frame: pl.LazyFrame, config: SplitConfig, columns: list[str]) -> pl.DataFrame:
+    """What the decision needs of every row, collected by the streaming engine (the messages are read
+    batch by batch, never held): id, kind, cluster key, stratum and the prompt's hash."""
     if config.stratify_by not in (None, "source") and config.stratify_by not in columns:
         raise ConfigError(f"split: stratify_by column {config.stratify_by!r} is not in the data")
     stratum = (
@@ -261,28 +286,48 @@ def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tup
         if config.stratify_by == "source"
         else pl.col(config.stratify_by)
     ).cast(pl.String).fill_null("")
+    return (
+        frame.select(
+            "id",
+            "kind",
+            cluster_key(columns, config.cluster_column).alias(_CLUSTER),
+            stratum.alias("__stratum"),
+            prompt_text().alias("__prompt"),
+        )
+        .select(pl.exclude("__prompt"), *prompt_hashes(pl.col("__prompt")))
+        .collect(engine="streaming")
+    )
 
-    rows = frame.select(
-        "id",
-        "kind",
-        cluster_key(columns, config.cluster_column).alias(_CLUSTER),
-        stratum.alias("__stratum"),
-        prompt_text().alias("__prompt"),
-    ).collect()
-    groups, group_report = group_keys(rows, config)
-    prompts = rows["__prompt"]
-    rows = rows.drop("__prompt").with_columns(groups.alias(_CLUSTER)).with_row_index("__split_row")
+
+def assign_splits(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Add a `split` column to every row (nothing dropped); returns the frame and a report."""
+    rows, report = split_assignment(frame, config, seed)
+    return rows.collect(), report
+
+
+def split_assignment(
+    frame: pl.LazyFrame, config: SplitConfig, seed: int, work_dir: Path | None = None, phase=silent_phase
+) -> tuple[pl.LazyFrame, dict[str, Any]]:
+    """The lazy form of :func:`assign_splits`: only the key columns (id, kind, cluster, stratum and a
+    prompt hash, ~150 B per row) are collected to decide the splits; the prompts themselves are grouped
+    out of core (`near_prompt_pairs`, work files under `work_dir`), and the full rows are joined to the
+    decision lazily. `phase` reports the counted phases (`StageContext.phase`)."""
+    columns = frame.collect_schema().names()
+    rows = _key_rows(frame, config, columns)
+    groups, group_report = group_keys(rows, config, frame, work_dir, phase)
+    rows = rows.with_columns(groups.alias(_CLUSTER)).with_row_index("__split_row")
 
     report: dict[str, Any] = {"seed": seed, "cluster_column": config.cluster_column if config.cluster_column in columns else "id"}
     report["grouping"] = group_report
     prior_row = None
     if config.previous_splits:
         previous = read_previous_splits(Path(config.previous_splits))
-        by_id, cluster_prior, conflicts = _prior_cluster_splits(rows.select("id", _CLUSTER, prompts), previous)
+        by_id, cluster_prior, conflicts = _prior_cluster_splits(rows.select("id", _CLUSTER, *_PROMPT_HASH), previous)
         prior_row = by_id
         report["previous"] = {"rows": previous.height, "cluster_conflicts": conflicts}
     else:
         cluster_prior = pl.DataFrame(schema={_CLUSTER: pl.String, "__cluster_prior": pl.String})
+    rows = rows.drop(_PROMPT_HASH)
 
     clusters = (
         rows.group_by(_CLUSTER)
@@ -396,11 +441,12 @@ def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tup
 # ---------------------------------------------------------------- export
 
 
-def export_frame(rows: pl.DataFrame, kind: str, cluster_column: str, extra_columns: list[str]) -> pl.DataFrame:
-    """Project rows of one kind onto the exported columns (dup_cluster as a string, id if unknown)."""
-    subset = rows.filter(pl.col("kind") == kind)
-    cluster = cluster_key(subset.columns, cluster_column).alias("dup_cluster")
-    missing = [column for column in extra_columns if column not in subset.columns]
+def export_frame(rows: pl.LazyFrame | pl.DataFrame, kind: str, cluster_column: str, extra_columns: list[str]) -> pl.LazyFrame:
+    """Project rows of one kind onto the exported columns (dup_cluster as a string, id if unknown), lazily."""
+    subset = rows.lazy().filter(pl.col("kind") == kind)
+    columns = subset.collect_schema().names()
+    cluster = cluster_key(columns, cluster_column).alias("dup_cluster")
+    missing = [column for column in extra_columns if column not in columns]
     if missing:
         raise ConfigError(f"split: extra_columns {missing} are not in the data")
     return subset.select(*[c for c in EXPORT_COLUMNS[kind] if c != "dup_cluster"], cluster, *extra_columns, "split")
@@ -410,7 +456,7 @@ def _previous_rows(folder: Path, kind: str) -> pl.DataFrame | None:
     return read_exported(folder / KIND_FOLDERS[kind])
 
 
-def _source_key(frame: pl.DataFrame) -> pl.DataFrame:
+def _source_key(frame: pl.LazyFrame) -> pl.LazyFrame:
     return frame.select(
         "id",
         pl.col("source").struct.field("file").alias("__file"),
@@ -422,27 +468,39 @@ def shard_name(split: str, index: int, total: int) -> str:
     return f"{split}-{index:05d}-of-{total:05d}.parquet"
 
 
-def write_split_folder(folder: Path, data: pl.DataFrame, max_shard_rows: int, save_to_disk: bool, card: str) -> list[str]:
+def split_counts(data: pl.LazyFrame | pl.DataFrame) -> dict[str, int]:
+    """Rows per split (every split named, 0 where empty), from the `split` column alone."""
+    counts = dict(data.lazy().group_by("split").len().collect().iter_rows())
+    return {split: int(counts.get(split, 0)) for split in SPLITS}
+
+
+def write_split_folder(
+    folder: Path, data: pl.LazyFrame | pl.DataFrame, max_shard_rows: int, save_to_disk: bool, card: str
+) -> list[str]:
     """Write one dataset folder atomically: shards per split, the card, and optionally a save_to_disk
     copy. An empty split gets no shard (`datasets` cannot load an empty Parquet split); returns the
-    splits written."""
-    written = []
+    splits written.
+
+    Each shard is streamed from `data` (lazy) into row groups of `ROW_GROUP_ROWS` rows, so memory holds
+    a row group, not a shard (a shard written as one row group must be buffered whole by any writer).
+    The `save_to_disk` copy is built from each split collected in memory: `datasets` needs it."""
+    data = data.lazy()
+    counts = split_counts(data)
+    written = [split for split in SPLITS if counts[split]]
     with atomic_dir(folder) as tmp:
-        for split in SPLITS:
+        for split in written:
             part = data.filter(pl.col("split") == split).drop("split")
-            if part.is_empty():
-                continue
-            written.append(split)
-            total = -(-part.height // max_shard_rows)
+            total = -(-counts[split] // max_shard_rows)
             for index in range(total):
-                shard = part.slice(index * max_shard_rows, max_shard_rows)
-                shard.write_parquet(tmp / shard_name(split, index, total), compression="zstd", statistics=True)
+                part.slice(index * max_shard_rows, max_shard_rows).sink_parquet(
+                    tmp / shard_name(split, index, total), compression="zstd", statistics=True, row_group_size=ROW_GROUP_ROWS
+                )
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if save_to_disk and written:
             import datasets
 
             dataset_dict = datasets.DatasetDict(
-                {split: datasets.Dataset(data.filter(pl.col("split") == split).drop("split").to_arrow()) for split in written}
+                {split: datasets.Dataset(data.filter(pl.col("split") == split).drop("split").collect().to_arrow()) for split in written}
             )
             dataset_dict.save_to_disk(str(tmp / "hf_dataset"))
     return written
@@ -454,18 +512,21 @@ def _config_hash(payload: Any) -> str:
 
 def dataset_card(
     kind: str,
-    data: pl.DataFrame,
+    data: pl.LazyFrame | pl.DataFrame,
     config: SplitConfig,
     seed: int,
     manifest: dict[str, Any] | None,
     stage_name: str,
 ) -> str:
     """README.md for one exported folder: HF front matter (license, configs), counts, sources, the
-    stages applied with their configs (filters and thresholds), and config hashes."""
-    counts = {split: int(data.filter(pl.col("split") == split).height) for split in SPLITS}
+    stages applied with their configs (filters and thresholds), and config hashes. Reads only the
+    `split` and `source` columns of a lazy `data`."""
+    data = data.lazy()
+    counts = split_counts(data)
     sources = (
         data.group_by(pl.col("source").struct.field("file").alias("file"), "split")
         .len()
+        .collect()
         .pivot(on="split", index="file", values="len")
         .fill_null(0)
         .sort("file")
@@ -485,7 +546,7 @@ def dataset_card(
     lines += [
         f"Conversational {fmt} in TRL's format, with `id`, `source` and `dup_cluster` (near-duplicate",
         "cluster; every cluster lies in exactly one split).",
-        *_carried_columns_line(data, kind),
+        *_carried_columns_line(data.collect_schema(), kind),
         "",
         "```python",
         "from datasets import load_dataset",
@@ -533,11 +594,11 @@ def dataset_card(
     return "\n".join(lines) + "\n"
 
 
-def _carried_columns_line(data: pl.DataFrame, kind: str) -> list[str]:
+def _carried_columns_line(schema: pl.Schema, kind: str) -> list[str]:
     """The input columns the split carries besides the canonical ones (`extra_columns`), struct fields named."""
-    extra = [name for name in data.columns if name not in EXPORT_COLUMNS[kind] and name != "split"]
+    extra = [name for name in schema.names() if name not in EXPORT_COLUMNS[kind] and name != "split"]
     described = [
-        f"`{name}` ({', '.join(data.schema[name].to_schema())})" if isinstance(data.schema[name], pl.Struct) else f"`{name}`"
+        f"`{name}` ({', '.join(schema[name].to_schema())})" if isinstance(schema[name], pl.Struct) else f"`{name}`"
         for name in extra
     ]
     return ["", "Carried input columns: " + ", ".join(described) + "."] if extra else []
@@ -589,14 +650,20 @@ def pipeline_card_lines(manifest: dict[str, Any], stage_name: str) -> list[str]:
     return lines
 
 
-def read_exported(folder: Path) -> pl.DataFrame | None:
-    """The rows of an exported folder, with `split` taken from the shard names."""
+def scan_exported(folder: Path) -> pl.LazyFrame | None:
+    """The rows of an exported folder, lazily, with `split` taken from the shard names."""
     frames = [
-        pl.read_parquet(path, glob=False).with_columns(pl.lit(split).alias("split"))
+        pl.scan_parquet(path, glob=False).with_columns(pl.lit(split).alias("split"))
         for split in SPLITS
         for path in sorted(folder.glob(f"{split}-*.parquet"))
     ]
     return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+
+def read_exported(folder: Path) -> pl.DataFrame | None:
+    """The rows of an exported folder, with `split` taken from the shard names (in memory)."""
+    frames = scan_exported(folder)
+    return frames.collect() if frames is not None else None
 
 
 def refresh_dataset_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]:
@@ -618,7 +685,7 @@ def refresh_dataset_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]
     seed = config.seed if config.seed is not None else int(pipeline_seed or 0)
     written = []
     for kind, sub in KIND_FOLDERS.items():
-        data = read_exported(run_dir / sub)
+        data = scan_exported(run_dir / sub)  # the card reads its split and source columns only
         if data is None or not (run_dir / sub / "README.md").exists() or not is_owned(run_dir / sub, "curate"):
             continue
         target = run_dir / sub / "README.md"
@@ -628,33 +695,21 @@ def refresh_dataset_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]
 
 
 def export_splits(
-    rows: pl.DataFrame,
+    rows: pl.LazyFrame | pl.DataFrame,
     out_dir: Path,
     config: SplitConfig,
     seed: int,
     stage_name: str = "split",
 ) -> dict[str, Any]:
-    """Write `out_dir/sft` and `out_dir/pref`; returns counts per folder and split."""
+    """Write `out_dir/sft` and `out_dir/pref` from the rows with their `split` (lazy: a scan of the
+    stage's output is streamed into the shards, never collected); returns counts per folder and split."""
     manifest = None  # the run's manifest is written after all stages: refresh_dataset_cards adds it
     report: dict[str, Any] = {"folders": {}}
     for kind, sub in KIND_FOLDERS.items():
         data = export_frame(rows, kind, config.cluster_column, config.extra_columns)
         carried = 0
         if config.previous_splits and config.include_previous:
-            previous = _previous_rows(Path(config.previous_splits), kind)
-            if previous is not None and previous.height:
-                previous = previous.select([column for column in data.columns if column in previous.columns])
-                # Earlier rows that are not in this input (same id, file and row) are carried over as-is.
-                absent = (
-                    previous.with_columns(
-                        pl.col("source").struct.field("file").alias("__file"),
-                        pl.col("source").struct.field("row").alias("__row"),
-                    )
-                    .join(_source_key(data), on=["id", "__file", "__row"], how="anti", maintain_order="left")
-                    .drop("__file", "__row")
-                )
-                carried = absent.height
-                data = pl.concat([absent, data], how="diagonal_relaxed")
+            data, carried = _with_previous_rows(data, Path(config.previous_splits), kind)
         card = dataset_card(kind, data, config, seed, manifest, stage_name)
         if is_owned(out_dir, "curate"):
             record(out_dir, sub)  # in a run dir: this run's export (an earlier config's is removed as stale)
@@ -662,7 +717,27 @@ def export_splits(
         report["folders"][sub] = {
             "path": str(out_dir / sub),
             "splits_written": written,
-            "counts": {split: int(data.filter(pl.col("split") == split).height) for split in SPLITS},
+            "counts": split_counts(data),
             "carried_from_previous": carried,
         }
     return report
+
+
+def _with_previous_rows(data: pl.LazyFrame, folder: Path, kind: str) -> tuple[pl.LazyFrame, int]:
+    """`data` preceded by the earlier export's rows that are not in this input (same id, file and row),
+    carried over as-is, and their count. The earlier export is read into memory (its rows are
+    concatenated with this run's): bounded by what was exported before, not streamed."""
+    previous = _previous_rows(folder, kind)
+    if previous is None or not previous.height:
+        return data, 0
+    columns = data.collect_schema().names()
+    previous = previous.select([column for column in columns if column in previous.columns])
+    absent = (
+        previous.with_columns(
+            pl.col("source").struct.field("file").alias("__file"),
+            pl.col("source").struct.field("row").alias("__row"),
+        )
+        .join(_source_key(data).collect(), on=["id", "__file", "__row"], how="anti", maintain_order="left")
+        .drop("__file", "__row")
+    )
+    return pl.concat([absent.lazy(), data], how="diagonal_relaxed"), absent.height
