@@ -207,7 +207,8 @@ def test_distributed_dedup_refuses_a_saved_index(ray_cluster, tmp_path):
 def path_records(tag: str, length: int) -> list[dict]:
     """`length` rows in a path: each shares 8 of its 10 words with the next (J = 8/12 ≥ 0.6), rows
     two apart share 6 (J = 6/14 < 0.6), so the graph is one long chain, not a clique."""
-    words = [f"{tag}w{index}" for index in range(2 * length + 10)]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = [f"{tag}{letters[index // 26]}{letters[index % 26]}" for index in range(2 * length + 10)]  # no digits: numbers are normalized
     return [chat(f"question {tag}", " ".join(words[2 * start : 2 * start + 10])) for start in range(length)]
 
 
