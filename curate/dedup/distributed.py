@@ -11,11 +11,9 @@
    partition finds its buckets' pairs with `banding.candidate_pairs` (same cap), pairs de-duplicated
    by a shuffle on the pair.
 5. **Verification**: the pairs joined with both rows' sketches (`Dataset.join`), similarity per batch.
-6. **Components and keep decisions** — fallback on the driver: the verified edges (one pair of ids
-   each, as many as there are near duplicates, not rows), the candidate pairs inside components and the
-   sketches of the rows on an edge are brought to the driver, which runs the same union-find and
-   greedy keep as the local engine. This is correct at any size but bounds the cluster by the
-   driver's memory for the near-duplicate rows; a distributed min-label propagation is the next step.
+6. **Components and keep decisions** on the cluster (`curate.dedup.ray_components`): large-star /
+   small-star rounds over the verified edges, then one shuffle of the components' rows and pairs by
+   component, each partition running the local greedy keep over its whole components.
 7. **Join back**: the decisions of the rows that have one (duplicates and component members) are
    broadcast to a `map_batches` over the input, which splits kept from dropped rows.
 
