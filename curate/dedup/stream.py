@@ -60,9 +60,9 @@ from curate.dedup.signatures import minhash_signatures
 from curate.dedup.text import PART_NAMES, ShingleSets, hash_code, key_text, shingle_sets
 from curate.dedup.verify import NodeFeatures
 
-BATCH_ROWS = 2_000
+BATCH_ROWS = 1_000  # rows per slice: their texts, exploded shingles and sketches are the phase's working set
 VERIFY_PAIRS = 5_000  # pairs per verification step: at most 2× this many rows' sets mapped at once
-SHINGLE_CHUNK_CHARS = 250_000  # characters shingled at once: their exploded n-grams take ~150 B each
+SHINGLE_CHUNK_CHARS = 100_000  # characters shingled at once: their exploded n-grams take ~150 B each (~15 MB)
 SMALL_COLUMNS = ["__row", "id", "__keep", "key_hash", "number_hash", "digits_hash"]
 
 
