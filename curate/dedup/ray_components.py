@@ -195,7 +195,7 @@ def keep_decisions(sketches, labels, measured, config: DedupConfig, options: dic
     """(decisions of every row in a component, stats) from the components' `labels` (`__row`,
     `component`), the rows' `sketches` and the `measured` candidate pairs (`left`, `right`,
     `similarity`)."""
-    node_rows = labels.join(sketches.select_columns(NODE_COLUMNS), "inner", partitions, on=("__row",))
+    node_rows = labels.join(sketches.select_columns(NODE_COLUMNS), "inner", partitions, on=("__row",)).materialize()  # its schema is read below
     pair_rows = measured.select_columns(["left", "right", "similarity"]).join(
         labels.map_batches(lambda t: t.rename_columns(["left", "component"]), batch_format="pyarrow"), "inner", partitions, on=("left",)
     )
