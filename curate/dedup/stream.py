@@ -8,7 +8,8 @@ not create is ever touched), removed when the stage ends, failed or not.
    input rows (a Parquet scan reads only that slice's row groups); the input is never collected.
 2. **Sketches** of each slice: hashed shingle sets (CSR values appended to a raw
    uint32 file, offsets kept in memory), MinHash signatures (appended to a raw `(n, num_perm)` uint32
-   file) and band hashes (Parquet, one file per band). Raw files rather than Parquet for sets and
+   file), band hashes (Parquet, one file per band) and the small per-row columns (Parquet, read back once
+   at the end of the pass). Raw files rather than Parquet for sets and
    signatures because verification reads them back *by row id*: a fresh `np.memmap` per step reads only
    the pages of the rows it needs, and dropping it releases them.
 3. **Exact duplicates** from the key hashes (n strings in memory).
