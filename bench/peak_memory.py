@@ -1,4 +1,9 @@
-"""Peak memory of one benchmark side, run in a process of its own.
+"""Peak memory of one benchmark side, run in a process of its own; and `curate run`'s peak on N
+generated chat records (what the scale bench builds on):
+
+    .venv/bin/python bench/peak_memory.py --records 100000 --stages pii,tag,filter [--batch-rows 50000]
+    .venv/bin/python bench/peak_memory.py --records 100000 --curate-root /path/to/other/checkout  # before/after
+    .venv/bin/python bench/peak_memory.py dedup --rows 100000   # the dedup stage in memory vs out of core
 
 `ru_maxrss` of a child cannot be used: exec keeps the parent's peak, so every side would report at least
 the parent's. Instead a side reports its own VmHWM (per address space, fresh at exec), and the parent
@@ -9,9 +14,17 @@ counted once. The peak is the larger of the two.
 
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing
 import queue as queue_module
+import random
+import sys
+import tempfile
 import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def own_peak_mb() -> float:
@@ -69,6 +82,83 @@ def run_measured(target, *args) -> dict:
     process.join()
     result["peak_mb"] = max(peak, result.pop("own_peak_mb"))
     return result
+
+
+# --------------------------------------------------------------------------------- `curate run` on N records
+
+TOPICS = ("refund", "router", "invoice", "password", "parcel", "battery", "subscription", "firmware", "login", "warranty")
+WORDS = (
+    "please could you help me with my order account since yesterday the app keeps crashing when I open settings "
+    "thanks for reaching out we are sorry about the trouble here is what you can try first restart the device then "
+    "check the cable and update to the latest version if that does not work reply with your ticket number"
+).split()
+NAMES = ("Olivia", "Hannah", "Sofia", "Fatima", "Liam", "Noah", "Mateo", "Aiko", "Ravi", "Chen")
+
+
+def _sentence(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + rng.choice(".?!")
+
+
+def chat_record(rng: random.Random, index: int) -> dict:
+    """One support conversation of about 1 KB: optional system prompt, 1-3 user/assistant turns, now
+    and then an email or phone number (for pii) and a verbatim repeat (for dedup)."""
+    topic, name = rng.choice(TOPICS), rng.choice(NAMES)
+    messages = [{"role": "system", "content": f"You are a helpful support agent for {topic} questions."}] if rng.random() < 0.3 else []
+    for turn in range(rng.choice((1, 1, 2, 3))):
+        user = f"Hi, {name} here about my {topic} #{index}-{turn}. " + " ".join(_sentence(rng, rng.randint(8, 18)) for _ in range(2))
+        if rng.random() < 0.05:
+            user += f" Reach me at {name.lower()}{index}@example.com or +1 555 {rng.randint(100, 999)} {rng.randint(1000, 9999)}."
+        messages.append({"role": "user", "content": user})
+        answer = " ".join(_sentence(rng, rng.randint(10, 22)) for _ in range(rng.randint(3, 6)))
+        messages.append({"role": "assistant", "content": f"Thanks {name}. {answer}"})
+    return {"messages": messages}
+
+
+def generate_chat_records(path: Path, records: int, seed: int = 13) -> int:
+    """Write `records` JSONL chat records (1% verbatim repeats); returns the file size in bytes."""
+    rng = random.Random(seed)
+    previous: list[str] = []
+    with path.open("w", encoding="utf-8") as handle:
+        for index in range(records):
+            line = rng.choice(previous) if previous and rng.random() < 0.01 else json.dumps(chat_record(rng, index))
+            previous = (previous + [line])[-100:]
+            handle.write(line + "\n")
+    return path.stat().st_size
+
+
+def curate_run(curate_root: str, folder: str, stages: list[str], batch_rows: int | None) -> dict:
+    """`curate run` through the library on folder/records.jsonl (in the measured child process)."""
+    sys.path.insert(0, curate_root)
+    from curate.runner import run_pipeline
+
+    pipeline = {"name": "peak", "run_dir": "run", "inputs": [{"path": "records.jsonl"}], "stages": [{"type": s} for s in stages]}
+    if "filter" in stages:
+        pipeline["stages"][stages.index("filter")]["config"] = {"preset": "chat"}
+    if batch_rows is not None:
+        pipeline["engine"] = {"batch_rows": batch_rows}
+    started = time.perf_counter()
+    result = run_pipeline(pipeline, base_dir=Path(folder), report=False, force=True)
+    return {"seconds": time.perf_counter() - started, "kept": result.manifest["accounting"]["kept"],
+            "stage_seconds": {s["name"]: s["seconds"] for s in result.manifest["stages"]}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Peak memory (PSS of the process tree / VmHWM) of `curate run` on generated chat records.")
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--stages", default="pii,tag,filter", help="comma-separated stage types after ingest")
+    parser.add_argument("--batch-rows", type=int, default=None, help="engine.batch_rows (default: the engine's)")
+    parser.add_argument("--curate-root", default=str(REPO_ROOT), help="the checkout whose curate/ runs (for before/after)")
+    args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    with tempfile.TemporaryDirectory(prefix="curate-peak-") as folder:
+        size = generate_chat_records(Path(folder) / "records.jsonl", args.records)
+        print(f"{args.records:,} records, {size / args.records:,.0f} bytes each; stages: ingest, {', '.join(stages)}")
+        ingest_only = run_measured(curate_run, args.curate_root, folder, [], args.batch_rows)
+        full = run_measured(curate_run, args.curate_root, folder, stages, args.batch_rows)
+    print(f"ingest alone: peak {ingest_only['peak_mb']:,.0f} MB, {ingest_only['seconds']:.1f} s")
+    print(f"whole run:    peak {full['peak_mb']:,.0f} MB, {full['seconds']:.1f} s, "
+          f"{args.records / full['seconds']:,.0f} records/s, kept {full['kept']:,}")
+    print("stage seconds: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in full["stage_seconds"].items()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,14 +297,14 @@ def main_dedup(rows: int, sides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Peak memory of a stage, before and after (same run).")
-    parser.add_argument("what", choices=["dedup"])
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument(
-        "--sides", nargs="+", choices=["in-memory", "out-of-core", "stage-alone"], default=["in-memory", "out-of-core", "stage-alone"],
-        help="stage-alone: the stage's own phases without the engine's sink, each with its RSS peak",
-    )
-    arguments = parser.parse_args()
-    main_dedup(arguments.rows, arguments.sides)
+    if sys.argv[1:2] == ["dedup"]:  # python bench/peak_memory.py dedup [--rows N] [--sides ...]
+        dedup_parser = argparse.ArgumentParser(description="Peak memory of the dedup stage, before and after (same run).")
+        dedup_parser.add_argument("--rows", type=int, default=100_000)
+        dedup_parser.add_argument(
+            "--sides", nargs="+", choices=["in-memory", "out-of-core", "stage-alone"], default=["in-memory", "out-of-core", "stage-alone"],
+            help="stage-alone: the stage's own phases without the engine's sink, each with its RSS peak",
+        )
+        dedup_arguments = dedup_parser.parse_args(sys.argv[2:])
+        main_dedup(dedup_arguments.rows, dedup_arguments.sides)
+    else:
+        main()

@@ -149,12 +149,13 @@ def run_ours(mode: str, model_dir: str, split_dir: str, out: str, args: dict) ->
     import torch
 
     import train.loop as loop
+    import train.strategies as strategies
     from train.config import load_config
 
     torch.set_num_threads(args["threads"])
     config = load_config(None, base={
         "model": {"path": model_dir}, "data": {"split_dir": split_dir, "max_seq_len": args["seq_len"]},
-        "output_dir": out, "seed": 0, "progress": False, "threads": args["threads"],
+        "output_dir": out, "seed": 0, "progress": False, "threads": args["threads"], "log_every": 10**6,  # TRL's logging_steps below
         "lora": {**LORA, "target_modules": "all-linear"},
         "optim": {"lr": LR, "max_steps": args["steps"], "batch_rows": args["rows"], "grad_accum": 1, "schedule": "linear",
                   "max_grad_norm": 1.0, "gradient_checkpointing": False, "precision": "fp32"},
@@ -171,14 +172,14 @@ def run_ours(mode: str, model_dir: str, split_dir: str, out: str, args: dict) ->
 
         loop.add_lora = add_lora_counted
     else:
-        original = loop.pack_pairs
+        original = strategies.pack_pairs
 
         def pack_pairs_counted(*a, **k):
             batch = original(*a, **k)
             clock.add(int(len(batch.sample)))
             return batch
 
-        loop.pack_pairs = pack_pairs_counted
+        strategies.pack_pairs = pack_pairs_counted
     loop.train(config, mode, resume="never")
     return {"rate": clock.rate()}
 

@@ -14,6 +14,12 @@ from typing import Iterator
 import polars as pl
 
 from curate.errors import OutputWriteError
+
+# Every Parquet file the pipeline hands between stages is cut into row groups of this many rows: a
+# reader of a slice (a stage's batch, dedup's sketches) decompresses only the groups it touches, so
+# memory follows the group size, not the file size (a 100k-row file in one group cost ~300 MB to read
+# any slice of). Fixed, so the bytes written never depend on a batch size.
+ROW_GROUP_ROWS = 10_000
 from safety.disk import disk_error_message
 from safety.ownership import mark_new_dir, replace_dir
 
@@ -87,6 +93,6 @@ def write_parquet(frame: pl.DataFrame | pl.LazyFrame, target: str | Path) -> Non
     """Write a frame to Parquet atomically (a LazyFrame is streamed with sink_parquet)."""
     with atomic_path(target, suffix=".parquet") as tmp:
         if isinstance(frame, pl.LazyFrame):
-            frame.sink_parquet(tmp, compression="zstd", statistics=True, engine="streaming")
+            frame.sink_parquet(tmp, compression="zstd", statistics=True, row_group_size=ROW_GROUP_ROWS, engine="streaming")
         else:
-            frame.write_parquet(tmp, compression="zstd", statistics=True)
+            frame.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=ROW_GROUP_ROWS)

@@ -120,3 +120,32 @@ def parse_columns(items: list[str]) -> dict[str, str]:
         role, name = item.split("=", 1)
         columns[role.strip()] = name.strip()
     return columns
+
+
+def add_engine_arguments(parser) -> None:
+    """--engine / --address / --num-cpus: where a pipeline's stages run (curate.engines)."""
+    parser.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="local: this machine (default); ray: a Ray cluster (needs the extra: pip install 'curate[ray]')",
+    )
+    parser.add_argument(
+        "--address", metavar="auto|HOST:PORT",
+        help="with --engine ray: the cluster to join (`auto`: the one `ray start` runs here); without it a "
+        "local cluster starts for this run",
+    )
+    parser.add_argument("--num-cpus", type=int, metavar="N", help="with --engine ray and no --address: CPUs of the local cluster (default: all)")
+
+
+def engine_from_args(args, pipeline_options: dict | None = None):
+    """The engine the flags ask for, or None for the local engine (the runner builds it from the pipeline's
+    `engine:` options); the caller closes it (a local Ray cluster stops then). `pipeline_options` (e.g.
+    batch_rows) apply to the Ray engine too."""
+    from curate.engines import get_engine
+
+    if args.engine != "ray":
+        if args.address is not None or args.num_cpus is not None:
+            raise ConfigError("--address and --num-cpus go with --engine ray")
+        return None
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(f"--num-cpus: expected at least 1, got {args.num_cpus}")
+    return get_engine("ray", address=args.address, num_cpus=args.num_cpus, **(pipeline_options or {}))

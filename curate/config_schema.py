@@ -1,7 +1,7 @@
 """The pipeline's JSON Schema, its stage-config part generated from the stage config models.
 
 A stage config field is declared once, on its pydantic model. `schemas/pipeline.schema.json` carries
-those models' JSON Schemas under `$defs` and ties each built-in stage `type` to its definition (an
+those models' JSON Schemas under `$defs` (and the `ingest:` block, the ingest stage's config) and ties each built-in stage `type` to its definition (an
 `if type == X then config: $defs/XConfig` per type), so editors and readers see every field, its
 bounds and its default. That part is generated, never edited by hand:
 
@@ -34,7 +34,7 @@ def builtin_stage_configs() -> dict[str, type[BaseModel]]:
     return {
         name: spec.config_model
         for name, spec in registered_stages().items()
-        if spec.config_model.__module__.startswith("curate.")
+        if spec.config_model.__module__.startswith("curate.") and spec.kind != "source"
     }
 
 
@@ -45,6 +45,10 @@ def pipeline_schema(hand_written: dict) -> dict:
         [(model, "validation") for model in models.values()], ref_template="#/$defs/{model}"
     )
     schema = copy.deepcopy(hand_written)
+    # The source stage (ingest) is configured by the top-level `ingest:` block, not in `stages:`.
+    for name, spec in registered_stages().items():
+        if spec.kind == "source":
+            schema["properties"][name] = spec.config_model.model_json_schema()
     schema["$defs"] = dict(sorted(definitions.get("$defs", {}).items()))
     items = schema["properties"]["stages"]["items"]
     items["allOf"] = [

@@ -11,8 +11,17 @@ import json
 from contextlib import contextmanager
 from typing import Iterator
 
-from rich.console import Console
+from rich import filesize
+from rich.console import Console, Group
 from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -50,22 +59,80 @@ def live_run_events(enabled: bool = True) -> Iterator[RunEvents]:
         )
         return
 
-    with Live(render(), console=console, refresh_per_second=8, transient=True) as live:
+    bars = PhaseBars()
+    view = lambda: Group(render(), bars.progress)  # noqa: E731 - the live view: stage table, then the bars
+
+    with Live(view(), console=console, refresh_per_second=8, transient=True) as live:
 
         def started(name: str, type_name: str) -> None:
             rows[name] = {"type": type_name, "status": styled("running…", "yellow")}
-            live.update(render())
+            live.update(view())
 
         def progress(name: str, message: str) -> None:
             rows.setdefault(name, {})["status"] = styled(message, "yellow")
-            live.update(render())
+            live.update(view())
+
+        def phase(name: str, phase_name: str, done: int, total: int | None, unit: str) -> None:
+            bars.update(name, phase_name, done, total, unit)
+            live.update(view())
 
         def finished(name: str, record: dict) -> None:
             rows[name]["status"] = styled("cached", "dim") if record.get("skipped") else styled("done", "green")
             rows[name]["numbers"] = _numbers(record)
-            live.update(render())
+            bars.finish_stage(name)
+            live.update(view())
 
-        yield RunEvents(stage_started=started, stage_progress=progress, stage_finished=finished)
+        yield RunEvents(stage_started=started, stage_progress=progress, phase_progress=phase, stage_finished=finished)
+
+
+class RateColumn(ProgressColumn):
+    """Units per second (bytes shown as MB/s), from rich's own speed estimate."""
+
+    def render(self, task) -> Text:
+        if not task.speed:
+            return Text("")
+        unit = task.fields.get("unit", "")
+        if unit == "bytes":
+            return Text(f"{filesize.decimal(int(task.speed))}/s", style="cyan")
+        return Text(f"{task.speed:,.0f} {unit}/s", style="cyan")
+
+
+class CountColumn(ProgressColumn):
+    """done/total (or just done when the total is unknown), bytes in decimal units."""
+
+    def render(self, task) -> Text:
+        unit = task.fields.get("unit", "")
+        show = (lambda n: filesize.decimal(int(n))) if unit == "bytes" else (lambda n: f"{int(n):,}")
+        total = f"/{show(task.total)}" if task.total is not None else ""
+        return Text(f"{show(task.completed)}{total} {'' if unit == 'bytes' else unit}".rstrip(), style="green")
+
+
+class PhaseBars:
+    """One bar per counted phase of the running stage: count, %, ETA and rate; a stage's bars go when
+    it finishes (its row in the table says how it ended)."""
+
+    def __init__(self):
+        self.progress = Progress(
+            TextColumn("  {task.description}", markup=False),  # stage names are user text
+            BarColumn(bar_width=30),
+            CountColumn(),
+            TaskProgressColumn(),
+            TimeRemainingColumn(),
+            RateColumn(),
+            console=console,
+            auto_refresh=False,
+        )
+        self._tasks: dict[tuple[str, str], int] = {}
+
+    def update(self, stage: str, phase: str, done: int, total: int | None, unit: str) -> None:
+        key = (stage, phase)
+        if key not in self._tasks:
+            self._tasks[key] = self.progress.add_task(redact(f"{stage}: {phase}"), total=total, unit=unit)
+        self.progress.update(self._tasks[key], completed=done, total=total)
+
+    def finish_stage(self, stage: str) -> None:
+        for key in [key for key in self._tasks if key[0] == stage]:
+            self.progress.remove_task(self._tasks.pop(key))
 
 
 def _numbers(record: dict) -> tuple[str, str, str, str]:

@@ -21,31 +21,32 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import jsonschema
+from pydantic import ValidationError
 import polars as pl
 import yaml
 
 import curate
-from curate.atomic import atomic_path, disk_full_as_error, write_json, write_parquet
-from curate.errors import ConfigError, InputFileError, RunStateError
+from curate.atomic import write_json
+from curate.errors import ConfigError, RunStateError
+from curate.manifest import IngestRecord, Manifest, PipelineInfo, StageRecord, accounting, parse_record
 from curate.mapping import Mapping
-from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, ingest_file, path_sha256
+from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, path_sha256
 from curate.engines import Engine
 from curate.engines.local import LocalEngine
 from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
+from curate.stages.ingest import stored_size
 from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, new_generation, remove_all_recorded, remove_leftover_temps, remove_stale
 from safety.redact import redact_value
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, load_schema
 
 INGEST_STAGE = "ingest"
-INGEST_VERSION = "1"
 SUCCESS_FILE = "_SUCCESS.json"
 MANIFEST_FILE = "manifest.json"
 QUARANTINE_FILE = "quarantine.parquet"
@@ -75,6 +76,8 @@ class Pipeline:
     stages: list[StageEntry]
     source: dict  # the config as written (after defaults), for the manifest and config hash
     path: Path | None = None
+    # `engine:` options (batch_rows): how stages execute, never what they output, so not in `source`.
+    engine_options: dict = field(default_factory=dict)
 
     @property
     def config_hash(self) -> str:
@@ -148,13 +151,15 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
             raise ConfigError(f"{label}: stages.{index}.name: {stage_name!r} is used twice (or is reserved); give each stage a unique name")
         seen.add(stage_name)
         spec = get_stage(item["type"])
+        if spec.kind == "source":
+            raise ConfigError(f"{label}: stages.{index}.type: {item['type']!r} always runs first; configure it under `ingest:`")
         config = parse_stage_config(spec, item.get("config"), f"{label}: stages.{index} ({stage_name})")
         stages.append(StageEntry(name=stage_name, type=item["type"], spec=spec, config=config))
     source = {
         "name": name,
         "seed": raw.get("seed", 0),
         "inputs": [_input_source(i) for i in inputs],
-        "ingest": options.__dict__,
+        "ingest": options.model_dump(),
         "stages": [
             {"name": s.name, "type": s.type, "version": s.spec.version, "config": s.config.model_dump(mode="json")}
             for s in stages
@@ -170,6 +175,7 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
         stages=stages,
         source=source,
         path=path,
+        engine_options=dict(raw.get("engine") or {}),
     )
 
 
@@ -228,19 +234,30 @@ def _parquet_rows(path: Path) -> int:
     return pl.scan_parquet(path, glob=False).select(pl.len()).collect().item()
 
 
-def _load_success(stage_dir: Path, fingerprint: str) -> dict | None:
+def _load_success(stage_dir: Path, fingerprint: str) -> StageRecord | None:
     marker = stage_dir / SUCCESS_FILE
     if not marker.is_file() or not (stage_dir / "data.parquet").is_file():
         return None
     try:
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError):
+        record = parse_record(json.loads(marker.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, OSError, ValidationError):
+        return None  # damaged or from an older layout: recompute
+    if record.fingerprint != fingerprint:
         return None
-    if record.get("fingerprint") != fingerprint:
-        return None
-    if record.get("output_fingerprint") != file_sha256(stage_dir / "data.parquet"):
+    if record.output_fingerprint != file_sha256(stage_dir / "data.parquet"):
         return None  # the output was touched since: recompute rather than trust it
     return record
+
+
+def _finished(events: RunEvents, record: StageRecord, skipped: bool) -> StageRecord:
+    """The record as this run sees it (cached or not), announced to the display."""
+    record = record.model_copy(update={"skipped": skipped})
+    events.stage_finished(record.name, record.as_dict())
+    return record
+
+
+def _store(stage_dir: Path, record: StageRecord) -> None:
+    write_json(stage_dir / SUCCESS_FILE, redact_value(record.as_dict()))  # credentials in configs/reports never persist
 
 
 def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
@@ -249,51 +266,39 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
     input_records = []
     for path, display, spec in files:
         input_records.append(
-            {"file": display, "format": spec.format, "sha256": file_sha256(path), "bytes": _size(path)}
+            {"file": display, "format": spec.format, "sha256": file_sha256(path), "bytes": stored_size(path)}
         )
     fingerprint = _sha256_text(
-        _canonical_json({"version": INGEST_VERSION, "inputs": pipeline.source["inputs"], "ingest": pipeline.source["ingest"], "files": input_records})
+        _canonical_json({"version": get_stage(INGEST_STAGE).version, "inputs": pipeline.source["inputs"], "ingest": pipeline.source["ingest"], "files": input_records})
     )
     events.stage_started(INGEST_STAGE, INGEST_STAGE)
     cached = None if force else _load_success(stage_dir, fingerprint)
     if cached is not None and (pipeline.run_dir / QUARANTINE_FILE).is_file():
-        cached = {**cached, "skipped": True}
-        events.stage_finished(INGEST_STAGE, cached)
-        return cached
+        return _finished(events, cached, skipped=True)
 
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
-    reports: list[FileReport] = []
-    with tempfile.TemporaryDirectory(prefix=".ingest-parts-", dir=stage_dir) as parts_dir, disk_full_as_error(stage_dir):
-        parts = Path(parts_dir)
-        record_parts, quarantine_parts = [], []
-        for file_index, (path, display, spec) in enumerate(files):
-            last_report = None
-            for chunk_index, (batch, report) in enumerate(ingest_file(path, display, spec, pipeline.ingest)):
-                last_report = report
-                if batch.records.height:
-                    part = parts / f"records-{file_index:05d}-{chunk_index:06d}.parquet"
-                    batch.records.write_parquet(part)
-                    record_parts.append(part)
-                if batch.quarantine.height:
-                    part = parts / f"quarantine-{file_index:05d}-{chunk_index:06d}.parquet"
-                    batch.quarantine.write_parquet(part)
-                    quarantine_parts.append(part)
-                events.stage_progress(INGEST_STAGE, f"{display}: {report.rows:,} rows")
-            if last_report.sha256 != input_records[file_index]["sha256"]:
-                # The fingerprint above and the rows just read must describe the same bytes.
-                raise InputFileError(f"{display}: changed while being read; rerun")
-            reports.append(last_report)
-        records = (
-            # diagonal: parts from canonical Parquet inputs may carry score columns the others lack.
-            pl.concat([pl.scan_parquet(part, glob=False) for part in record_parts], how="diagonal_relaxed")
-            if record_parts
-            else pl.LazyFrame(schema=CANONICAL_SCHEMA)
-        )
-        quarantine = pl.scan_parquet(quarantine_parts, glob=False) if quarantine_parts else pl.LazyFrame(schema=QUARANTINE_SCHEMA)
-        write_parquet(records, stage_dir / "data.parquet")
-        write_parquet(quarantine, pipeline.run_dir / QUARANTINE_FILE)
+    ctx = StageContext(
+        name=INGEST_STAGE,
+        run_dir=pipeline.run_dir,
+        stage_dir=stage_dir,
+        pipeline_dir=pipeline.base_dir,
+        seed=pipeline.seed,
+        progress=lambda message: events.stage_progress(INGEST_STAGE, message),
+        phase_progress=lambda phase, done, total, unit: events.phase_progress(INGEST_STAGE, phase, done, total, unit),
+    )
+    reports: list[FileReport] = get_stage(INGEST_STAGE).run(
+        files, pipeline.ingest, ctx, stage_dir / "data.parquet", pipeline.run_dir / QUARANTINE_FILE,
+        expected_sha256=[record["sha256"] for record in input_records],
+    )
 
+    record = _ingest_record(pipeline, fingerprint, input_records, reports, time.perf_counter() - started)
+    _store(stage_dir, record)
+    return _finished(events, record, skipped=False)
+
+
+def _ingest_record(pipeline: Pipeline, fingerprint: str, input_records: list[dict], reports: list[FileReport], seconds: float) -> IngestRecord:
+    stage_dir = pipeline.run_dir / INGEST_STAGE
     rows_in = sum(r.rows for r in reports)
     rows_added = sum(r.rows_added for r in reports)
     kept = _parquet_rows(stage_dir / "data.parquet")
@@ -301,51 +306,38 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
     if kept + quarantined != rows_in + rows_added:
         raise AssertionError(f"ingest lost rows: read {rows_in} (+{rows_added} exploded), kept {kept}, quarantined {quarantined}")
     repairs: dict[str, int] = {}
+    reasons: dict[str, int] = {}
     for report in reports:
         for name, count in report.repairs.as_dict().items():
             repairs[name] = repairs.get(name, 0) + count
-    reasons: dict[str, int] = {}
-    for report in reports:
         for reason, count in report.quarantine_reasons.items():
             reasons[reason] = reasons.get(reason, 0) + count
-    record = {
-        "name": INGEST_STAGE,
-        "type": INGEST_STAGE,
-        "version": INGEST_VERSION,
-        "fingerprint": fingerprint,
-        "output_fingerprint": file_sha256(stage_dir / "data.parquet"),
-        "rows_in": rows_in,
-        "rows_out": kept,
-        "rows_dropped": 0,
-        "rows_quarantined": quarantined,
-        "dropped_by_reason": {},
-        "quarantined_by_reason": dict(sorted(reasons.items())),
+    return IngestRecord(
+        name=INGEST_STAGE,
+        type=INGEST_STAGE,
+        version=get_stage(INGEST_STAGE).version,
+        fingerprint=fingerprint,
+        output_fingerprint=file_sha256(stage_dir / "data.parquet"),
+        rows_in=rows_in,
+        rows_out=kept,
+        rows_quarantined=quarantined,
+        quarantined_by_reason=dict(sorted(reasons.items())),
         # Present only when a mapping changed rows, so manifests of plain inputs read as before.
-        **({"rows_added": rows_added} if rows_added else {}),
-        **({"repairs": dict(sorted(repairs.items()))} if repairs else {}),
-        "seconds": round(time.perf_counter() - started, 3),
-        "files": [
+        rows_added=rows_added or None,
+        repairs=dict(sorted(repairs.items())) or None,
+        seconds=round(seconds, 3),
+        files=[
             {**inp, **{"rows": r.rows, "kept": r.kept, "quarantined": r.quarantined, "blank_lines": r.blank_lines, "format": r.format},
              **({"repairs": r.repairs.as_dict()} if r.repairs.as_dict() else {}), **({"rows_added": r.rows_added} if r.rows_added else {})}
             for inp, r in zip(input_records, reports)
         ],
-        "report": dict(sorted(repairs.items())),  # the mapping's repairs: shown in the summary and report
-    }
-    write_json(stage_dir / SUCCESS_FILE, redact_value(record))  # credentials in configs/reports never persist
-    record = {**record, "skipped": False}
-    events.stage_finished(INGEST_STAGE, record)
-    return record
+        report=dict(sorted(repairs.items())),  # the mapping's repairs: shown in the summary and report
+    )
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
-def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: RunEvents, force: bool, engine: Engine) -> dict:
+def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: StageRecord, events: RunEvents, force: bool, engine: Engine) -> StageRecord:
     stage_dir = pipeline.run_dir / entry.name
-    input_path = pipeline.run_dir / previous["name"] / "data.parquet"
+    input_path = pipeline.run_dir / previous.name / "data.parquet"
     ctx = StageContext(
         name=entry.name,
         run_dir=pipeline.run_dir,
@@ -354,6 +346,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
         seed=pipeline.seed,
         progress=lambda message: events.stage_progress(entry.name, message),
         phase_progress=lambda phase, done, total, unit: events.phase_progress(entry.name, phase, done, total, unit),
+        input_schema=dict(pl.scan_parquet(input_path, glob=False).collect_schema()),
     )
     extra_files = entry.spec.extra_inputs(entry.config, ctx) if entry.spec.extra_inputs else []
     extra_fingerprints = {str(p): (file_sha256(p) if Path(p).exists() else "missing") for p in extra_files}
@@ -363,7 +356,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
                 "type": entry.type,
                 "version": entry.spec.version,
                 "config": entry.config.model_dump(mode="json"),
-                "input": previous["output_fingerprint"],
+                "input": previous.output_fingerprint,
                 "extra_inputs": extra_fingerprints,
                 "seed": pipeline.seed,
             }
@@ -376,9 +369,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
             # Exports (split datasets) live outside the stage folder and may have been deleted or
             # edited; rewriting them from the cached data is cheap and gives the same bytes.
             entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet", glob=False), entry.config, ctx)
-        cached = {**cached, "skipped": True}
-        events.stage_finished(entry.name, cached)
-        return cached
+        return _finished(events, cached, skipped=True)
 
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -386,7 +377,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
     report = engine.execute(
         entry.spec, entry.config, ctx, input_path, stage_dir / "data.parquet", stage_dir / "dropped.parquet"
     )
-    rows_in = previous["rows_out"]
+    rows_in = previous.rows_out
     rows_out = _parquet_rows(stage_dir / "data.parquet")
     dropped_frame = pl.scan_parquet(stage_dir / "dropped.parquet", glob=False)
     rows_dropped = dropped_frame.select(pl.len()).collect().item()
@@ -402,24 +393,22 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: dict, events: Ru
     )
     if entry.spec.export is not None:
         report.update(entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet", glob=False), entry.config, ctx) or {})
-    record = {
-        "name": entry.name,
-        "type": entry.type,
-        "version": entry.spec.version,
-        "fingerprint": fingerprint,
-        "output_fingerprint": file_sha256(stage_dir / "data.parquet"),
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_dropped": rows_dropped,
-        "rows_added": rows_added,
-        "dropped_by_reason": {reason: count for reason, count in by_reason},
-        "seconds": round(time.perf_counter() - started, 3),
-        "report": report,
-    }
-    write_json(stage_dir / SUCCESS_FILE, redact_value(record))  # credentials in configs/reports never persist
-    record = {**record, "skipped": False}
-    events.stage_finished(entry.name, record)
-    return record
+    record = StageRecord(
+        name=entry.name,
+        type=entry.type,
+        version=entry.spec.version,
+        fingerprint=fingerprint,
+        output_fingerprint=file_sha256(stage_dir / "data.parquet"),
+        rows_in=rows_in,
+        rows_out=rows_out,
+        rows_dropped=rows_dropped,
+        rows_added=rows_added,
+        dropped_by_reason={reason: count for reason, count in by_reason},
+        seconds=round(time.perf_counter() - started, 3),
+        report=report,
+    )
+    _store(stage_dir, record)
+    return _finished(events, record, skipped=False)
 
 
 def _versions() -> dict[str, str]:
@@ -457,7 +446,7 @@ def run_pipeline(
         remove_leftover_temps(pipeline.run_dir)
         if clean:
             remove_all_recorded(pipeline.run_dir)
-        return _run_locked(pipeline, force, events, report, engine or LocalEngine())
+        return _run_locked(pipeline, force, events, report, engine or LocalEngine(**pipeline.engine_options))
 
 
 def _protected_paths(pipeline: Pipeline) -> list[Path]:
@@ -492,48 +481,24 @@ def _write_report(run_dir: Path) -> None:
     write_report(run_dir)
 
 
-def build_manifest(pipeline: Pipeline, records: list[dict], seconds: float) -> dict:
-    ingest = records[0]
-    final = records[-1]
-    dropped_total = sum(r["rows_dropped"] for r in records[1:])
-    added_total = sum(r.get("rows_added", 0) for r in records)  # ingest adds rows when answers explode
-    quarantined = ingest["rows_quarantined"]
-    rows_in = ingest["rows_in"]
-    reconciled = rows_in + added_total == final["rows_out"] + dropped_total + quarantined
-    if not reconciled:
-        raise AssertionError(
-            f"row accounting does not reconcile: in {rows_in} + added {added_total} != kept {final['rows_out']} + dropped {dropped_total} + quarantined {quarantined}"
-        )
-    stages = []
-    for record in records:
-        stages.append({key: value for key, value in record.items() if key not in ("files",)})
+def build_manifest(pipeline: Pipeline, records: list[StageRecord], seconds: float) -> dict:
+    manifest = Manifest(
+        pipeline=PipelineInfo(
+            name=pipeline.name,
+            path=str(pipeline.path) if pipeline.path else None,
+            config_hash=pipeline.config_hash,
+            config=pipeline.source,
+        ),
+        run_dir=str(pipeline.run_dir),
+        versions=_versions(),
+        inputs=records[0].files if isinstance(records[0], IngestRecord) else [],
+        stages=[{key: value for key, value in record.as_dict().items() if key != "files"} for record in records],
+        accounting=accounting(records),
+        final_stage=records[-1].name,
+        seconds=round(seconds, 3),
+    )
     # Shown and persisted, so credentials (a URL with user:pass@) go; the config hash is of the real config.
-    return redact_value({
-        "pipeline": {
-            "name": pipeline.name,
-            "path": str(pipeline.path) if pipeline.path else None,
-            "config_hash": pipeline.config_hash,
-            "config": pipeline.source,
-        },
-        "run_dir": str(pipeline.run_dir),
-        "versions": _versions(),
-        "inputs": ingest.get("files", []),
-        "stages": stages,
-        "accounting": {
-            "rows_in": rows_in,
-            "rows_added": added_total,
-            "kept": final["rows_out"],
-            "dropped": dropped_total,
-            "quarantined": quarantined,
-            "dropped_by_stage_reason": {
-                r["name"]: r["dropped_by_reason"] for r in records[1:] if r["rows_dropped"]
-            },
-            "quarantined_by_reason": ingest["quarantined_by_reason"],
-            "reconciled": reconciled,
-        },
-        "final_stage": final["name"],
-        "seconds": round(seconds, 3),
-    })
+    return redact_value(manifest.as_dict())
 
 
 def load_manifest(run_dir: str | Path) -> dict:

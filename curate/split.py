@@ -18,6 +18,10 @@ fractions), so adding data never moves an existing group unless new rows join it
 With stratification the groups of each stratum are instead ordered by that hash and cut at the
 fractions by row count, which keeps small strata represented in every split.
 
+With `previous_splits`, a group follows the earlier split of its rows' ids, of their earlier
+`dup_cluster` labels and of their exact prompts (a new answer to an earlier validation question stays
+in validation), by majority vote; only groups with none of these are assigned afresh.
+
 Exports: `sft/` and `pref/` under the output folder, each with `<split>-00000-of-0000N.parquet` shards
 (TRL columns plus `source` and `dup_cluster`) and a dataset card, loadable with
 `datasets.load_dataset("parquet", data_files=...)`; optionally a `save_to_disk` copy in `hf_dataset/`.
@@ -173,7 +177,8 @@ def group_keys(rows: pl.DataFrame, config: SplitConfig) -> tuple[pl.Series, dict
 
 
 def read_previous_splits(folder: Path) -> pl.DataFrame:
-    """Rows of earlier exports: `id`, `dup_cluster` (string, may be null) and `split`, plus `kind`."""
+    """Rows of earlier exports: `id`, `dup_cluster` (string, may be null), `split`, `kind` and `__prompt`
+    (their prompt as `prompt_text` gives it, so a new row asking an earlier prompt joins its split)."""
     frames = []
     for kind, sub in KIND_FOLDERS.items():
         for split in SPLITS:
@@ -182,9 +187,16 @@ def read_previous_splits(folder: Path) -> pl.DataFrame:
                 cluster = (
                     pl.col("dup_cluster").cast(pl.String) if "dup_cluster" in shard.columns else pl.lit(None, pl.String)
                 )
+                # A shard holds only its own kind's message column; prompt_text() reads both.
+                mine, other = ("messages", "prompt") if kind == "sft" else ("prompt", "messages")
+                prompt = pl.lit("")
+                if mine in shard.columns:
+                    if other not in shard.columns:
+                        shard = shard.with_columns(pl.lit(None).cast(shard.schema[mine]).alias(other))
+                    prompt = prompt_text().fill_null("")
                 frames.append(
-                    shard.select(
-                        pl.col("id"), cluster.alias("dup_cluster"), pl.lit(split).alias("split"), pl.lit(kind).alias("kind")
+                    shard.with_columns(pl.lit(kind).alias("kind")).select(
+                        pl.col("id"), cluster.alias("dup_cluster"), pl.lit(split).alias("split"), pl.col("kind"), prompt.alias("__prompt")
                     )
                 )
     if not frames:
@@ -210,7 +222,17 @@ def _prior_cluster_splits(rows: pl.DataFrame, previous: pl.DataFrame) -> tuple[p
     via_label = current_clusters.join(labels, left_on=_CLUSTER, right_on="dup_cluster", how="inner").select(
         _CLUSTER, pl.col("split").alias(_PRIOR), "n"
     )
-    votes = pl.concat([via_id, via_label]).group_by(_CLUSTER, _PRIOR).agg(pl.col("n").sum())
+    # A new row asking an earlier row's prompt (a new answer to a validation question) follows that
+    # prompt's split: otherwise the prompt would be trained on and validated on (exact prompts only).
+    prompts = previous.filter(pl.col("__prompt").str.len_chars() > 0).group_by("__prompt", "split").agg(pl.len().alias("n"))
+    via_prompt = (
+        rows.filter(pl.col("__prompt").str.len_chars() > 0)
+        .join(prompts, on="__prompt", how="inner")
+        .group_by(_CLUSTER, "split")
+        .agg(pl.col("n").sum())
+        .select(_CLUSTER, pl.col("split").alias(_PRIOR), pl.col("n").cast(pl.UInt32))
+    )
+    votes = pl.concat([via_id, via_label, via_prompt]).group_by(_CLUSTER, _PRIOR).agg(pl.col("n").sum())
     conflicts = votes.group_by(_CLUSTER).len().filter(pl.col("len") > 1).height
     cluster_prior = (
         votes.sort([pl.col("n"), _split_order(pl.col(_PRIOR))], descending=[True, False])
@@ -248,6 +270,7 @@ def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tup
         prompt_text().alias("__prompt"),
     ).collect()
     groups, group_report = group_keys(rows, config)
+    prompts = rows["__prompt"]
     rows = rows.drop("__prompt").with_columns(groups.alias(_CLUSTER)).with_row_index("__split_row")
 
     report: dict[str, Any] = {"seed": seed, "cluster_column": config.cluster_column if config.cluster_column in columns else "id"}
@@ -255,7 +278,7 @@ def split_assignment(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tup
     prior_row = None
     if config.previous_splits:
         previous = read_previous_splits(Path(config.previous_splits))
-        by_id, cluster_prior, conflicts = _prior_cluster_splits(rows.select("id", _CLUSTER), previous)
+        by_id, cluster_prior, conflicts = _prior_cluster_splits(rows.select("id", _CLUSTER, prompts), previous)
         prior_row = by_id
         report["previous"] = {"rows": previous.height, "cluster_conflicts": conflicts}
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Protocol
@@ -55,6 +56,27 @@ class StageContext:
     # Counted progress of a long phase: (phase, done, total or None, unit). The CLI turns it into a
     # bar with count, percentage and ETA; the library default is silent. Use `ctx.phase(...)`.
     phase_progress: Callable[[str, int, int | None, str], None] = lambda phase, done, total, unit: None
+    # The input's columns and dtypes (set by the runner): what a row stage's `summarize` compares its
+    # outputs with (e.g. which score columns it added), since it never sees the input itself.
+    input_schema: dict[str, pl.DataType] | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+    _cache_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """`build()` once per stage run, shared by every batch and thread (eval sets, tokenizers): a
+        row-local transform must not reload them per batch."""
+        with self._cache_lock:
+            if key not in self._cache:
+                self._cache[key] = build()
+            return self._cache[key]
+
+    def __getstate__(self) -> dict:
+        # Shipped to other processes (Ray workers) without the lock and the cache: each process builds
+        # its own cached resources once.
+        return {key: value for key, value in self.__dict__.items() if key not in ("_cache", "_cache_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _cache={}, _cache_lock=threading.Lock())
 
     def phase(self, name: str, total: int | None = None, unit: str = "rows") -> "Phase":
         """A counted phase (`with ctx.phase("verifying candidate pairs", total=n) as p: p.advance(k)`)."""
@@ -140,7 +162,8 @@ class StageSpec:
     may_add_rows: bool = False
     description: str = ""
     # "row": `transform` runs per batch (engines stream it: bounded memory, any number of workers) and
-    # `run` is derived from it; "global": `run` sees the whole table and says itself what it collects.
+    # `run` is derived from it; "global": `run` sees the whole table and says itself what it collects;
+    # "source": `run` reads the raw inputs (ingest, register_source_stage), always first, always local.
     kind: str = "global"
     transform: BatchFunction | None = None
     summarize: SummaryFunction | None = None
@@ -202,6 +225,8 @@ def register_row_stage(
 
     def decorate(transform: BatchFunction) -> BatchFunction:
         def run_whole(frame: pl.LazyFrame, stage_config: Any, ctx: StageContext) -> StageOutput:
+            if ctx.input_schema is None:
+                ctx.input_schema = dict(frame.collect_schema())
             output = transform(frame.collect(), stage_config, ctx)
             kept = output.kept.lazy()
             dropped = output.dropped.lazy() if output.dropped is not None else None
@@ -222,6 +247,28 @@ def register_row_stage(
             description=(transform.__doc__ or "").strip().splitlines()[0] if transform.__doc__ else "",
         )
         return transform
+
+    return decorate
+
+
+def register_source_stage(type_name: str, *, config: type[StageConfig], version: str = "1"):
+    """Decorator registering a source stage: it reads the pipeline's raw inputs (not an earlier stage's
+    rows) and the runner starts every run with it (`ingest`). Its function is
+    `read(files, config, ctx, records_path, quarantine_path, expected_sha256) -> per-file reports`;
+    it writes both Parquet files atomically and reports bytes read through `ctx.phase`."""
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        if type_name in _REGISTRY and _REGISTRY[type_name].run is not function:
+            raise RuntimeError(f"stage type {type_name!r} registered twice")
+        _REGISTRY[type_name] = StageSpec(
+            type_name=type_name,
+            run=function,
+            config_model=config,
+            version=version,
+            kind="source",
+            description=(function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else "",
+        )
+        return function
 
     return decorate
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from train.packing import (
     IGNORE_INDEX,
+    PACKED_SDPA,
     PackedAttentionError,
     PackingError,
     best_fit_decreasing,
@@ -31,7 +32,9 @@ from train.packing import (
     packing_canary,
     plan_dpo_packing,
     plan_packing,
+    without_padding,
 )
+from train.packing.attention import packed_sdpa_attention
 
 HAS_CUDA = torch.cuda.is_available()
 # The kernel runs where its inputs live: CUDA when present, else Triton's CPU interpreter.
@@ -263,7 +266,7 @@ def _sft_batch(max_seq_len=16):
     return plan, tokens, target, offsets_t, offsets
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", PACKED_SDPA])
 def test_packed_logits_equal_unpacked(attn):
     model = tiny_llama(attn).eval()
     plan, tokens, target, offsets_t, offsets = _sft_batch()
@@ -276,14 +279,18 @@ def test_packed_logits_equal_unpacked(attn):
             torch.testing.assert_close(logits[r, c : c + n], alone, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", PACKED_SDPA, PACKED_SDPA + "/without_padding"])
 def test_packed_lora_gradients_equal_unpacked(attn):
     plan, tokens, target, offsets_t, offsets = _sft_batch()
     total_targets = int(plan.target_counts(target.numpy(), offsets).sum())
+    attn, flat = attn.split("/")[0], attn.endswith("/without_padding")
 
     packed_model = tiny_lora(attn)
     for micro in plan.batches(2):  # gradient accumulation over micro-batches, normalized by step targets
         batch = pack_batch(tokens, target, offsets_t, micro, impl="torch")
+        if flat:
+            batch = without_padding(batch)
+            assert batch.input_ids.shape == (1, int(micro.length.sum()))
         logits = packed_forward(packed_model, **batch.model_inputs(attn)).logits
         loss_sum, _ = packed_causal_lm_loss(logits, batch.labels)
         (loss_sum / total_targets).backward()
@@ -359,7 +366,27 @@ def test_the_leaks_the_guard_rails_prevent_are_real():
     assert (cached.logits[0, 5:] - alone).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_sdpa_attends_within_each_segment_only():
+    """The attention function alone, against sdpa with the dense block-causal mask of the same segments:
+    no mask is passed, so only the segment bounds can keep the samples apart."""
+    gen = torch.Generator().manual_seed(0)
+    rows, width = 2, 12
+    segments = (((0, 5), (5, 9)), ((0, 7), (7, 10), (10, 12)))
+    q, k, v = torch.randn(rows, 4, width, 8, generator=gen), torch.randn(rows, 2, width, 8, generator=gen), torch.randn(rows, 2, width, 8, generator=gen)
+    got, _ = packed_sdpa_attention(None, q, k, v, None, scaling=0.5, packed_segments=segments)
+    seg = torch.zeros(rows, width, dtype=torch.long)
+    for r, bounds in enumerate(segments):
+        for i, (start, stop) in enumerate(bounds):
+            seg[r, start:stop] = i + 1
+    pos = torch.arange(width)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (pos[:, None] >= pos[None, :]) & (seg[:, :, None] > 0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=0.5, enable_gqa=True)
+    real = (seg > 0)[:, :, None, None].expand(-1, -1, 4, 8)
+    torch.testing.assert_close(got[real], want.transpose(1, 2)[real], atol=1e-6, rtol=0)
+    assert got[~real].abs().max() == 0  # the padding tail of row 0
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", PACKED_SDPA])
 def test_canary_passes_and_catches_a_leaking_model(attn):
     model = tiny_llama(attn).train()
     assert packing_canary(model) < 1e-5
@@ -370,7 +397,9 @@ def test_canary_passes_and_catches_a_leaking_model(attn):
             super().__init__()
             self.inner, self.config = inner, inner.config
 
-        def forward(self, position_ids=None, **kwargs):
+        # Per-segment attention needs no position_ids to isolate samples (RoPE is relative inside each);
+        # losing the segment bounds too is its leak.
+        def forward(self, position_ids=None, packed_segments=None, **kwargs):
             return self.inner(**kwargs)
 
     with pytest.raises(PackedAttentionError, match="canary failed"):

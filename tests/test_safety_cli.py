@@ -216,7 +216,7 @@ def test_every_stage_is_walked():
     walked = {param.values[0] for param in _curate_fields()}
     # filter has no numeric option of its own: its bounds live in rules (any finite number; see
     # test_filter_rule_bound_must_be_a_finite_number)
-    assert {"dedup", "split", "mix", "decontaminate", "tag", "label_push", "label_pull"} <= walked
+    assert {"ingest", "dedup", "split", "mix", "decontaminate", "tag", "label_push", "label_pull"} <= walked
 
 
 def _nest(path: tuple[str, ...], value, default):
@@ -241,9 +241,12 @@ def test_numeric_config_field_is_bounded_and_refused_out_of_range(tmp_path, caps
     defaults = spec.config_model.model_validate(BASE_CONFIGS.get(type_name, {})).model_dump()
     for bad in _bad_values(kind):
         config = {**BASE_CONFIGS.get(type_name, {}), **_nest(path, bad, defaults)}
-        pipeline = write_pipeline(tmp_path, stages=[{"type": type_name, "config": config}])
+        if spec.kind == "source":  # ingest: configured by the top-level block of the same name
+            pipeline, where = write_pipeline(tmp_path, **{type_name: config}), f"{type_name}.{path[0]}"
+        else:
+            pipeline, where = write_pipeline(tmp_path, stages=[{"type": type_name, "config": config}]), "config." + path[0]
         assert curate_main(["run", str(pipeline), "--quiet"]) == 2, (path, bad)
-        assert_one_line_error(capsys.readouterr().err, "config." + path[0])
+        assert_one_line_error(capsys.readouterr().err, where)
     assert not (tmp_path / "out").exists()
 
 

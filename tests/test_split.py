@@ -218,6 +218,27 @@ def test_incremental_merged_clusters_are_reported_and_old_rows_stay(tmp_path):
     assert rows.select("id", "split").sort("id").equals(old_rows.select("id", "split").sort("id"))
 
 
+def test_incremental_new_answer_to_an_earlier_prompt_keeps_that_prompts_split(tmp_path):
+    old = canonical_frame(sft_records(120, cluster_size=1), "a.jsonl")
+    config = SplitConfig(train=0.5, validation=0.25, test=0.25)
+    old_rows, _ = assign_splits(old.lazy(), config, seed=0)
+    export_splits(old_rows, tmp_path / "v1", config, seed=0)
+    # batch 2: a new answer (new id, its own dup_cluster) to every earlier prompt, with other fractions and
+    # seed: each must follow its prompt's earlier split, or a validation question would be trained on
+    new = canonical_frame(
+        [{"messages": [r["messages"][0], {"role": "assistant", "content": f"A new agent's reply {i}, quite unlike the first."}],
+          "dup_cluster": f"new-{i}"} for i, r in enumerate(sft_records(120, cluster_size=1))],
+        "b.jsonl",
+    )
+    config2 = SplitConfig(train=0.2, validation=0.4, test=0.4, previous_splits=str(tmp_path / "v1"))
+    rows, _ = assign_splits(new.lazy(), config2, seed=5)
+    prompt = pl.col("messages").list.first().struct.field("content")
+    before = old_rows.select(prompt.alias("p"), pl.col("split").alias("before"))
+    after = rows.select(prompt.alias("p"), "split").join(before, on="p")
+    assert after.height == new.height and (after["split"] == after["before"]).all()
+    assert set(after["split"]) == {"train", "validation", "test"}
+
+
 def test_planted_near_duplicates_never_cross_splits(tmp_path):
     """Planted near/exact duplicates (sample_data/planted.json) end up in one split with their
     originals; the same data split by row id instead does leak, so the test can tell."""

@@ -125,6 +125,29 @@ def test_dpo_precomputed_reference_matches_live_reference(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- resume
+def test_log_every_logs_window_means_and_resumes_exactly(tiny, tmp_path):
+    """log_every=3: the loss is read from the device every 3rd step (and at checkpoints); each record is
+    the mean of its window's step losses, the weights are those of a run logging every step, and a run
+    stopped on a logging step resumes to the same records."""
+    dense = train(_config(tiny, "sft", tmp_path / "dense", optim__max_steps=8, eval__at_end=False), "sft")
+    sparse = _config(tiny, "sft", tmp_path / "sparse", optim__max_steps=8, eval__at_end=False, log_every=3)
+    assert train(sparse, "sft", stop_at_step=6).steps == 6
+    assert train(sparse, "sft").resumed_from == 6
+    per_step = {r["step"]: r for r in dense.history if "loss" in r}
+    lines = (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "loss" in r]  # val_loss records are apart
+    assert [r["step"] for r in records] == [3, 6, 8]
+    for record, window in zip(records, [(1, 2, 3), (4, 5, 6), (7, 8)]):
+        assert record["loss"] == pytest.approx(sum(per_step[s]["loss"] for s in window) / len(window), rel=1e-12)
+        assert record["tokens"] == sum(per_step[s]["tokens"] for s in window)
+        assert record["grad_norm"] == per_step[window[-1]]["grad_norm"] and record["lr"] == per_step[window[-1]]["lr"]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "dense" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "sparse" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_equals_straight_run_exactly(tiny, tmp_path):
     train(_config(tiny, "sft", tmp_path / "a", optim__max_steps=8, lora__dropout=0.1), "sft")
     half = _config(tiny, "sft", tmp_path / "b", optim__max_steps=8, lora__dropout=0.1)

@@ -229,6 +229,22 @@ def test_a_diverging_run_stops_without_saving_a_poisoned_adapter(tiny, tmp_path,
         assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.parametrize("clip", ["1.0", "null"])
+def test_a_non_finite_step_between_logging_steps_is_caught_before_any_save(tiny, tmp_path, capsys, clip):
+    """With log_every past the run's end, the device is first read at the last step, before its save:
+    the bad step's update was applied, but no checkpoint, adapter or metrics record is written."""
+    out = tmp_path / "run"
+    code = main([*_argv(tiny, out), "--lr", "1e30", "--set", f"optim.max_grad_norm={clip}", "--set", "log_every=100"])
+    assert code == 2
+    line = _one_line(capsys.readouterr().err)
+    match = re.fullmatch(r"error: step (\d+): loss \S+ / gradient norm \S+ is not finite; seen at step 6 \(the loss is read on "
+                         r"logging steps and before saves\), stopped before saving \(nothing was saved\); lower optim.lr \(now 1e\+30\).*", line)  # fmt: skip
+    assert match, line
+    assert 1 < int(match.group(1)) < 6  # the first step starts from finite weights; lr 1e30 poisons the next
+    assert not (out / "adapter").exists() and not list((out / "checkpoints").glob("step-*"))
+    assert (out / "metrics.jsonl").read_text() == ""
+
+
 # --------------------------------------------------------------------------------- target counting
 def _expected_cut(tiny, conversations, max_seq_len: int) -> dict:
     """Counts derived from the tokenizer alone: for a single-turn conversation whose prompt tokenizes

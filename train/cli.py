@@ -1,4 +1,4 @@
-"""The `train` command line: `train sft | dpo | eval | merge`, YAML config with flags on top.
+"""The `train` command line: `train sft | dpo | eval | merge | refresh`, YAML config with flags on top.
 
 User errors (bad config, missing split, unloadable model) are one-line messages without a traceback.
 """
@@ -97,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default: 1 each)")
     p.add_argument("--density", type=float, help="ties/dare: share of each adapter's weights kept, in (0, 1]")
     p.set_defaults(handler=cmd_merge)
+    p = sub.add_parser(
+        "refresh", help="one command for a new batch: curate it, continue the current adapter with replay, compare, promote if it did not forget",
+        description="Curate a new batch with PIPELINE (deduplicated against everything curated before; earlier rows and prompts keep "
+        "their split), continue the current adapter on it with replay of the previous train split, compare new and current adapter on "
+        "the previous and the new validation set (and eval.general_set), and promote the new one only if its loss on the previous "
+        "validation set is not worse by more than --tolerance. Resumable: rerun the same command after a kill; a rerun of a finished "
+        "refresh changes nothing. Exit 0: promoted; 3: not promoted (current.json unchanged); 2: an error.",
+    )  # fmt: skip
+    p.add_argument("--pipeline", required=True, help="curate pipeline YAML with a dedup and a split stage (its inputs are replaced by --new)")
+    p.add_argument("--train", dest="train_config", required=True, help="training config YAML (model, LoRA, optim; data.split_dir and output_dir are set by refresh)")
+    p.add_argument("--new", nargs="+", default=[], metavar="FILE", help="the new batch's files (default: the pipeline's own inputs)")
+    p.add_argument("--state", default="runs/refresh", help="refresh state folder: one gen-NNNN folder per refresh and current.json (default: runs/refresh)")
+    p.add_argument("--tolerance", type=float, default=0.05, help="largest allowed rise of validation loss on the previous validation set (nats per target token; negative: demand an improvement)")
+    p.add_argument("--replay", type=float, help="share of the train split replayed from the previous one (default: the config's data.replay.fraction, else 0.2; 0: off)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training config key, e.g. --set optim.max_steps=20 (repeatable)")
+    p.add_argument("--discard-unfinished", action="store_true", help="drop an unfinished generation that was started with other inputs or configs")
+    p.set_defaults(handler=cmd_refresh)
     return parser
 
 
@@ -175,18 +192,22 @@ def _compare(config, adapter: Path, previous: Path, json_out: str | None) -> int
     from train.forgetting import compare_adapters
 
     result = {"forgetting": compare_adapters(config, adapter, previous)}
-    table = Table(title="forgetting: validation loss of base, previous and new adapter (change = new - previous; > 0: worse)")
-    table.add_column("set", no_wrap=True)
-    for column in ("target tokens", "base", "previous", "new", "change"):
-        table.add_column(column, justify="right")
-    for row in result["forgetting"]["rows"]:
-        table.add_row(row["set"], str(row["target_tokens"]), _fmt(row["base_loss"]),
-                      _fmt(row["previous_loss"]), _fmt(row["new_loss"]), f"{row['change']:+.4f}")  # fmt: skip
-    console.print(table)
+    _print_forgetting(result["forgetting"]["rows"])
     console.print(f"previous: {previous}\nnew: {adapter}\n" + "\n".join(f"{r['set']}: {r['split_dir']} ({r['split']})" for r in result["forgetting"]["rows"]))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def _print_forgetting(rows: list[dict]) -> None:
+    table = Table(title="forgetting: validation loss of base, previous and new adapter (change = new - previous; > 0: worse)")
+    table.add_column("set", no_wrap=True)
+    for column in ("target tokens", "base", "previous", "new", "change"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["set"], str(row["target_tokens"]), _fmt(row["base_loss"]),
+                      _fmt(row["previous_loss"]), _fmt(row["new_loss"]), f"{row['change']:+.4f}")  # fmt: skip
+    console.print(table)
 
 
 def _print_task_metrics(task: dict) -> None:
@@ -221,6 +242,52 @@ def cmd_merge(args) -> int:
     out = merge_adapter(config.model, adapter, args.out, DTYPES[args.dtype], protected=protected)
     console.print(f"merged model ({args.dtype}) written to {out}")
     return 0
+
+
+def cmd_refresh(args) -> int:
+    import math
+
+    from train.config import parse_override
+    from train.refresh import NOT_PROMOTED_EXIT, RefreshRequest, refresh
+
+    if not math.isfinite(args.tolerance) or (args.replay is not None and not 0 <= args.replay <= 0.9):
+        raise TrainError("--tolerance must be a finite number and --replay a share in [0, 0.9]")
+    overrides = dict(parse_override(item) for item in args.set)
+    request = RefreshRequest(Path(args.pipeline), Path(args.train_config), Path(args.state), args.new, args.tolerance, args.replay, overrides, args.discard_unfinished)
+    report = refresh(request, console)
+    decision = report["decision"]
+    if report["already_done"]:
+        console.print(f"generation {decision['generation']} already refreshed with these inputs and configs: nothing new to do")
+    if "batch" in report:
+        _print_refresh_report(report)
+    console.print(f"{'promoted' if decision['promoted'] else 'not promoted'}: generation {decision['generation']}: {decision['reason']}")
+    return 0 if decision["promoted"] else NOT_PROMOTED_EXIT
+
+
+def _print_refresh_report(report: dict) -> None:
+    from train.refresh import SPLIT_ROWS
+
+    batch = report["batch"]
+    table = Table(title=f"refresh, generation {report['generation']}: the new batch", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # adapter paths whole
+    for key in ("rows_in", "quarantined", "kept", "duplicates_of_earlier_data"):
+        table.add_row(key.replace("_", " "), str(batch[key]))
+    by_stage: dict[str, list[tuple[str, int]]] = {}  # one line per stage; report.md lists every reason
+    for dropped in batch["dropped"]:
+        by_stage.setdefault(dropped["stage"], []).append((dropped["reason"], dropped["rows"]))
+    for stage, reasons in by_stage.items():
+        reasons.sort(key=lambda item: -item[1])
+        shown = ", ".join(f"{reason} {count}" for reason, count in reasons[:3]) + (", ..." if len(reasons) > 3 else "")
+        table.add_row(f"dropped by {stage}", f"{sum(count for _, count in reasons)} ({shown})")
+    for name in SPLIT_ROWS:
+        table.add_row(f"sft rows, {name}", " / ".join(f"{split} {report['splits'][name][split]}" for split in ("train", "validation", "test")))
+    training = report["training"]
+    if training["steps"]:
+        table.add_row("trained", f"{training['steps']} steps from {training['init_adapter'] or 'the base model'}, {training['replayed_rows']} rows replayed")
+    console.print(table)
+    if report["forgetting"]:
+        _print_forgetting(report["forgetting"])
 
 
 def main(argv: list[str] | None = None) -> int:

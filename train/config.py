@@ -151,6 +151,11 @@ class TrainConfig(_Section):
         default_factory=lambda: ["none"], description="experiment trackers: tensorboard (<output_dir>/tensorboard) or none"
     )
     progress: bool = True
+    log_every: int = Field(
+        1, ge=1, le=1 << 40,
+        description="log loss, lr and grad norm every N steps (means over those steps); the loss is read from the "
+        "device only then (and at checkpoints), so N > 1 saves a host sync per step on a GPU",
+    )  # fmt: skip
     init_adapter: str | None = Field(
         None,
         description="continue this adapter folder (its adapter_model.safetensors; same base and LoRA shape) with a fresh optimizer and schedule",
@@ -212,6 +217,7 @@ FOREIGN_NAMES = {
     "save_total_limit": "checkpoint.keep",
     "early_stopping_patience": "eval.early_stopping_patience",
     "logging_dir": "output_dir (tensorboard/ inside it)",
+    "logging_steps": "log_every",
 }
 
 

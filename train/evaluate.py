@@ -13,7 +13,7 @@ import torch
 
 from train.dpo import batch_dpo_loss, pack_pairs, pair_logps
 from train.errors import DataError
-from train.packing import pack_batch, packed_lm_loss
+from train.packing import PACKED_SDPA, pack_batch, packed_lm_loss, without_padding
 
 
 TASK_BATCH = 8  # prompts generated together: left-padded, so the batch costs about its longest prompt
@@ -38,6 +38,8 @@ def sft_loss(model, data, plan, rows_per_batch: int, pad_id: int, device, max_ro
         for start in range(0, _row_limit(plan.num_rows, max_rows), rows_per_batch):
             stop = min(start + rows_per_batch, _row_limit(plan.num_rows, max_rows))
             batch = pack_batch(tokens, mask, offsets, plan, slice(start, stop), pad_id=pad_id, pad_to_multiple_of=8)
+            if model.config._attn_implementation == PACKED_SDPA:  # as training runs it: one row, no padding
+                batch = without_padding(batch)
             with _autocast(device, autocast_dtype):
                 loss_sum, n = packed_lm_loss(model, batch.model_inputs(model.config._attn_implementation), batch.labels)
             total += loss_sum.double().cpu()

@@ -1,4 +1,6 @@
-"""The training loop for `train sft` and `train dpo`, top to bottom in one file.
+"""The training loop for `train sft` and `train dpo`, top to bottom in one file; what differs between
+the two (data, micro-step, evaluation, log fields) is a strategy object from train/strategies.py, chosen
+once, and what a run's parts share travels in one `RunContext`.
 
     data   split dir -> chat template -> tokens + target mask -> packing plan (best-fit, host)
     model  base (HF folder or GGUF) + peft LoRA, optional gradient checkpointing, DDP under torchrun
@@ -12,6 +14,15 @@
 The data order is a pure function of (seed, epoch): the packed rows are shuffled with
 `default_rng(seed + epoch)`, and `cursor` counts the rows consumed in that epoch. That pair is the whole
 data position, so resuming needs no iterator state.
+
+Host syncs: a step's loss sums and gradient norm stay on the device (named float64 tensors in a
+`LogWindow`) and are read, in one copy, only on logging steps (every `log_every` steps) and on
+checkpoint steps, as torchtune does; other steps queue work without waiting for it. The non-finite
+check reads those sums, so it runs exactly then. The trade-off: on a logging step the check comes
+before the update (a bad step never reaches the weights); a NaN/inf on a step between two reads is
+applied and caught at the next read, which is always before a checkpoint or the adapter is written,
+so a poisoned adapter is never saved (the error names the first bad step). `log_every: 1` (the
+default) reads every step and keeps the old guarantee whole.
 """
 
 from __future__ import annotations
@@ -38,16 +49,12 @@ from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, record, remove_leftover_temps, remove_recorded
 from train.checkpoint import latest_usable_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from train.config import TrainConfig
-from train.data import (
-    describe_cut, dpo_target_stats, load_dpo_split, load_sft_split, planner_overflow, set_chat_template, sft_target_stats, split_files,
-)
-from train.dpo import batch_dpo_loss, pack_pairs, pair_logps, precompute_reference_logps, reference_logps
+from train.data import describe_cut, planner_overflow, set_chat_template, split_files
 from train.errors import CheckpointError, DataError, TrainingDivergedError
-from train.evaluate import base_vs_adapter_sft, dpo_metrics, sft_loss
 from train.models import add_lora, base_model_id, load_base_model, load_tokenizer, pick_precision, set_cpu_threads
 from train.model_card import write_model_card
+from train.strategies import STRATEGIES, DpoStrategy, SftStrategy, Splits
 from train.tracking import Tracker
-from train.packing import pack_batch, packed_lm_loss, packing_canary, plan_dpo_packing, plan_packing
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -159,10 +166,10 @@ def _warn(message: str) -> None:
     sys.stderr.write(f"warning: {message}\n")
 
 
-def _target_stats(config: TrainConfig, mode: str, split: str, data, plan, warn) -> dict:
+def _target_stats(config: TrainConfig, strategy, split: str, data, plan, warn) -> dict:
     """Count what data.max_seq_len removes from a split; warn when it removes targets, refuse a train
     split left with none (it would save an untrained adapter)."""
-    stats = (sft_target_stats if mode == "sft" else dpo_target_stats)(data, plan)
+    stats = strategy.target_stats(data, plan)
     cut = describe_cut(f"{config.data.split_dir}/{split}", stats, config.data.max_seq_len, config.data.overflow)
     if config.data.overflow == "reject" and stats["samples_cut"]:
         raise DataError(f"{cut}; data.overflow is 'reject': raise data.max_seq_len or choose 'truncate' or 'drop'")
@@ -175,23 +182,12 @@ def _target_stats(config: TrainConfig, mode: str, split: str, data, plan, warn) 
     return stats
 
 
-def _clip_and_measure(params: list, max_grad_norm: float | None) -> float:
-    """The global gradient norm (clipped to `max_grad_norm` when set), read to the host."""
+def _grad_norm(params: list, max_grad_norm: float | None) -> torch.Tensor:
+    """The global gradient norm (clipped to `max_grad_norm` when set), left on the device."""
     if max_grad_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def _stop_if_not_finite(step: int, loss: float, grad_norm: float, last_checkpoint: int | None, opt) -> None:
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        return
-    kept = f"checkpoint step-{last_checkpoint:06d} is the last saved" if last_checkpoint else "nothing was saved"
-    clip = "" if opt.max_grad_norm is not None else " or set optim.max_grad_norm"
-    raise TrainingDivergedError(
-        f"step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopped before the update ({kept}); "
-        f"lower optim.lr (now {opt.lr}){clip}"
-    )
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=params[0].device)
 
 
 def _require_finite_weights(params: list, step: int) -> None:
@@ -274,6 +270,104 @@ def owned_output_dir(config: TrainConfig, ddp: Dist, protected: tuple = ()) -> I
         yield
 
 
+# ------------------------------------------------------------------------------------------ context
+@dataclass
+class RunContext:
+    """What every part of a run shares, built once by `_train` (instead of a long argument list)."""
+
+    config: TrainConfig
+    strategy: SftStrategy | DpoStrategy
+    ddp: Dist
+    device: torch.device
+    out: Path
+    autocast_dtype: torch.dtype | None
+    tokenizer: object
+    pad_id: int
+    splits: Splits
+    data_stats: dict
+    lineage: dict | None
+    fingerprint: str
+    model: object = None  # the peft model; the DPO reference is this model with its adapter disabled
+    train_model: object = None  # the same model, under DDP when world > 1
+    params: list = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def amp(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+
+
+@dataclass
+class Position:
+    """The run's counters: with the weights, optimizer, scheduler and RNG, all a checkpoint must restore."""
+
+    step: int = 0
+    epoch: int = 0
+    cursor: int = 0
+    best_val: float = math.inf
+    bad_evals: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # seconds trained before this process started
+
+    @classmethod
+    def from_state(cls, state: dict) -> Position:
+        return cls(int(state["step"]), int(state["epoch"]), int(state["cursor"]), float(state["best_val"]),
+                   int(state["bad_evals"]), int(state["tokens_seen"]), float(state["elapsed"]))  # fmt: skip
+
+
+class LogWindow:
+    """The optimizer steps since the last log, summed on the device. `read` is the only place the loop
+    waits for the device: one all-reduce and one copy to the host, on logging steps and before saves.
+
+    `means[name]` adds up each step's sum divided by that step's targets, so a window's mean loss is the
+    mean of its steps' losses (TRL's logged loss); DDP processes add their local sums, which sum to the
+    global step loss. `first_bad` keeps (step, loss, grad norm) of the first non-finite step (step 0: none).
+    """
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names, self.device = names, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.means = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in self.names}
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.first_bad = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+
+    def add(self, step: int, sums: dict[str, torch.Tensor], denominator: int, grad_norm: torch.Tensor, tokens: int) -> None:
+        for name in self.names:
+            self.means[name] += sums[name] / max(1, denominator)
+        self.grad_norm = grad_norm.detach().double()
+        step_loss = sums["loss"] / max(1, denominator)
+        bad = ~(torch.isfinite(step_loss) & torch.isfinite(self.grad_norm))
+        found = torch.stack([step_loss.new_tensor(float(step)), step_loss, self.grad_norm])
+        self.first_bad = torch.where(bad & (self.first_bad[0] == 0), found, self.first_bad)
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+
+    def read(self, ddp: Dist) -> dict:
+        means = torch.stack([self.means[name] for name in self.names])
+        if ddp.world > 1:
+            dist.all_reduce(means)
+        host = torch.cat([means, self.grad_norm[None], self.first_bad]).tolist()
+        count = len(self.names)
+        return {"means": dict(zip(self.names, host[:count])), "grad_norm": host[count], "first_bad": host[count + 1 :]}
+
+
+def _stop_if_not_finite(read: dict, step: int, updated: bool, last_checkpoint: int | None, opt) -> None:
+    bad_step, loss, grad_norm = read["first_bad"]
+    if not bad_step:
+        return
+    kept = f"checkpoint step-{last_checkpoint:06d} is the last saved" if last_checkpoint else "nothing was saved"
+    clip = "" if opt.max_grad_norm is not None else " or set optim.max_grad_norm"
+    if int(bad_step) == step and not updated:
+        where = "stopped before the update"
+    else:  # a step between two reads of the device: its update was applied, but nothing after it is saved
+        where = f"seen at step {step} (the loss is read on logging steps and before saves), stopped before saving"
+    raise TrainingDivergedError(
+        f"step {int(bad_step)}: loss {loss} / gradient norm {grad_norm} is not finite; {where} ({kept}); lower optim.lr (now {opt.lr}){clip}"
+    )
+
+
 # -------------------------------------------------------------------------------------------- train
 def train(
     config: TrainConfig, mode: str = "sft", resume: str = "auto", stop_at_step: int | None = None, console=None, protected: tuple = ()
@@ -284,298 +378,288 @@ def train(
     `protected`: more files the run reads (its config file), whose folders output_dir must not be."""
     ddp, device = init_distributed()
     with ExitStack() as held:
+        run = _prepare_run(config, mode, ddp, device)
         # Claimed once the inputs have been read (their errors come first), before anything is written;
         # held until the run returns.
-        claim_output = lambda: held.enter_context(owned_output_dir(config, ddp, protected))  # noqa: E731
-        return _train(config, mode, resume, stop_at_step, console, ddp, device, claim_output)
+        held.enter_context(owned_output_dir(config, ddp, protected))
+        _build_model(run)
+        position, resumed_from = _resume(run, resume)
+        run.strategy.check_model(run)
+        if ddp.world > 1:
+            run.train_model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+        return _train_and_save(run, position, resumed_from, stop_at_step, console)
 
 
-def _train(config: TrainConfig, mode: str, resume: str, stop_at_step: int | None, console, ddp: Dist, device: torch.device, claim_output) -> TrainResult:
+def _prepare_run(config: TrainConfig, mode: str, ddp: Dist, device: torch.device) -> RunContext:
+    """Everything that reads inputs (and may refuse them) before the output folder is claimed."""
     if device.type == "cpu":
         set_cpu_threads(config.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    out = Path(config.output_dir)
-    opt = config.optim
     seed_everything(config.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    autocast_dtype = pick_precision(opt.precision, device)
-    amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
-
-    # --- data: tokens + targets, then the packing plan (host-side, deterministic)
+    strategy = STRATEGIES[mode](config)
     split_files(config.data.split_dir, "train")  # a missing split fails now, not after a GGUF conversion
     tokenizer = load_tokenizer(config.model)
     set_chat_template(tokenizer, config.data.chat_template)
-    pad_id = tokenizer.pad_token_id
-    overflow = planner_overflow(config.data.overflow)
-    if mode == "sft":
-        only = config.data.completion_only_loss
-        train_data = load_sft_split(tokenizer, config.data.split_dir, "train", config.data.max_train_samples, only, config.data.replay, config.seed)
-        val_data = load_sft_split(tokenizer, config.data.split_dir, "validation", config.data.max_val_samples, only)
-        plan_of = lambda d: plan_packing(d.lengths, config.data.max_seq_len, overflow)  # noqa: E731
-    else:
-        train_data = load_dpo_split(tokenizer, config.data.split_dir, "train", config.data.max_train_samples, config.data.replay, config.seed)
-        val_data = load_dpo_split(tokenizer, config.data.split_dir, "validation", config.data.max_val_samples)
-        plan_of = lambda d: plan_dpo_packing(d.prompt_lens, d.chosen_lens, d.rejected_lens, config.data.max_seq_len, overflow)  # noqa: E731
-    if train_data is None:
+    splits = strategy.load(tokenizer, planner_overflow(config.data.overflow))
+    if splits is None:
         raise DataError(f"{config.data.split_dir}: the train split has no {mode} rows")
-    train_plan = plan_of(train_data)
-    val_plan = plan_of(val_data) if val_data is not None else None
-    if train_plan.num_rows == 0:
+    if splits.train_plan.num_rows == 0:
         raise DataError(f"{config.data.split_dir}: nothing to train on after packing")
-    resolve_batch_and_steps(opt, train_plan, ddp.world)
-    rows_per_step = opt.batch_rows * opt.grad_accum * ddp.world
+    resolve_batch_and_steps(config.optim, splits.train_plan, ddp.world)
     warn = _warn if ddp.main else (lambda message: None)
-    data_stats = {"train": _target_stats(config, mode, "train", train_data, train_plan, warn)}
-    if val_plan is not None:
-        data_stats["validation"] = _target_stats(config, mode, "validation", val_data, val_plan, warn)
-        if data_stats["validation"]["target_tokens_left"] == 0:
-            val_plan = None  # a loss over no targets is NaN: no validation rather than a meaningless one
-    if mode == "sft":
-        # Host copies to count each step's target tokens without touching the device.
-        host_mask = train_data.target_mask.numpy()
-        host_offsets = train_data.offsets.numpy()
-        tokens_dev = train_data.tokens.to(device)
-        mask_dev = train_data.target_mask.to(device)
-        offsets_dev = train_data.offsets.to(device)
-        targets_per_row = train_plan.target_counts(host_mask, host_offsets)
-    else:
-        pairs_per_row = np.diff(train_plan.row_ptr)
+    data_stats = {"train": _target_stats(config, strategy, "train", splits.train_data, splits.train_plan, warn)}
+    if splits.val_plan is not None:
+        data_stats["validation"] = _target_stats(config, strategy, "validation", splits.val_data, splits.val_plan, warn)
+        if data_stats["validation"]["target_tokens_left"] == 0 or splits.val_plan.num_rows == 0:
+            splits.val_plan = None  # a loss over no targets is NaN: no validation rather than a meaningless one
     lineage = None
     if config.init_adapter:  # checked before the output folder is claimed: a mismatch writes nothing
         from train.continual import check_init_adapter, init_adapter_lineage
 
         check_init_adapter(config.init_adapter, config)
         lineage = init_adapter_lineage(config.init_adapter)
-    tokens_per_row = np.zeros(train_plan.num_rows, np.int64)
-    np.add.at(tokens_per_row, train_plan.row, train_plan.length)
+    return RunContext(
+        config, strategy, ddp, device, Path(config.output_dir), pick_precision(config.optim.precision, device), tokenizer,
+        tokenizer.pad_token_id, splits, data_stats, lineage, run_fingerprint(config, mode, ddp.world),
+    )  # fmt: skip
 
-    claim_output()
 
-    # --- model: base + LoRA (seeded init), checked for packed-attention isolation before any step
-    model = load_base_model(config.model).to(device)
+def _build_model(run: RunContext) -> None:
+    """Base + LoRA (seeded init), the optimizer and the schedule."""
+    config, opt = run.config, run.config.optim
+    model = load_base_model(config.model).to(run.device)
     model = add_lora(model, config.lora, config.seed)
-    if config.init_adapter:  # weights only: optimizer and schedule start fresh; a resume overwrites them below
+    if config.init_adapter:  # weights only: optimizer and schedule start fresh; a resume overwrites them
         from train.continual import load_init_adapter
 
         load_init_adapter(model, config.init_adapter)
     if opt.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mode == "sft":
-        packing_canary(model)
     model.train()
-    peft_model = model
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(opt.schedule, opt.warmup_steps, opt.max_steps, opt.min_lr_ratio)
-    )
+    run.model = run.train_model = model
+    run.params = [p for p in model.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.AdamW(run.params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_lambda(opt.schedule, opt.warmup_steps, opt.max_steps, opt.min_lr_ratio))
 
-    # --- resume
-    fingerprint = run_fingerprint(config, mode, ddp.world)
-    step, epoch, cursor = 0, 0, 0
-    best_val, bad_evals, tokens_seen, elapsed_before = math.inf, 0, 0, 0.0
-    resumed_from = None
+
+def _resume(run: RunContext, resume: str) -> tuple[Position, int | None]:
+    """The position to start from, restoring weights, optimizer, scheduler and RNG from a checkpoint."""
+    ddp, out = run.ddp, run.out
+    warn = _warn if ddp.main else (lambda message: None)
     if resume == "never":
         if ddp.main:
             remove_recorded(out, "checkpoints")
         ddp.barrier()
-        checkpoint = None
-    elif resume == "auto":
+        return Position(), None
+    if resume == "auto":
         # The main process sets damaged checkpoints aside first, so every process then finds the same one.
         checkpoint = latest_usable_checkpoint(out, warn) if ddp.main else None
         ddp.barrier()
         if not ddp.main:
             checkpoint = latest_usable_checkpoint(out, warn, set_aside=False)
+        if checkpoint is None:
+            return Position(), None
     else:
         checkpoint = Path(resume)
         if not checkpoint.is_dir():
             raise CheckpointError(f"{checkpoint}: checkpoint folder not found")
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, peft_model, fingerprint)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step, epoch, cursor = int(state["step"]), int(state["epoch"]), int(state["cursor"])
-            best_val, bad_evals = float(state["best_val"]), int(state["bad_evals"])
-            tokens_seen, elapsed_before = int(state["tokens_seen"]), float(state["elapsed"])
-            set_rng_states(state["rng"][ddp.rank] if isinstance(state["rng"], list) else state["rng"])
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
-            # Only a hand-edited state.json gets here (the manifest matched): say so, never a traceback.
-            raise CheckpointError(f"{checkpoint}: state.json does not fit this run ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
-        resumed_from = step
+    state = load_checkpoint(checkpoint, run.model, run.fingerprint)
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        position = Position.from_state(state)
+        set_rng_states(state["rng"][ddp.rank] if isinstance(state["rng"], list) else state["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        # Only a hand-edited state.json gets here (the manifest matched): say so, never a traceback.
+        raise CheckpointError(f"{checkpoint}: state.json does not fit this run ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
+    return position, position.step
 
-    ref_table = None
-    if mode == "dpo" and config.dpo.precompute_ref_logps:
-        ref_table = precompute_reference_logps(peft_model, train_data, train_plan, opt.batch_rows, pad_id, device, autocast_dtype)
 
-    train_model = peft_model
-    if ddp.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(peft_model, device_ids=[device.index] if device.type == "cuda" else None)
+def _save_checkpoint(run: RunContext, position: Position, started: float) -> None:
+    _require_finite_weights(run.params, position.step)
+    state = {
+        "fingerprint": run.fingerprint, "step": position.step, "epoch": position.epoch, "cursor": position.cursor,
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "best_val": position.best_val, "bad_evals": position.bad_evals, "tokens_seen": position.tokens_seen,
+        "elapsed": position.elapsed + (time.perf_counter() - started),
+    }  # fmt: skip
+    if run.ddp.world > 1:
+        rngs = [None] * run.ddp.world
+        dist.all_gather_object(rngs, rng_states())
+        state["rng"] = rngs
+    else:
+        state["rng"] = rng_states()
+    if run.ddp.main:
+        save_checkpoint(run.out, position.step, run.model, state, run.config.checkpoint.keep)
+    run.ddp.barrier()
 
-    metrics = MetricsLog(out / "metrics.jsonl", ddp.main, resumed_from if resumed_from is not None else 0)
+
+@dataclass
+class _Outputs:
+    """Where a run's records go: metrics.jsonl, the trackers, the returned history, the progress bar."""
+
+    metrics: MetricsLog
+    tracker: Tracker
+    progress: _Progress
+    history: list[dict] = field(default_factory=list)
+
+    def write(self, step: int, record: dict) -> None:
+        self.metrics.write(record)
+        self.tracker.log(record, step)
+        self.history.append(record)
+
+
+def _train_and_save(run: RunContext, position: Position, resumed_from: int | None, stop_at_step: int | None, console) -> TrainResult:
+    config, ddp, out = run.config, run.ddp, run.out
     if ddp.main and resumed_from is None:
         remove_recorded(out, "tensorboard")  # a fresh run's curves never mix with an old run's
-    tracker = Tracker(config.report_to if ddp.main else [], out, resumed_from)
-    history: list[dict] = []
+    outputs = _Outputs(
+        MetricsLog(out / "metrics.jsonl", ddp.main, resumed_from if resumed_from is not None else 0),
+        Tracker(config.report_to if ddp.main else [], out, resumed_from),
+        _Progress(ddp.main and config.progress, config.optim.max_steps, position.step, console, run.strategy.mode),
+    )
     if ddp.main:
-        (out / "train_config.json").write_text(json.dumps({"mode": mode, **config.model_dump(), "data_stats": data_stats, "init_adapter_lineage": lineage, "replay": train_data.replay}, indent=2, sort_keys=True) + "\n")
-
-    def evaluate() -> dict:
-        if val_plan is None or val_plan.num_rows == 0:
-            return {}
-        if mode == "sft":
-            loss, n = sft_loss(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.eval.max_rows, autocast_dtype)
-            return {"val_loss": loss, "val_tokens": n}
-        return dpo_metrics(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.dpo, config.eval.max_rows, autocast_dtype)
-
-    def checkpoint_now():
-        _require_finite_weights(params, step)
-        state = {
-            "fingerprint": fingerprint, "step": step, "epoch": epoch, "cursor": cursor,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "best_val": best_val, "bad_evals": bad_evals, "tokens_seen": tokens_seen,
-            "elapsed": elapsed_before + (time.perf_counter() - started),
-        }  # fmt: skip
-        rngs = [None] * ddp.world if ddp.world > 1 else None
-        if ddp.world > 1:
-            dist.all_gather_object(rngs, rng_states())
-        state["rng"] = rngs if ddp.world > 1 else rng_states()
-        if ddp.main:
-            save_checkpoint(out, step, peft_model, state, config.checkpoint.keep)
-        ddp.barrier()
-
-    progress = _Progress(ddp.main and config.progress, opt.max_steps, step, console, mode)
+        record = {"mode": run.strategy.mode, **config.model_dump(), "data_stats": run.data_stats,
+                  "init_adapter_lineage": run.lineage, "replay": run.splits.train_data.replay}  # fmt: skip
+        (out / "train_config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     started = time.perf_counter()
-    stopped_early = False
-    last_ckpt_step = resumed_from
-    last_eval: tuple[int, dict] = (-1, {})
-    with progress:
-        while step < opt.max_steps:
-            t0 = time.perf_counter()
-            step_rows, epoch, cursor = rows_for_step(train_plan.num_rows, rows_per_step, config.seed, epoch, cursor)
-            if mode == "sft":
-                step_targets = int(targets_per_row[step_rows].sum())  # over every micro-batch and process
-            else:
-                step_pairs = int(pairs_per_row[step_rows].sum())
-            sums = np.zeros(5)  # loss sum, chosen reward sum, rejected reward sum, correct pairs, tokens
-            for micro in range(opt.grad_accum):
-                first = (micro * ddp.world + ddp.rank) * opt.batch_rows
-                rows = step_rows[first : first + opt.batch_rows]
-                last = micro == opt.grad_accum - 1
-                sync = nullcontext() if last or ddp.world == 1 else train_model.no_sync()
-                with sync:
-                    if mode == "sft":
-                        batch = pack_batch(tokens_dev, mask_dev, offsets_dev, train_plan, rows, pad_id=pad_id, pad_to_multiple_of=8)
-                        with amp():
-                            loss_sum, _ = packed_lm_loss(train_model, batch.model_inputs(peft_model.config._attn_implementation), batch.labels)
-                        # DDP averages gradients over processes; scale by world so the result is the
-                        # global sum divided by the global target count.
-                        (loss_sum * (ddp.world / max(1, step_targets))).backward()
-                        sums[0] += float(loss_sum.detach())
-                    else:
-                        batch = pack_pairs(train_data, train_plan, rows, pad_id, device)
-                        policy_c, policy_r = pair_logps(train_model, batch, autocast_dtype)
-                        if ref_table is not None:
-                            ref = torch.from_numpy(ref_table[batch.sample]).to(device)
-                            ref_c, ref_r = ref[:, 0], ref[:, 1]
-                        else:
-                            ref_c, ref_r = reference_logps(peft_model, batch, autocast_dtype)
-                        losses, chosen_r, rejected_r = batch_dpo_loss(config.dpo, batch, policy_c, policy_r, ref_c, ref_r)
-                        (losses.sum() * (ddp.world / max(1, step_pairs))).backward()
-                        sums[0] += float(losses.detach().sum())
-                        sums[1] += float(chosen_r.sum())
-                        sums[2] += float(rejected_r.sum())
-                        sums[3] += float((chosen_r > rejected_r).sum())
-                sums[4] += int(tokens_per_row[rows].sum())
-            # Checked before the update, so a non-finite step never reaches the weights (the loss and
-            # norm are read from the device here anyway; every process sees the same global values).
-            totals = ddp.all_sum(sums.tolist())
-            denominator = step_targets if mode == "sft" else step_pairs
-            grad_norm = _clip_and_measure(params, opt.max_grad_norm)
-            _stop_if_not_finite(step + 1, totals[0] / max(1, denominator), grad_norm, last_ckpt_step, opt)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-
-            step_tokens = int(totals[4])
-            tokens_seen += step_tokens
-            dt = time.perf_counter() - t0
-            record = {"step": step, "epoch": epoch, "loss": totals[0] / max(1, denominator), "lr": lr,
-                      "tokens": step_tokens, "tokens_per_s": step_tokens / dt if dt > 0 else None}  # fmt: skip
-            if opt.max_grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            if mode == "dpo":
-                record.update(reward_chosen=totals[1] / max(1, step_pairs), reward_rejected=totals[2] / max(1, step_pairs),
-                              reward_margin=(totals[1] - totals[2]) / max(1, step_pairs), reward_accuracy=totals[3] / max(1, step_pairs))  # fmt: skip
-            metrics.write(record)
-            tracker.log(record, step)
-            history.append(record)
-            progress.update(step, record)
-
-            is_last = step >= opt.max_steps or step == stop_at_step
-            if (config.eval.every and step % config.eval.every == 0) or (is_last and step >= opt.max_steps):
-                result = evaluate()
-                last_eval = (step, result)
-                if result:
-                    metrics.write({"step": step, **result})
-                    tracker.log(result, step)
-                    history.append({"step": step, **result})
-                    progress.note(step, result)
-                    if result["val_loss"] < best_val - config.eval.early_stopping_min_delta:
-                        best_val, bad_evals = result["val_loss"], 0
-                    else:
-                        bad_evals += 1
-                    if config.eval.early_stopping_patience and bad_evals >= config.eval.early_stopping_patience:
-                        stopped_early = True
-            if (config.checkpoint.every and step % config.checkpoint.every == 0) or is_last or stopped_early:
-                checkpoint_now()
-                last_ckpt_step = step
-            if stopped_early or step == stop_at_step:
-                break
-
-    if last_ckpt_step != step:
-        checkpoint_now()
-    adapter_dir = out / "adapter"
-    final: dict = {}
-    finished = step >= opt.max_steps or stopped_early
-    if finished:
-        _require_finite_weights(params, step)
-    if ddp.main and finished:
-        tmp = out / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # Named by its real id, never this machine's GGUF cache folder: the adapter loads anywhere.
-        peft_model.peft_config["default"].base_model_name_or_path = base_model_id(config.model)
-        peft_model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "train_mode.txt").write_text(mode + "\n")
-        remove_recorded(out, "adapter")  # ours: recorded in output_dir's marker (a link is unlinked, not followed)
-        os.replace(tmp, adapter_dir)
-        if config.eval.at_end and val_plan is not None and val_plan.num_rows:
-            if mode == "sft" and last_eval[0] == step and last_eval[1]:
-                # The adapter side was just measured at this step; only the base is new.
-                with peft_model.disable_adapter():
-                    base, n = sft_loss(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.eval.max_rows, autocast_dtype)
-                final = {"base_loss": base, "adapter_loss": last_eval[1]["val_loss"], "target_tokens": n}
-            elif mode == "sft":
-                final = base_vs_adapter_sft(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.eval.max_rows, autocast_dtype)
-            else:
-                final = dpo_metrics(peft_model, val_data, val_plan, opt.batch_rows, pad_id, device, config.dpo, config.eval.max_rows, autocast_dtype)
-            metrics.write({"step": step, "final": final, "data_stats": data_stats})
-            tracker.log_final(final, step)
-        write_model_card(adapter_dir, config, mode, step, data_stats, final, lineage)
-        try:
-            from train.plot import plot_losses
-
-            plot_losses(out / "metrics.jsonl", out / "loss.png")
-        except Exception:  # noqa: BLE001 - a missing plot never fails a finished training run
-            pass
-    tracker.close()
+    with outputs.progress:
+        stopped_early, last_eval, last_ckpt_step = _run_steps(run, position, stop_at_step, outputs, started, resumed_from)
+    if last_ckpt_step != position.step:
+        _save_checkpoint(run, position, started)
+    finished = position.step >= config.optim.max_steps or stopped_early
+    final = _save_adapter(run, position.step, last_eval, outputs) if finished else {}
+    outputs.tracker.close()
     ddp.barrier()
     if ddp.world > 1:
         dist.destroy_process_group()
-    return TrainResult(out, adapter_dir, step, history, final, stopped_early, resumed_from, data_stats)
+    history = outputs.history
+    return TrainResult(out, out / "adapter", position.step, history, final, stopped_early, resumed_from, run.data_stats)
+
+
+def _run_steps(run: RunContext, position: Position, stop_at_step: int | None, outputs: _Outputs, started: float, resumed_from: int | None):
+    """Optimizer steps until max_steps, `stop_at_step` or early stopping, with eval and checkpoints."""
+    config, opt = run.config, run.config.optim
+    plan = run.splits.train_plan
+    targets_per_row = run.strategy.prepare(run.splits, run.device)  # target tokens (SFT) or pairs (DPO)
+    tokens_per_row = np.zeros(plan.num_rows, np.int64)
+    np.add.at(tokens_per_row, plan.row, plan.length)
+    window = LogWindow(run.strategy.sum_names, run.device)
+    stopped_early, last_eval, last_ckpt_step = False, (-1, {}), resumed_from
+    while position.step < opt.max_steps:
+        step = position.step + 1
+        is_last = step >= opt.max_steps or step == stop_at_step
+        checkpoint_due = bool(config.checkpoint.every and step % config.checkpoint.every == 0) or is_last
+        log_now = step % config.log_every == 0 or checkpoint_due
+        began = time.perf_counter()
+        lr, read = _optimizer_step(run, position, window, targets_per_row, tokens_per_row, log_now, last_ckpt_step)
+        window.seconds += time.perf_counter() - began
+        if read is not None:
+            _log_window(run, position, window, read, lr, outputs)
+        else:
+            outputs.progress.advance(position.step)
+        if (config.eval.every and step % config.eval.every == 0) or (is_last and step >= opt.max_steps):
+            last_eval = (step, _evaluate(run, position, outputs))
+            stopped_early = bool(config.eval.early_stopping_patience and position.bad_evals >= config.eval.early_stopping_patience)
+        if checkpoint_due or stopped_early:
+            if window.steps:  # an early stop between logging steps: the device is read before the save
+                _log_window(run, position, window, window.read(run.ddp), lr, outputs, last_ckpt_step)
+            _save_checkpoint(run, position, started)
+            last_ckpt_step = step
+        if stopped_early or step == stop_at_step:
+            break
+    return stopped_early, last_eval, last_ckpt_step
+
+
+def _optimizer_step(run: RunContext, position: Position, window: LogWindow, targets_per_row, tokens_per_row, log_now: bool, last_ckpt_step):
+    """grad_accum micro-batches, clip, update. Nothing is read from the device unless `log_now`: then the
+    window is read (returned) and checked before the update, so a non-finite step never reaches the weights."""
+    opt, ddp = run.config.optim, run.ddp
+    rows_per_step = opt.batch_rows * opt.grad_accum * ddp.world
+    step_rows, position.epoch, position.cursor = rows_for_step(run.splits.train_plan.num_rows, rows_per_step, run.config.seed, position.epoch, position.cursor)
+    denominator = int(targets_per_row[step_rows].sum())  # over every micro-batch and process
+    # DDP averages gradients over processes; scaling by world makes the result the global sum divided
+    # by the global target count, so each target weighs the same wherever it landed.
+    scale = ddp.world / max(1, denominator)
+    sums = {name: torch.zeros((), dtype=torch.float64, device=run.device) for name in run.strategy.sum_names}
+    for micro in range(opt.grad_accum):
+        first = (micro * ddp.world + ddp.rank) * opt.batch_rows
+        rows = step_rows[first : first + opt.batch_rows]
+        sync = nullcontext() if micro == opt.grad_accum - 1 or ddp.world == 1 else run.train_model.no_sync()
+        with sync:
+            parts = run.strategy.micro_step(run, rows, scale)
+        for name, value in parts.items():
+            sums[name] += value.double()
+    window.add(position.step + 1, sums, denominator, _grad_norm(run.params, opt.max_grad_norm), int(tokens_per_row[step_rows].sum()))
+    read = window.read(ddp) if log_now else None
+    if read is not None:
+        _stop_if_not_finite(read, position.step + 1, False, last_ckpt_step, opt)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    position.step += 1
+    position.tokens_seen += int(tokens_per_row[step_rows].sum())
+    return lr, read
+
+
+def _log_window(run: RunContext, position: Position, window: LogWindow, read: dict, lr: float, outputs: _Outputs, last_ckpt_step=None) -> None:
+    _stop_if_not_finite(read, position.step, True, last_ckpt_step, run.config.optim)  # a no-op when checked before the update
+    seconds = window.seconds
+    means = {name: value / window.steps for name, value in read["means"].items()}
+    record = {"step": position.step, "epoch": position.epoch, **run.strategy.log_fields(means), "lr": lr,
+              "tokens": window.tokens, "tokens_per_s": window.tokens / seconds if seconds > 0 else None}  # fmt: skip
+    if run.config.optim.max_grad_norm is not None:
+        record["grad_norm"] = read["grad_norm"]  # the last step's, as TRL logs it
+    outputs.write(position.step, record)
+    outputs.progress.update(position.step, record)
+    window.reset()
+
+
+def _evaluate(run: RunContext, position: Position, outputs: _Outputs) -> dict:
+    """Validation now; updates the early-stopping counters."""
+    if run.splits.val_plan is None:
+        return {}
+    result = run.strategy.evaluate(run)
+    if result:
+        outputs.write(position.step, {"step": position.step, **result})
+        outputs.progress.note(position.step, result)
+        if result["val_loss"] < position.best_val - run.config.eval.early_stopping_min_delta:
+            position.best_val, position.bad_evals = result["val_loss"], 0
+        else:
+            position.bad_evals += 1
+    return result
+
+
+def _save_adapter(run: RunContext, step: int, last_eval: tuple[int, dict], outputs: _Outputs) -> dict:
+    """The finished adapter (atomically), the base-vs-adapter comparison, the model card and the plot."""
+    _require_finite_weights(run.params, step)
+    if not run.ddp.main:
+        return {}
+    config, out, mode = run.config, run.out, run.strategy.mode
+    adapter_dir, tmp = out / "adapter", out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # Named by its real id, never this machine's GGUF cache folder: the adapter loads anywhere.
+    run.model.peft_config["default"].base_model_name_or_path = base_model_id(config.model)
+    run.model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    (tmp / "train_mode.txt").write_text(mode + "\n")
+    remove_recorded(out, "adapter")  # ours: recorded in output_dir's marker (a link is unlinked, not followed)
+    os.replace(tmp, adapter_dir)
+    final: dict = {}
+    if config.eval.at_end and run.splits.val_plan is not None:
+        final = run.strategy.final_eval(run, last_eval, step)
+        outputs.metrics.write({"step": step, "final": final, "data_stats": run.data_stats})
+        outputs.tracker.log_final(final, step)
+    write_model_card(adapter_dir, config, mode, step, run.data_stats, final, run.lineage)
+    try:
+        from train.plot import plot_losses
+
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    except Exception:  # noqa: BLE001 - a missing plot never fails a finished training run
+        pass
+    return final
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -603,6 +687,10 @@ class _Progress:
     def __exit__(self, *exc):
         if self.enabled:
             self.progress.__exit__(*exc)
+
+    def advance(self, step: int):
+        if self.enabled:
+            self.progress.update(self.task, completed=step)
 
     def update(self, step: int, record: dict):
         if self.enabled:

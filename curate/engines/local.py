@@ -1,39 +1,161 @@
-"""The local engine: runs a stage on this machine through Polars' streaming engine."""
+"""The local engine: runs a stage on this machine in bounded memory.
+
+Row-local stages (`spec.kind == "row"`) stream: the input Parquet is read in batches of `batch_rows`
+rows, `spec.transform` runs on each (a few batches at once on a small thread pool: Polars releases the
+GIL, so both cores work), and the kept and dropped rows are appended, in input order, to incremental
+Parquet writers. The writers cut row groups of a fixed size (ROW_GROUP_ROWS) whatever the batch size,
+so the files are byte-identical for any `batch_rows`: the batch size is a memory knob, never part of
+the result. The report is `spec.summarize` over the written files (lazy, streaming).
+
+Global stages run their whole-table `spec.run`; its outputs are streamed to Parquet by Polars.
+"""
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from curate.atomic import atomic_path
-from curate.stage import StageContext, StageSpec
+from curate.atomic import ROW_GROUP_ROWS, atomic_path
+from curate.stage import BatchOutput, StageContext, StageSpec
 from schemas import CANONICAL_SCHEMA
+
+DEFAULT_BATCH_ROWS = 2_000  # tag holds ~25 KB per 1 KB chat record of a batch: ~50 MB per batch, three in flight
+WORKERS = 2  # the transforms are Polars-heavy and release the GIL; more threads only add memory
 
 
 def empty_dropped_schema() -> dict:
     return {**CANONICAL_SCHEMA, "stage": pl.String(), "reason": pl.String()}
 
 
+class ParquetAppender:
+    """Appends DataFrames to one Parquet file in row groups of exactly `row_group_rows` rows (the last
+    one shorter); the schema is the first frame's, later frames are cast to it."""
+
+    def __init__(self, path: Path, row_group_rows: int = ROW_GROUP_ROWS):
+        self.path, self.row_group_rows = path, row_group_rows
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def append(self, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        if self._schema is None:
+            self._schema = table.schema
+            self._writer = pq.ParquetWriter(self.path, self._schema, compression="zstd")
+        elif table.schema != self._schema:
+            if sorted(table.schema.names) != sorted(self._schema.names):
+                # A column only some batches carry would be lost or misaligned: a bug in the stage.
+                raise ValueError(
+                    f"{self.path.name}: a batch's columns {sorted(table.schema.names)} differ from the first batch's "
+                    f"{sorted(self._schema.names)}; a row-local stage must output the same columns for every batch"
+                )
+            table = table.select(self._schema.names).cast(self._schema)
+        if table.num_rows == 0:
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        while self._pending_rows >= self.row_group_rows:
+            self._flush(self.row_group_rows)
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self._pending).combine_chunks()
+        self._writer.write_table(table.slice(0, rows), row_group_size=rows)
+        rest = table.slice(rows)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+
+    def close(self, fallback_schema: dict) -> None:
+        if self._writer is None:  # nothing was ever appended: an empty file with the fallback schema
+            pl.DataFrame(schema=fallback_schema).write_parquet(self.path, compression="zstd")
+            return
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        self._writer.close()
+
+
+def read_batches(input_path: Path, batch_rows: int) -> Iterator[pl.DataFrame]:
+    """The input in batches of at most `batch_rows` rows (one empty batch for an empty input, so the
+    transform still declares its output columns)."""
+    parquet = pq.ParquetFile(input_path)
+    empty = True
+    for record_batch in parquet.iter_batches(batch_size=batch_rows):
+        if record_batch.num_rows == 0:
+            continue
+        empty = False
+        yield pl.from_arrow(pa.Table.from_batches([record_batch]), rechunk=False)
+    if empty:
+        yield pl.from_arrow(parquet.schema_arrow.empty_table())
+
+
 class LocalEngine:
     name = "local"
+
+    def __init__(self, batch_rows: int = DEFAULT_BATCH_ROWS, workers: int = WORKERS):
+        self.batch_rows, self.workers = batch_rows, workers
 
     def execute(
         self, spec: StageSpec, config: Any, ctx: StageContext, input_path: Path, kept_path: Path, dropped_path: Path
     ) -> dict[str, Any]:
+        if spec.kind == "row":
+            return self._execute_rows(spec, config, ctx, input_path, kept_path, dropped_path)
         output = spec.run(pl.scan_parquet(input_path, glob=False), config, ctx)
         dropped = output.dropped if output.dropped is not None else pl.LazyFrame(schema=empty_dropped_schema())
-        with atomic_path(kept_path, suffix=".parquet") as kept_tmp, atomic_path(dropped_path, suffix=".parquet") as dropped_tmp:
+        with ctx.phase("writing", unit="files") as writing, atomic_path(kept_path, suffix=".parquet") as kept_tmp, atomic_path(dropped_path, suffix=".parquet") as dropped_tmp:
             # One execution for both sinks: the shared upstream plan is computed once, streaming.
             pl.collect_all(
                 [
-                    output.kept.sink_parquet(kept_tmp, lazy=True, compression="zstd"),
-                    dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd"),
+                    output.kept.sink_parquet(kept_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
+                    dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
                 ],
                 engine="streaming",
             )
+            writing.advance(2)
         return dict(output.report)
+
+    def _execute_rows(
+        self, spec: StageSpec, config: Any, ctx: StageContext, input_path: Path, kept_path: Path, dropped_path: Path
+    ) -> dict[str, Any]:
+        total = pq.ParquetFile(input_path).metadata.num_rows
+        with ExitStack() as stack:
+            kept_tmp = stack.enter_context(atomic_path(kept_path, suffix=".parquet"))
+            dropped_tmp = stack.enter_context(atomic_path(dropped_path, suffix=".parquet"))
+            kept, dropped = ParquetAppender(kept_tmp), ParquetAppender(dropped_tmp)
+            phase = stack.enter_context(ctx.phase("transform", total=total, unit="rows"))
+            for rows_read, output in self._transformed(spec, config, ctx, input_path):
+                kept.append(output.kept)
+                if output.dropped is not None:
+                    dropped.append(output.dropped)
+                phase.advance(rows_read)
+            kept.close(fallback_schema=dict(ctx.input_schema or CANONICAL_SCHEMA))
+            dropped.close(fallback_schema=empty_dropped_schema())
+        if spec.summarize is None:
+            return {}
+        return dict(spec.summarize(pl.scan_parquet(kept_path, glob=False), pl.scan_parquet(dropped_path, glob=False), config, ctx))
+
+    def _transformed(self, spec: StageSpec, config: Any, ctx: StageContext, input_path: Path) -> Iterator[tuple[int, BatchOutput]]:
+        """(batch rows, transform(batch)) in input order, with at most `workers + 1` batches in flight (a
+        batch is released once transformed: only its row count is kept)."""
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"curate-{ctx.name}") as pool:
+            in_flight: deque = deque()
+            for batch in read_batches(input_path, self.batch_rows):
+                in_flight.append((batch.height, pool.submit(spec.transform, batch, config, ctx)))
+                del batch
+                if len(in_flight) > self.workers:
+                    rows_read, future = in_flight.popleft()
+                    yield rows_read, future.result()
+            while in_flight:
+                rows_read, future = in_flight.popleft()
+                yield rows_read, future.result()
 
     def close(self) -> None:
         pass

@@ -14,7 +14,7 @@ from curate.errors import ConfigError
 from curate.filters import language as language_id
 from curate.filters.heuristics import repetition_score_names
 from curate.filters.thresholds import FilterConfig, compile_rule, resolve_rules
-from curate.stage import StageContext, StageOutput, drop_rows, register_stage
+from curate.stage import BatchOutput, StageContext, drop_rows, register_row_stage
 
 
 INSTRUCTION_COLUMNS = ("assistant_ends_mid_sentence", "assistant_truncation")
@@ -41,15 +41,14 @@ def _check_language_codes(specs) -> None:
             language_id.validate_codes([*(spec.in_ or []), *(spec.not_in or [])], f"filter rule {spec.name!r}")
 
 
-@register_stage("filter", config=FilterConfig, version="2")
-def filter_stage(frame: pl.LazyFrame, config: FilterConfig, ctx: StageContext) -> StageOutput:
-    """Drop rows failing a rule; reason = first failing rule, reasons = all failing rules."""
+def _rules_for(columns: list[str], config: FilterConfig, ctx: StageContext) -> tuple[list, dict[str, str]]:
+    """The rules that apply to a table with these columns, and the optional ones skipped (why)."""
     specs = resolve_rules(config)
     _check_language_codes(specs)
-    columns = set(frame.collect_schema().names())
+    present = set(columns)
     rules, skipped = [], {}
     for rule in map(compile_rule, specs):
-        missing = [column for column in rule.columns if column not in columns]
+        missing = [column for column in rule.columns if column not in present]
         if missing and rule.optional:
             skipped[rule.name] = f"column {', '.join(missing)} absent (written by {producer_of(missing[0])})"
         elif missing:
@@ -59,31 +58,48 @@ def filter_stage(frame: pl.LazyFrame, config: FilterConfig, ctx: StageContext) -
             )
         else:
             rules.append(rule)
+    return rules, skipped
+
+
+def _filter_summary(kept: pl.LazyFrame, dropped: pl.LazyFrame, config: FilterConfig, ctx: StageContext) -> dict:
+    """The funnel, from the written rows: dropped rows carry every failing rule in `reasons`."""
+    rules, skipped = _rules_for(list(ctx.input_schema or kept.collect_schema()), config, ctx)
+    kept_rows = kept.select(pl.len()).collect().item()
+    dropped_rows = dropped.select(pl.len()).collect().item()
+    return {
+        "rows_in": kept_rows + dropped_rows,
+        "kept": kept_rows,
+        "dropped": dropped_rows,
+        "preset": config.preset,
+        "funnel": _funnel(kept_rows + dropped_rows, dropped, rules) if dropped_rows else _funnel(kept_rows, None, rules),
+        "skipped_rules": skipped,
+        "rules": [rule.name for rule in rules],
+    }
+
+
+@register_row_stage("filter", config=FilterConfig, version="2", summarize=_filter_summary)
+def filter_stage(batch: pl.DataFrame, config: FilterConfig, ctx: StageContext) -> BatchOutput:
+    """Drop rows failing a rule; reason = first failing rule, reasons = all failing rules."""
+    rules, _ = ctx.cached(f"rules:{','.join(batch.columns)}", lambda: _rules_for(batch.columns, config, ctx))
     if rules:
         reasons = pl.concat_list(
             [pl.when(rule.fails).then(pl.lit(rule.name)).otherwise(None) for rule in rules]
         ).list.drop_nulls()
     else:
         reasons = pl.lit([], dtype=pl.List(pl.String))
-    table = frame.with_columns(reasons.alias("reasons")).collect()
-    failing = table.filter(pl.col("reasons").list.len() > 0)
-    report = {
-        "rows_in": table.height,
-        "kept": table.height - failing.height,
-        "dropped": failing.height,
-        "preset": config.preset,
-        "funnel": _funnel(table.height, failing, rules),
-        "skipped_rules": skipped,
-        "rules": [rule.name for rule in rules],
-    }
-    kept = table.lazy().filter(pl.col("reasons").list.len() == 0).drop("reasons")
-    dropped = drop_rows(failing.lazy(), ctx.name, pl.col("reasons").list.first())
-    return StageOutput(kept=kept, dropped=dropped, report=report)
+    table = batch.with_columns(reasons.alias("reasons"))
+    failing = pl.col("reasons").list.len() > 0
+    dropped = drop_rows(table.lazy().filter(failing), ctx.name, pl.col("reasons").list.first()).collect()
+    return BatchOutput(kept=table.filter(~failing).drop("reasons"), dropped=dropped)
 
 
-def _funnel(rows_in: int, failing: pl.DataFrame, rules) -> list[dict]:
-    first_counts = dict(failing.group_by(pl.col("reasons").list.first()).len().iter_rows())
-    any_counts = dict(failing.select(pl.col("reasons").explode()).group_by("reasons").len().iter_rows())
+def _funnel(rows_in: int, failing: pl.LazyFrame | None, rules) -> list[dict]:
+    first_counts, any_counts = {}, {}
+    if failing is not None:
+        first_counts = dict(failing.group_by(pl.col("reasons").list.first()).len().collect(engine="streaming").iter_rows())
+        any_counts = dict(
+            failing.select(pl.col("reasons").explode()).group_by("reasons").len().collect(engine="streaming").iter_rows()
+        )
     funnel, remaining = [], rows_in
     for rule in rules:
         dropped_here = int(first_counts.get(rule.name, 0))

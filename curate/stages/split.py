@@ -9,7 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from curate.split import SplitConfig, export_splits, split_assignment
+from curate.split import EXPORT_COLUMNS, SplitConfig, export_splits, split_assignment
 from curate.stage import StageContext, StageOutput, register_stage
 
 
@@ -33,10 +33,13 @@ def _previous_inputs(config: SplitConfig, ctx: StageContext) -> list[Path]:
 
 def _export(kept: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> dict[str, Any]:
     ctx.progress("writing sft/ and pref/ datasets")
-    return export_splits(kept.collect(), ctx.run_dir, _resolved(config, ctx), _seed(config, ctx), stage_name=ctx.name)
+    # Only the exported columns are read: the score columns (most of a tagged row) stay on disk.
+    needed = {"kind", "split", "id", config.cluster_column, *config.extra_columns, *(c for cs in EXPORT_COLUMNS.values() for c in cs)}
+    rows = kept.select([name for name in kept.collect_schema().names() if name in needed]).collect()
+    return export_splits(rows, ctx.run_dir, _resolved(config, ctx), _seed(config, ctx), stage_name=ctx.name)
 
 
-@register_stage("split", config=SplitConfig, version="2", extra_inputs=_previous_inputs, export=_export)
+@register_stage("split", config=SplitConfig, version="3", extra_inputs=_previous_inputs, export=_export)
 def split_stage(frame: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> StageOutput:
     """Assign train/validation/test by group (dup_cluster joined with same or near-duplicate prompts) and export sft/ and pref/."""
     ctx.progress("assigning splits by cluster")

@@ -7,6 +7,7 @@ See curate/filters/* for every column's definition.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import polars as pl
@@ -17,7 +18,7 @@ from curate.filters import heuristics as heuristic_scores
 from curate.filters import instruction as instruction_checks
 from curate.filters import language as language_id
 from curate.filters.text import ALL_TEXT, ASSISTANT_TEXT, TEMP_COLUMNS, USER_TEXT, with_role_texts
-from curate.stage import StageConfig, StageContext, StageOutput, drop_rows, register_stage
+from curate.stage import BatchOutput, StageConfig, StageContext, drop_rows, register_row_stage
 
 
 class LanguageConfig(StageConfig):
@@ -57,18 +58,50 @@ def _tokenizer_path(config: TagConfig, ctx: StageContext):
     return [ctx.resolve(config.tokenizer)] if config.tokenizer else []
 
 
-@register_stage("tag", config=TagConfig, version="2", extra_inputs=_tokenizer_path)
-def tag_stage(frame: pl.LazyFrame, config: TagConfig, ctx: StageContext) -> StageOutput:
+def _tag_summary(kept: pl.LazyFrame, dropped: pl.LazyFrame, config: TagConfig, ctx: StageContext) -> dict:
+    """The tag report, from the written rows: one streaming aggregation per figure."""
+    rows = kept.select(pl.len()).collect().item()
+    report: dict = {"rows": rows}
+    if config.language is not None:
+        counts = (
+            kept.group_by("lang").len().sort(["len", "lang"], descending=[True, False], nulls_last=True).head(20)
+        ).collect(engine="streaming")
+        report["languages"] = {str(lang): n for lang, n in counts.iter_rows()}
+    else:
+        report["languages"] = "not computed (language: null)"
+    if config.tokenizer:
+        report["tokenizer"] = str(config.tokenizer)
+        if rows:
+            token = pl.col("token_count")
+            largest, p50, p99 = kept.select(
+                token.max(), token.median().alias("p50"), token.quantile(0.99, "nearest").alias("p99")
+            ).collect(engine="streaming").row(0)
+            report["token_count"] = {"max": int(largest), "p50": float(p50), "p99": float(p99)}
+    else:
+        report["tokenizer"] = "none configured: token_count / assistant_token_count not computed"
+    input_columns = set(ctx.input_schema or {})
+    report["score_columns"] = [name for name in kept.collect_schema().names() if name not in input_columns]
+    if config.instruction and rows:
+        flags = kept.select(
+            pl.col("turn_structure_error").is_not_null().sum(),
+            pl.col("refusal_phrase").is_not_null().sum(),
+            pl.col("assistant_ends_mid_sentence").sum(),
+            pl.col("assistant_truncation").is_not_null().sum(),
+        ).collect(engine="streaming")
+        report["flags"] = {name: int(value) for name, value in flags.row(0, named=True).items()}
+    return report
+
+
+@register_row_stage("tag", config=TagConfig, version="2", extra_inputs=_tokenizer_path, summarize=_tag_summary)
+def tag_stage(batch: pl.DataFrame, config: TagConfig, ctx: StageContext) -> BatchOutput:
     """Add quality, instruction, language and token score columns; drops nothing."""
-    original_columns = frame.collect_schema().names()
     # Materialize the role texts once: left lazy, the optimizer inlines them into every score that
     # reads them and recomputes the list filtering/joining per score (measured 2x slower).
-    table = with_role_texts(frame).collect()
+    table = with_role_texts(batch.lazy()).collect()
     score_exprs: list[pl.Expr] = []
     if config.heuristics or config.instruction:
         score_exprs += heuristic_scores.text_scores(pl.col(USER_TEXT), "user")
         score_exprs += heuristic_scores.text_scores(pl.col(ASSISTANT_TEXT), "assistant")
-    ctx.progress("text scores")
     table = table.with_columns(score_exprs)
     if config.instruction:
         table = table.with_columns(instruction_checks.word_set_columns())
@@ -76,43 +109,17 @@ def tag_stage(frame: pl.LazyFrame, config: TagConfig, ctx: StageContext) -> Stag
             instruction_checks.LAST_USER_WORDS, instruction_checks.LAST_ASSISTANT_WORDS
         )
     if config.repetition:
-        ctx.progress("repetition scores")
         repetition = heuristic_scores.repetition_scores_chunked(table.select(ASSISTANT_TEXT), ASSISTANT_TEXT)
         table = pl.concat([table.drop(repetition.columns, strict=False), repetition], how="horizontal")
-    report: dict = {"rows": table.height}
     if config.language is not None:
-        ctx.progress("language identification")
         texts = (pl.col(USER_TEXT) + "\n" + pl.col(ASSISTANT_TEXT)).str.slice(0, config.language.max_chars)
         labels = language_id.language_columns(table.select(texts.alias("t"))["t"], config.language.min_confidence)
         table = pl.concat([table.drop(labels.columns, strict=False), labels], how="horizontal")
-        counts = table.group_by("lang").len().sort(["len", "lang"], descending=[True, False], nulls_last=True)
-        report["languages"] = {str(lang): n for lang, n in counts.head(20).iter_rows()}
-    else:
-        report["languages"] = "not computed (language: null)"
     if config.tokenizer:
-        ctx.progress("token counts")
-        tokenizer = instruction_checks.load_tokenizer(ctx.resolve(config.tokenizer))
+        path = ctx.resolve(config.tokenizer)
+        tokenizer = ctx.cached("tokenizer", lambda: instruction_checks.load_tokenizer(path))
         table = instruction_checks.token_columns(table, tokenizer)
-        report["tokenizer"] = str(config.tokenizer)
-        if table.height:
-            report["token_count"] = {
-                "max": int(table["token_count"].max()),
-                "p50": float(table["token_count"].median()),
-                "p99": float(table["token_count"].quantile(0.99, "nearest")),
-            }
-    else:
-        report["tokenizer"] = "none configured: token_count / assistant_token_count not computed"
-    table = table.drop(TEMP_COLUMNS)
-    score_columns = [name for name in table.columns if name not in original_columns]
-    report["score_columns"] = score_columns
-    if config.instruction and table.height:
-        report["flags"] = {
-            "turn_structure_error": table.filter(pl.col("turn_structure_error").is_not_null()).height,
-            "refusal_phrase": table.filter(pl.col("refusal_phrase").is_not_null()).height,
-            "assistant_ends_mid_sentence": int(table["assistant_ends_mid_sentence"].sum()),
-            "assistant_truncation": table.filter(pl.col("assistant_truncation").is_not_null()).height,
-        }
-    return StageOutput(kept=table.lazy(), report=report)
+    return BatchOutput(kept=table.drop(TEMP_COLUMNS))
 
 
 # --------------------------------------------------------------------------------------------------- PII
@@ -129,13 +136,48 @@ class PiiConfig(StageConfig):
     )
 
 
-@register_stage("pii", config=PiiConfig, version="1")
-def pii_stage(frame: pl.LazyFrame, config: PiiConfig, ctx: StageContext) -> StageOutput:
+def _pii_summary(kept: pl.LazyFrame, dropped: pl.LazyFrame, config: PiiConfig, ctx: StageContext) -> dict:
+    """The pii report from the written rows (kept, plus dropped in drop mode): counts only, never PII."""
+    parts = [kept.select(PII_COUNT_COLUMNS)]
+    if all(column in dropped.collect_schema().names() for column in PII_COUNT_COLUMNS):
+        parts.append(dropped.select(PII_COUNT_COLUMNS))
+    total = pl.sum_horizontal(PII_COUNT_COLUMNS)
+    counts = pl.concat(parts).select(
+        (total > 0).sum().alias("rows_with_pii"),
+        *(pl.col(f"pii_{kind}_count").sum().alias(f"matches_{kind}") for kind in pii.PII_TYPES),
+        *((pl.col(f"pii_{kind}_count") > 0).sum().alias(f"rows_{kind}") for kind in pii.PII_TYPES),
+    ).collect(engine="streaming").row(0, named=True)
+    report: dict = {
+        "mode": config.mode,
+        "rows_with_pii": int(counts["rows_with_pii"]),
+        "matches_by_type": {kind: int(counts[f"matches_{kind}"]) for kind in pii.PII_TYPES},
+        "rows_by_type": {kind: int(counts[f"rows_{kind}"]) for kind in pii.PII_TYPES},
+    }
+    if config.mode == "drop":
+        return report
+    # Messages holding a placeholder, in rows this run redacted (a placeholder typed by a user in such
+    # a row counts too: the per-message matches are not kept in the output).
+    placeholder = "|".join(re.escape(text) for text in pii.PLACEHOLDERS.values())
+    present = [column for column in MESSAGE_COLUMNS if column in kept.collect_schema().names()]
+    redacted_now = kept.filter(total > 0)
+    by_column = redacted_now.select(
+        pl.col(column).list.eval(pl.element().struct.field("content").str.contains(placeholder)).list.sum().sum()
+        for column in present
+    ).collect(engine="streaming").row(0, named=True) if present else {}
+    report["rows_redacted"] = int(kept.select(pl.col("pii_redacted").sum()).collect().item())
+    report["messages_redacted_by_column"] = {column: int(by_column.get(column) or 0) for column in MESSAGE_COLUMNS}
+    report["placeholders"] = dict(pii.PLACEHOLDERS)
+    report["id"] = "kept: ids identify the ingested row and do not change on redaction"
+    return report
+
+
+@register_row_stage("pii", config=PiiConfig, version="1", summarize=_pii_summary)
+def pii_stage(batch: pl.DataFrame, config: PiiConfig, ctx: StageContext) -> BatchOutput:
     """Detect emails, phones, IPs, Luhn-valid cards and secrets; redact them or drop the rows.
 
     `id` is kept: it is the row's identity from ingest (dedup and labels refer to it), not a hash of
     the redacted text. Added columns: `pii_<type>_count` per type and `pii_redacted` (bool)."""
-    table = frame.collect()
+    table = batch
     # Running pii twice: counts are this run's; `pii_redacted` stays true for rows redacted before.
     previously = table["pii_redacted"] if "pii_redacted" in table.columns else pl.repeat(False, table.height, eager=True)
     table = table.drop([*PII_COUNT_COLUMNS, "pii_redacted"], strict=False).with_row_index("__row")
@@ -155,12 +197,6 @@ def pii_stage(frame: pl.LazyFrame, config: PiiConfig, ctx: StageContext) -> Stag
         pl.col(PII_COUNT_COLUMNS).fill_null(0).cast(pl.Int64)
     )
     total = pl.sum_horizontal(PII_COUNT_COLUMNS)
-    report: dict = {
-        "mode": config.mode,
-        "rows_with_pii": int(table.select((total > 0).sum()).item()),
-        "matches_by_type": {kind: int(table[f"pii_{kind}_count"].sum()) for kind in pii.PII_TYPES},
-        "rows_by_type": {kind: int((table[f"pii_{kind}_count"] > 0).sum()) for kind in pii.PII_TYPES},
-    }
     if config.mode == "drop":
         table = table.with_columns(pl.lit(False).alias("pii_redacted"))
         reasons = pl.concat_list(
@@ -170,34 +206,31 @@ def pii_stage(frame: pl.LazyFrame, config: PiiConfig, ctx: StageContext) -> Stag
         dropped = drop_rows(
             table.lazy().filter(has_pii).with_columns(reasons.alias("reasons")), ctx.name, pl.col("reasons").list.first()
         ).drop("__row")
-        kept = table.lazy().filter(~has_pii).drop("__row")
-        return StageOutput(kept=kept, dropped=dropped, report=report)
-    changed_columns = {}
+        return BatchOutput(kept=table.filter(~has_pii).drop("__row"), dropped=dropped.collect())
     for column in MESSAGE_COLUMNS:
-        part = redacted.filter(pl.col("__column") == column)
-        changed = part.filter(pl.sum_horizontal(pl.col(kind).fill_null(0) for kind in pii.PII_TYPES) > 0)
-        changed_columns[column] = changed.height
-        if changed.height == 0:
-            continue
-        rows = changed["__row"].unique()
-        rebuilt = (
-            part.filter(pl.col("__row").is_in(rows.implode()))
-            .sort("__row", "__position")
-            .group_by("__row", maintain_order=True)
-            .agg(pl.struct(pl.col("role"), pl.col("text").alias("content")).alias("__new"))
-            .with_columns(pl.col("__new").cast(table.schema[column]))
-        )
-        table = (
-            table.join(rebuilt, on="__row", how="left", maintain_order="left")
-            .with_columns(pl.coalesce("__new", column).alias(column))
-            .drop("__new")
-        )
+        table = _with_redacted_messages(table, redacted.filter(pl.col("__column") == column), column)
     table = table.with_columns(((total > 0) | pl.lit(previously.fill_null(False))).alias("pii_redacted")).drop("__row")
-    report["rows_redacted"] = int(table["pii_redacted"].sum())
-    report["messages_redacted_by_column"] = changed_columns
-    report["placeholders"] = dict(pii.PLACEHOLDERS)
-    report["id"] = "kept: ids identify the ingested row and do not change on redaction"
-    return StageOutput(kept=table.lazy(), report=report)
+    return BatchOutput(kept=table)
+
+
+def _with_redacted_messages(table: pl.DataFrame, part: pl.DataFrame, column: str) -> pl.DataFrame:
+    """`table` with `column` rebuilt from the redacted texts of the rows where PII was found."""
+    changed = part.filter(pl.sum_horizontal(pl.col(kind).fill_null(0) for kind in pii.PII_TYPES) > 0)
+    if changed.height == 0:
+        return table
+    rows = changed["__row"].unique()
+    rebuilt = (
+        part.filter(pl.col("__row").is_in(rows.implode()))
+        .sort("__row", "__position")
+        .group_by("__row", maintain_order=True)
+        .agg(pl.struct(pl.col("role"), pl.col("text").alias("content")).alias("__new"))
+        .with_columns(pl.col("__new").cast(table.schema[column]))
+    )
+    return (
+        table.join(rebuilt, on="__row", how="left", maintain_order="left")
+        .with_columns(pl.coalesce("__new", column).alias(column))
+        .drop("__new")
+    )
 
 
 # --------------------------------------------------------------------------------------- decontaminate
@@ -230,20 +263,21 @@ def _eval_paths(config: DecontaminateConfig, ctx: StageContext):
     return [ctx.resolve(path) for path in config.eval_files]
 
 
-@register_stage("decontaminate", config=DecontaminateConfig, version="1", extra_inputs=_eval_paths)
-def decontaminate_stage(frame: pl.LazyFrame, config: DecontaminateConfig, ctx: StageContext) -> StageOutput:
-    """Flag or drop rows covering an evaluation item's word n-grams (`contamination_eval_id`)."""
-    ctx.progress("reading evaluation sets")
-    items = decontam.load_eval_items(_eval_paths(config, ctx), labels=list(config.eval_files))
-    table = frame.collect()
-    ctx.progress("n-gram overlap")
-    texts = table.lazy().select(decontam.scored_text().alias(ALL_TEXT))
-    found = decontam.contamination(
-        texts, ALL_TEXT, items, config.ngram, config.min_overlap, config.min_matching_ngrams
-    ).collect()
-    table = pl.concat([table.drop(found.columns, strict=False), found], how="horizontal")
-    contaminated = pl.col("contamination_eval_id").is_not_null()
-    report = {
+def _eval_items(config: DecontaminateConfig, ctx: StageContext) -> pl.DataFrame:
+    """The evaluation items, read once per stage run (every batch and the report share them)."""
+    return ctx.cached("eval_items", lambda: decontam.load_eval_items(_eval_paths(config, ctx), labels=list(config.eval_files)))
+
+
+def _decontaminate_summary(kept: pl.LazyFrame, dropped: pl.LazyFrame, config: DecontaminateConfig, ctx: StageContext) -> dict:
+    items = _eval_items(config, ctx)
+    parts = [kept.select("contamination_eval_id")]
+    if "contamination_eval_id" in dropped.collect_schema().names():
+        parts.append(dropped.select("contamination_eval_id"))
+    matched_id = pl.col("contamination_eval_id")
+    contaminated_rows, eval_items_matched = pl.concat(parts).select(
+        matched_id.is_not_null().sum(), matched_id.drop_nulls().n_unique().alias("matched")
+    ).collect(engine="streaming").row(0)
+    return {
         "mode": config.mode,
         "ngram": config.ngram,
         "eval_items": items.height,
@@ -251,10 +285,24 @@ def decontaminate_stage(frame: pl.LazyFrame, config: DecontaminateConfig, ctx: S
             items.select(decontam.normalized_words(pl.col("text")).list.len() < config.ngram).to_series().sum()
         ),
         "min_overlap": config.min_overlap,
-        "contaminated_rows": int(table.select(contaminated.sum()).item()),
-        "eval_items_matched": int(table["contamination_eval_id"].n_unique() - (1 if table["contamination_eval_id"].null_count() else 0)),
+        "contaminated_rows": int(contaminated_rows),
+        "eval_items_matched": int(eval_items_matched),
     }
+
+
+@register_row_stage(
+    "decontaminate", config=DecontaminateConfig, version="1", extra_inputs=_eval_paths, summarize=_decontaminate_summary
+)
+def decontaminate_stage(batch: pl.DataFrame, config: DecontaminateConfig, ctx: StageContext) -> BatchOutput:
+    """Flag or drop rows covering an evaluation item's word n-grams (`contamination_eval_id`)."""
+    items = _eval_items(config, ctx)
+    texts = batch.lazy().select(decontam.scored_text().alias(ALL_TEXT))
+    found = decontam.contamination(
+        texts, ALL_TEXT, items, config.ngram, config.min_overlap, config.min_matching_ngrams
+    ).collect()
+    table = pl.concat([batch.drop(found.columns, strict=False), found], how="horizontal")
     if config.mode == "flag":
-        return StageOutput(kept=table.lazy(), report=report)
-    dropped = drop_rows(table.lazy().filter(contaminated), ctx.name, "contaminated")
-    return StageOutput(kept=table.lazy().filter(~contaminated), dropped=dropped, report=report)
+        return BatchOutput(kept=table)
+    contaminated = pl.col("contamination_eval_id").is_not_null()
+    dropped = drop_rows(table.lazy().filter(contaminated), ctx.name, "contaminated").collect()
+    return BatchOutput(kept=table.filter(~contaminated), dropped=dropped)

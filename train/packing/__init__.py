@@ -10,7 +10,7 @@ Typical SFT use::
         loss_sum, n = packed_lm_loss(model, batch.model_inputs(model.config._attn_implementation), batch.labels)
 """
 
-from .attention import PackedAttentionError, check_packed_forward_kwargs, packed_forward, packing_canary
+from .attention import PACKED_SDPA, PackedAttentionError, check_packed_forward_kwargs, packed_forward, packing_canary, use_packed_sdpa
 from .dpo import (
     DpoPackPlan,
     PackedDpoBatch,
@@ -20,12 +20,13 @@ from .dpo import (
     packed_dpo_logps,
     plan_dpo_packing,
 )
-from .kernel import IGNORE_INDEX, PackedBatch, pack_batch, pack_batch_reference, triton_available
+from .kernel import IGNORE_INDEX, PackedBatch, pack_batch, pack_batch_reference, triton_available, without_padding
 from .loss import packed_causal_lm_loss, packed_lm_loss
 from .planner import PackingError, PackPlan, best_fit_decreasing, first_fit_python, plan_packing
 
 __all__ = [
     "IGNORE_INDEX",
+    "PACKED_SDPA",
     "DpoPackPlan",
     "PackPlan",
     "PackedAttentionError",
@@ -48,4 +49,6 @@ __all__ = [
     "plan_dpo_packing",
     "plan_packing",
     "triton_available",
+    "use_packed_sdpa",
+    "without_padding",
 ]

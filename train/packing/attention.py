@@ -3,11 +3,57 @@
 transformers 5.x (masking_utils.find_packed_sequence_indices) builds a block-diagonal causal mask from
 position_ids that restart at 0 — but only when the 2-D attention_mask is None and there is no KV cache.
 An all-ones 2-D mask or a cache silently turns the row back into one long sequence, so both are errors.
+
+That block-diagonal mask still costs attention over the whole row: sdpa computes every (query, key) pair
+of the row and masks most of them away. `PACKED_SDPA` ("sdpa_packed_segments", registered with
+transformers' attention interface) runs sdpa on each packed sample alone with `is_causal`, from host
+segment bounds the packer already has (`PackedBatch.segments`), so a row of k samples costs about
+1/k of the masked row's attention, with half of each segment's pairs skipped by causality. Without
+segment bounds (generation, a 4-D DPO mask, plain forwards) it is transformers' sdpa unchanged.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PACKED_SDPA = "sdpa_packed_segments"
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, packed_segments=None, **kwargs):
+    """transformers attention function: `query` `[rows, heads, width, dim]`, key/value `[rows, kv_heads, width,
+    dim]`; `packed_segments[r]` lists the (start, stop) columns of row r's samples (host ints, in order)."""
+    if packed_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    rows, heads, width, dim = query.shape
+    gqa = key.shape[1] != heads
+    out_rows = []
+    for r, bounds in enumerate(packed_segments):
+        pieces, filled = [], 0
+        for start, stop in bounds:
+            q, k, v = query[r : r + 1, :, start:stop], key[r : r + 1, :, start:stop], value[r : r + 1, :, start:stop]
+            pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa))
+            filled = stop
+        if filled < width:  # the padding tail: no loss reads it, and no sample attends to it
+            pieces.append(query.new_zeros(1, heads, width - filled, value.shape[-1]))
+        out_rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    return torch.cat(out_rows, dim=0).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the fallback path masks exactly as sdpa does
+
+
+def use_packed_sdpa(model) -> bool:
+    """Switch a model running transformers' sdpa to `PACKED_SDPA` (others, e.g. flash-attention, keep
+    theirs); returns whether it now runs it. Call `packing_canary` after."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner.config, "_attn_implementation", None) == "sdpa":
+        inner.set_attn_implementation(PACKED_SDPA)
+    return inner.config._attn_implementation == PACKED_SDPA
 
 
 class PackedAttentionError(RuntimeError):
@@ -71,12 +117,14 @@ def packing_canary(model, lengths=(5, 3, 7), vocab_size: int | None = None, rtol
     seqs = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
     ids = torch.cat(seqs + [torch.zeros(1, dtype=torch.long)])[None].to(device)
     pos = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(1, dtype=torch.long)])[None].to(device)
+    inputs = dict(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False)
+    if _attn_implementation(model) == PACKED_SDPA:  # the path training takes: per-segment attention
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        inputs["packed_segments"] = (tuple(zip([0, *ends[:-1]], ends)),)
     was_training = model.training
     model.eval()
     try:
-        packed = model(**check_packed_forward_kwargs(
-            dict(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False)
-        )).logits[0].float()  # fmt: skip
+        packed = model(**check_packed_forward_kwargs(inputs)).logits[0].float()
         worst, start = 0.0, 0
         for s in seqs:
             alone = model(input_ids=s[None].to(device), use_cache=False).logits[0].float()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .attention import PACKED_SDPA
 from .planner import PackPlan, PackingError
 
 IGNORE_INDEX = -100
@@ -43,6 +44,7 @@ class PackedBatch:
     num_target_tokens: torch.Tensor
     num_tokens: int  # non-pad tokens, host
     num_target_tokens_host: int | None = None
+    segments: tuple = ()  # per row, the (start, stop) columns of its samples: host ints for per-segment attention
 
     def model_inputs(self, attn_implementation: str | None = None) -> dict:
         """kwargs for a HF causal LM forward that keep packed samples isolated.
@@ -54,6 +56,8 @@ class PackedBatch:
         kwargs = dict(
             input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=None, use_cache=False
         )
+        if attn_implementation == PACKED_SDPA:
+            kwargs["packed_segments"] = self.segments
         if attn_implementation and "flash" in attn_implementation:
             kwargs.update(
                 cu_seq_lens_q=self.cu_seqlens,
@@ -62,6 +66,26 @@ class PackedBatch:
                 max_length_k=self.max_seqlen,
             )
         return kwargs
+
+
+def without_padding(batch: PackedBatch) -> PackedBatch:
+    """The same samples as ONE row holding only their tokens (no padding tails), for per-segment
+    attention (`PACKED_SDPA`), where rows no longer matter: every layer then skips the padding's
+    compute. Labels stay aligned (the first token of every sample is never a target, so no target
+    crosses a sample boundary); the gather index is built on the host, nothing waits on the device."""
+    width = batch.input_ids.shape[1]
+    pieces = [np.arange(r * width + start, r * width + stop) for r, bounds in enumerate(batch.segments) for start, stop in bounds]
+    index_host = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    lengths = [stop - start for bounds in batch.segments for start, stop in bounds]
+    ends = np.cumsum(lengths).tolist()
+    index = _to_device(index_host, batch.input_ids.device)
+    flat = lambda t: t.reshape(-1)[index][None]  # noqa: E731
+    return PackedBatch(
+        input_ids=flat(batch.input_ids), labels=flat(batch.labels), position_ids=flat(batch.position_ids),
+        segment_ids=_to_device(np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)[None], batch.input_ids.device), cu_seqlens=_to_device(np.array([0, *ends], np.int32), batch.input_ids.device),
+        max_seqlen=max(lengths, default=0), num_target_tokens=batch.num_target_tokens, num_tokens=batch.num_tokens,
+        num_target_tokens_host=batch.num_target_tokens_host, segments=(tuple(zip([0, *ends[:-1]], ends)),),
+    )  # fmt: skip
 
 
 def segment_table(plan: PackPlan, width: int) -> np.ndarray:
@@ -241,6 +265,7 @@ def pack_batch(
         num_target_tokens=(labels != IGNORE_INDEX).sum(),
         num_tokens=int(plan.length.sum()),
         num_target_tokens_host=None if target_counts is None else int(np.sum(target_counts)),
+        segments=_row_segments(meta_host, plan.num_rows),
     )
 
 
@@ -248,6 +273,16 @@ def pack_batch_reference(tokens, target_mask, sample_offsets, plan, rows=None, *
     """The pure-torch oracle: `pack_batch(..., impl="torch")`."""
     kwargs["impl"] = "torch"
     return pack_batch(tokens, target_mask, sample_offsets, plan, rows, **kwargs)
+
+
+def _row_segments(meta: np.ndarray, num_rows: int) -> tuple:
+    """Per row, the (start, stop) columns of its samples (padding tails left out), from the segment table."""
+    real = meta[2] >= 0
+    rows, starts, stops = meta[0, real].tolist(), meta[1, real].tolist(), (meta[1, real] + meta[4, real]).tolist()
+    per_row: list[list] = [[] for _ in range(num_rows)]
+    for row, start, stop in zip(rows, starts, stops):
+        per_row[row].append((start, stop))
+    return tuple(tuple(bounds) for bounds in per_row)
 
 
 def _cu_from_meta(meta: np.ndarray) -> np.ndarray:
