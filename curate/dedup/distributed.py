@@ -259,7 +259,9 @@ def _cluster(sketches, measured, candidates: int, config: DedupConfig, options: 
     """Components (large-star / small-star rounds) and keep decisions per component, on the cluster."""
     from curate.dedup.ray_components import DECISION_SCHEMA, component_labels, keep_decisions, verified_edges
 
-    report = {"candidate_pairs": candidates, "verified_pairs": 0, "components": 0, "chain_splits": 0, "clustering_rounds": 0, "component_rounds": 0}
+    # The same keys as the local engine's report (the engines' stage records are compared byte for byte);
+    # the propagation rounds are counted on the progress phase instead.
+    report = {"candidate_pairs": candidates, "verified_pairs": 0, "components": 0, "chain_splits": 0, "clustering_rounds": 0}
     report["verify"] = config.verify
     report["bucket_guard"] = {"max_bucket_pairs": config.max_bucket_pairs, **guard.as_dict()}
     decided = pl.DataFrame(schema=DECISION_SCHEMA)
@@ -269,8 +271,8 @@ def _cluster(sketches, measured, candidates: int, config: DedupConfig, options: 
         edges = measured.map_batches(verified_edges, batch_format="pyarrow", fn_kwargs={"threshold": config.threshold}).materialize()
         report["verified_pairs"] = edges.count()
         if report["verified_pairs"]:
-            with ctx.phase("connected components", total=None, unit="rounds"):
-                labels, report["component_rounds"] = component_labels(edges, partitions)
+            with ctx.phase("connected components", total=None, unit="rounds") as phase:
+                labels, _ = component_labels(edges, partitions, phase.advance)
             with ctx.phase("keep decisions", total=None, unit="rows"):
                 decided, stats = keep_decisions(sketches, labels, measured, config, options, partitions)
             report.update(stats, components=int(decided["dup_cluster"].n_unique()))

@@ -12,8 +12,8 @@ vectorized (Polars) over all its nodes:
 Both keep the components and shrink their depth; the edges converge to one star per component whose
 centre is the component's smallest row id. A large-star pass also counts the nodes that break "star
 forest" (a node with a smaller and a larger neighbour, or with two smaller ones); when it counts
-none, its input was already the final stars and the rounds stop (O(log n) rounds; the report says
-how many). A last pass labels every node with its component (the smallest of itself and its
+none, its input was already the final stars and the rounds stop (O(log n) rounds, counted on the
+`connected components` progress phase). A last pass labels every node with its component (the smallest of itself and its
 neighbours, on the stars).
 
 **Keep decisions**: each component's greedy keep (`clusters.greedy_clusters`) is independent of the
@@ -116,12 +116,13 @@ def verified_edges(table: pa.Table, threshold: float) -> pa.Table:
     return frame.select(pl.col("left").alias("a"), pl.col("right").alias("b")).to_arrow()
 
 
-def component_labels(edges, partitions: int) -> tuple[Any, int]:
+def component_labels(edges, partitions: int, advance=lambda rounds: None) -> tuple[Any, int]:
     """(Dataset of `__row`, `component` for every row on an edge, rounds) from a Dataset of verified
-    edges `a`, `b` (row ids); see the module docstring."""
+    edges `a`, `b` (row ids); see the module docstring. `advance(1)` is called once per round."""
     rounds = 0
     while True:
         rounds += 1
+        advance(1)
         spread = edges.map_batches(_both_directions, batch_format="pyarrow", fn_kwargs={"partitions": partitions})
         large = spread.groupby("partition", num_partitions=partitions).map_groups(_large_star, batch_format="pyarrow").materialize()
         edges = large.map_batches(_edges_only, batch_format="pyarrow").materialize()
