@@ -218,7 +218,65 @@ def dedup_side(side: str, input_path: str, out_dir: str) -> dict:
     return {"side": side, "seconds": time.perf_counter() - start, "kept": kept}
 
 
-def main_dedup(rows: int) -> None:
+class PhaseRss:
+    """RSS sampled every 10 ms on a thread, its peak kept per phase of the stage (tracemalloc does not
+    see Arrow, Polars or numpy buffers). `progress` messages and `phase` blocks name the phase."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self.process, self.current, self.peaks = psutil.Process(), "imports and input", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            rss = self.process.memory_info().rss / 2**20
+            self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), rss)
+
+    def progress(self, message: str) -> None:
+        self.current = message
+
+    def phase(self, name: str, total=None, unit: str = "rows"):
+        import contextlib
+
+        @contextlib.contextmanager
+        def block():
+            outer, self.current = self.current, name
+            try:
+                yield type("Progress", (), {"advance": lambda _self, n: None})()
+            finally:
+                self.current = f"after {name}"
+                del outer
+
+        return block()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {name: round(peak) for name, peak in self.peaks.items()}
+
+
+def dedup_stage_alone(input_path: str, out_dir: str) -> dict:
+    """The dedup stage's own phases (no engine sink), with the RSS peak of each."""
+    import time
+    from pathlib import Path
+
+    import polars as pl
+
+    from curate.dedup import DedupConfig
+    from curate.dedup.stream import deduplicate_out_of_core
+
+    sampler = PhaseRss()
+    start = time.perf_counter()
+    outcome = deduplicate_out_of_core(pl.scan_parquet(input_path), DedupConfig(), Path(out_dir) / "alone", progress=sampler.progress, phase=sampler.phase)
+    return {"side": "stage alone", "seconds": time.perf_counter() - start, "kept": outcome.report["kept"], "phases": sampler.stop()}
+
+
+def main_dedup(rows: int, sides: list[str]) -> None:
     import sys
     import tempfile
     from pathlib import Path
@@ -227,16 +285,26 @@ def main_dedup(rows: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         input_path = str(Path(folder) / "input.parquet")
         dedup_corpus(rows, input_path)
-        results = [run_measured(dedup_side, side, input_path, folder) for side in ("in-memory", "out-of-core")]
+        results = [run_measured(dedup_side, side, input_path, folder) for side in sides if side != "stage-alone"]
+        if "stage-alone" in sides:
+            results.append(run_measured(dedup_stage_alone, input_path, folder))
     for result in results:
         print(f"{result['side']:>12}: {result['peak_mb']:7.0f} MB peak, {result['seconds']:6.1f} s, kept {result['kept']} of {rows}")
-    print(f"peak memory ratio (in-memory / out-of-core): {results[0]['peak_mb'] / results[1]['peak_mb']:.2f}x")
+        for name, peak in result.get("phases", {}).items():
+            print(f"{'':>14}{name}: {peak} MB RSS peak")
+    if sides[:2] == ["in-memory", "out-of-core"]:
+        print(f"peak memory ratio (in-memory / out-of-core): {results[0]['peak_mb'] / results[1]['peak_mb']:.2f}x")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["dedup"]:  # python bench/peak_memory.py dedup [--rows N]
+    if sys.argv[1:2] == ["dedup"]:  # python bench/peak_memory.py dedup [--rows N] [--sides ...]
         dedup_parser = argparse.ArgumentParser(description="Peak memory of the dedup stage, before and after (same run).")
         dedup_parser.add_argument("--rows", type=int, default=100_000)
-        main_dedup(dedup_parser.parse_args(sys.argv[2:]).rows)
+        dedup_parser.add_argument(
+            "--sides", nargs="+", choices=["in-memory", "out-of-core", "stage-alone"], default=["in-memory", "out-of-core", "stage-alone"],
+            help="stage-alone: the stage's own phases without the engine's sink, each with its RSS peak",
+        )
+        dedup_arguments = dedup_parser.parse_args(sys.argv[2:])
+        main_dedup(dedup_arguments.rows, dedup_arguments.sides)
     else:
         main()

@@ -202,3 +202,47 @@ def test_distributed_dedup_refuses_a_saved_index(ray_cluster, tmp_path):
     ctx = StageContext(name="dedup", run_dir=tmp_path, stage_dir=tmp_path / "ray", pipeline_dir=tmp_path)
     with pytest.raises(ConfigError, match="not supported with --engine ray yet"):
         dedup_distributed(ray.data.from_items([{"a": 1}]), DedupConfig(index_path=str(tmp_path)), ctx)
+
+
+def path_records(tag: str, length: int) -> list[dict]:
+    """`length` rows in a path: each shares 8 of its 10 words with the next (J = 8/12 ≥ 0.6), rows
+    two apart share 6 (J = 6/14 < 0.6), so the graph is one long chain, not a clique."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = [f"{tag}{letters[index // 26]}{letters[index % 26]}" for index in range(2 * length + 10)]  # no digits: numbers are normalized
+    return [chat(f"question {tag}", " ".join(words[2 * start : 2 * start + 10])) for start in range(length)]
+
+
+def test_distributed_components_of_long_chains_decide_exactly_as_local(ray_cluster, tmp_path, monkeypatch):
+    """A 40-row path and shorter ones, shuffled: the component labels need several large-star /
+    small-star rounds, and the keep decisions per component must equal the local engine's."""
+    import ray.data
+
+    import curate.dedup.distributed as distributed
+    from curate.dedup.distributed import dedup_distributed
+
+    monkeypatch.setattr(distributed, "KEYS_PER_PARTITION", 500)  # ~16 shuffle partitions: components cross them
+
+    records = path_records("p", 40) + path_records("q", 7) + path_records("r", 3) + mixed_records()[:30]
+    random.Random(3).shuffle(records)
+    frame = canonical_frame(records)
+    config = {**CHAIN, "keep": "longest_response"}
+    local_kept, local_dropped, local_report = run_stage(frame, config, tmp_path / "local")
+    ctx = StageContext(name="dedup", run_dir=tmp_path, stage_dir=tmp_path / "ray", pipeline_dir=tmp_path)
+    kept_ds, dropped_ds, report = dedup_distributed(ray.data.from_arrow(frame.to_arrow()).repartition(4), DedupConfig.model_validate(config), ctx)
+    kept = pl.from_arrow(pa.concat_tables(ray_cluster.get(kept_ds.to_arrow_refs())))
+    dropped = pl.from_arrow(pa.concat_tables(ray_cluster.get(dropped_ds.to_arrow_refs())))
+    assert decisions_of(kept, dropped).equals(decisions_of(local_kept, local_dropped))
+    long_chain = frame.join(pl.concat([kept, dropped], how="diagonal").select("id", "dup_cluster"), on="id").filter(
+        pl.col("messages").list.first().struct.field("content") == "question p"
+    )
+    assert long_chain["dup_cluster"].n_unique() == 1 and long_chain.height == 40  # one component
+    # The 40-row path alone, as verified edges: several large-star / small-star rounds, same labels.
+    from curate.dedup.ray_components import component_labels
+
+    order = random.Random(5).sample(range(40), 40)
+    edges = ray.data.from_arrow(pa.table({"a": pa.array(order[:-1], pa.uint32()), "b": pa.array(order[1:], pa.uint32())}))
+    labels, rounds = component_labels(edges, 4)
+    found = labels.take_all()
+    assert rounds >= 3 and len(found) == 40 and {row["component"] for row in found} == {0}
+    for key in ("components", "chain_splits", "clustering_rounds", "verified_pairs"):
+        assert report["lsh"][key] == local_report["lsh"][key], key

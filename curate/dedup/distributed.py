@@ -11,11 +11,9 @@
    partition finds its buckets' pairs with `banding.candidate_pairs` (same cap), pairs de-duplicated
    by a shuffle on the pair.
 5. **Verification**: the pairs joined with both rows' sketches (`Dataset.join`), similarity per batch.
-6. **Components and keep decisions** — fallback on the driver: the verified edges (one pair of ids
-   each, as many as there are near duplicates, not rows), the candidate pairs inside components and the
-   sketches of the rows on an edge are brought to the driver, which runs the same union-find and
-   greedy keep as the local engine. This is correct at any size but bounds the cluster by the
-   driver's memory for the near-duplicate rows; a distributed min-label propagation is the next step.
+6. **Components and keep decisions** on the cluster (`curate.dedup.ray_components`): large-star /
+   small-star rounds over the verified edges, then one shuffle of the components' rows and pairs by
+   component, each partition running the local greedy keep over its whole components.
 7. **Join back**: the decisions of the rows that have one (duplicates and component members) are
    broadcast to a `map_batches` over the input, which splits kept from dropped rows.
 
@@ -25,7 +23,6 @@ index of this run (`save_index`) is written by the driver from the kept rows' sk
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -33,9 +30,8 @@ import polars as pl
 import pyarrow as pa
 
 from curate.dedup.banding import BucketGuard, band_hashes, candidate_pairs, sorted_unique
-from curate.dedup.clusters import component_leaders, greedy_clusters
 from curate.dedup.config import DedupConfig
-from curate.dedup.pipeline import PART_COLUMNS, VerifiedPairs, features_of, lsh_settings_report
+from curate.dedup.pipeline import PART_COLUMNS, features_of, lsh_settings_report
 from curate.dedup.signatures import minhash_signatures
 from curate.dedup.text import PART_NAMES, ShingleSets, hash_code
 from curate.dedup.verify import NodeFeatures
@@ -219,7 +215,7 @@ def _exact_duplicates(sketches, partitions: int) -> pl.DataFrame:
         ).to_arrow(),
         batch_format="pyarrow",
     )
-    found = keyed.groupby("partition").map_groups(_exact_partition, batch_format="pyarrow")
+    found = keyed.groupby("partition", num_partitions=partitions).map_groups(_exact_partition, batch_format="pyarrow")
     tables = [pl.from_arrow(batch) for batch in found.iter_batches(batch_format="pyarrow", batch_size=None)]
     return pl.concat(tables).sort("__row") if tables else pl.DataFrame(schema={"__row": pl.UInt32, "rep": pl.UInt32, "rep_id": pl.String})
 
@@ -229,7 +225,7 @@ def _near_duplicates(sketches, exact: pl.DataFrame, config: DedupConfig, options
     keys = sketches.map_batches(
         _band_keys_batch, batch_format="pyarrow", fn_kwargs={"config": options, "dropped_rows": dropped_rows, "partitions": partitions}
     )
-    buckets = keys.groupby("partition").map_groups(_bucket_pairs, batch_format="pyarrow", fn_kwargs={"cap": config.max_bucket_pairs})
+    buckets = keys.groupby("partition", num_partitions=partitions).map_groups(_bucket_pairs, batch_format="pyarrow", fn_kwargs={"cap": config.max_bucket_pairs})
     guard, pair_keys = BucketGuard(), []
     for batch in buckets.iter_batches(batch_format="pyarrow", batch_size=None):
         frame = pl.from_arrow(batch)
@@ -238,74 +234,50 @@ def _near_duplicates(sketches, exact: pl.DataFrame, config: DedupConfig, options
     # Pairs (8 bytes each) are merged here; the pairs' sketches stay on the cluster.
     merged = sorted_unique(np.concatenate(pair_keys)) if pair_keys else np.empty(0, np.uint64)
     left, right = (merged >> np.uint64(32)).astype(np.int64), (merged & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    pairs = _verify(sketches, left, right, options, partitions, ctx)
-    return _cluster_on_driver(sketches, pairs, config, guard)
+    measured = _verify(sketches, left, right, options, partitions, ctx) if len(left) else None
+    return _cluster(sketches, measured, int(len(left)), config, options, partitions, guard, ctx)
 
 
-def _verify(sketches, left: np.ndarray, right: np.ndarray, options: dict, partitions: int, ctx) -> VerifiedPairs:
+def _verify(sketches, left: np.ndarray, right: np.ndarray, options: dict, partitions: int, ctx):
+    """The candidate pairs with their similarity (`left`, `right`, `similarity`, `skipped`), a
+    materialized Dataset: the pairs' sketches are joined to them on the cluster."""
     import ray
 
-    if len(left) == 0:
-        return VerifiedPairs(left=left, right=right, similarity=np.zeros(0), skipped_by_estimate=0)
     columns = ["__row", "multipart", "number_hash", "digits_hash", "signature", "shingles", *[f"shingles_{name}" for name in PART_NAMES]]
     side = sketches.select_columns(columns)
     pairs = ray.data.from_arrow(pa.table({"left": left.astype(np.uint32), "right": right.astype(np.uint32)}))
     rename = lambda suffix: (lambda table: table.rename_columns([f"{name}{suffix}" for name in table.column_names]))  # noqa: E731
     with_left = pairs.join(side.map_batches(rename("_l"), batch_format="pyarrow"), "inner", partitions, on=("left",), right_on=("__row_l",))
     both = with_left.join(side.map_batches(rename("_r"), batch_format="pyarrow"), "inner", partitions, on=("right",), right_on=("__row_r",))
-    measured = both.map_batches(_similarity_batch, batch_format="pyarrow", fn_kwargs={"config": options})
     with ctx.phase("verifying candidate pairs", total=len(left), unit="pairs") as phase:
-        tables = []
-        for batch in measured.iter_batches(batch_format="pyarrow", batch_size=None):
-            tables.append(pl.from_arrow(batch))
-            phase.advance(batch.num_rows)
-    result = pl.concat(tables).sort("left", "right")
-    return VerifiedPairs(
-        left=result["left"].to_numpy().astype(np.int64),
-        right=result["right"].to_numpy().astype(np.int64),
-        similarity=result["similarity"].to_numpy(),
-        skipped_by_estimate=int(result["skipped"].sum()),
-    )
+        measured = both.map_batches(_similarity_batch, batch_format="pyarrow", fn_kwargs={"config": options}).materialize()
+        phase.advance(len(left))
+    return measured
 
 
-def _cluster_on_driver(sketches, pairs: VerifiedPairs, config: DedupConfig, guard: BucketGuard) -> dict:
-    """Components and greedy keep over the rows on a verified edge (the documented driver fallback)."""
-    edge = pairs.similarity >= config.threshold
-    nodes = sorted_unique(np.concatenate([pairs.left[edge], pairs.right[edge]])) if edge.any() else np.empty(0, np.int64)
-    report = {"candidate_pairs": int(len(pairs.left)), "verified_pairs": int(edge.sum()), "components": 0, "chain_splits": 0, "clustering_rounds": 0}
-    result = {"report": report, "members": pl.DataFrame(schema={"__row": pl.UInt32, "reason": pl.String, "duplicate_of": pl.String, "jaccard_estimated": pl.Float64, "jaccard_verified": pl.Float64}), "clusters": pl.DataFrame(schema={"__row": pl.UInt32, "dup_cluster": pl.String})}
-    report.update(verify=config.verify, skipped_by_estimate=pairs.skipped_by_estimate)
+def _cluster(sketches, measured, candidates: int, config: DedupConfig, options: dict, partitions: int, guard: BucketGuard, ctx) -> dict:
+    """Components (large-star / small-star rounds) and keep decisions per component, on the cluster."""
+    from curate.dedup.ray_components import DECISION_SCHEMA, component_labels, keep_decisions, verified_edges
+
+    # The same keys as the local engine's report (the engines' stage records are compared byte for byte);
+    # the propagation rounds are counted on the progress phase instead.
+    report = {"candidate_pairs": candidates, "verified_pairs": 0, "components": 0, "chain_splits": 0, "clustering_rounds": 0}
+    report["verify"] = config.verify
     report["bucket_guard"] = {"max_bucket_pairs": config.max_bucket_pairs, **guard.as_dict()}
-    if not len(nodes):
-        return result
-    wanted = nodes.astype(np.uint32)
-    batches = sketches.iter_batches(batch_format="pyarrow", batch_size=None)
-    local = pl.concat([pl.from_arrow(batch).filter(pl.col("__row").is_in(wanted)) for batch in batches]).sort("__row")
-    position = lambda rows: np.searchsorted(nodes, rows)  # noqa: E731
-    features = _node_features(local, config.num_perm)
-    order = local.select(pl.arg_sort_by(["__keep", "__row"], descending=[True, False], nulls_last=True)).to_series().to_numpy()
-    priority = np.empty(len(nodes), np.int64)
-    priority[order] = np.arange(len(nodes))
-    inside = np.isin(pairs.left, nodes) & np.isin(pairs.right, nodes)
-    known = VerifiedPairs(position(pairs.left[inside]), position(pairs.right[inside]), pairs.similarity[inside])
-
-    graph = SimpleNamespace(nodes=features)  # what `VerifiedPairs.lookup` asks of a graph
-    left, right = position(pairs.left[edge]), position(pairs.right[edge])
-    clustering = greedy_clusters(len(nodes), left, right, priority, known.lookup(graph, config), config.threshold, np.zeros(len(nodes), bool))
-    ids = local["id"].to_numpy()
-    members = pl.DataFrame(
-        {
-            "__row": nodes[clustering.member].astype(np.uint32),
-            "reason": ["near_duplicate"] * len(clustering.member),
-            "duplicate_of": pl.Series(ids[clustering.representative].tolist(), dtype=pl.String),
-            "jaccard_estimated": features.estimated(clustering.member, clustering.representative),
-            "jaccard_verified": clustering.jaccard if config.verify else np.full(len(clustering.member), np.nan),
-        }
-    ).with_columns(pl.col("jaccard_verified").fill_nan(None))
-    component_nodes, leaders = component_leaders(len(nodes), left, right, priority)
-    clusters = pl.DataFrame({"__row": nodes[component_nodes].astype(np.uint32), "dup_cluster": pl.Series(ids[leaders].tolist(), dtype=pl.String)})
-    report.update(components=int(len(np.unique(leaders))), chain_splits=clustering.chain_splits, clustering_rounds=clustering.rounds)
-    return {"report": report, "members": members, "clusters": clusters}
+    decided = pl.DataFrame(schema=DECISION_SCHEMA)
+    if candidates:
+        if config.verify and config.skip_verify_margin is not None:
+            report["skipped_by_estimate"] = int(measured.sum("skipped") or 0)
+        edges = measured.map_batches(verified_edges, batch_format="pyarrow", fn_kwargs={"threshold": config.threshold}).materialize()
+        report["verified_pairs"] = edges.count()
+        if report["verified_pairs"]:
+            with ctx.phase("connected components", total=None, unit="rounds") as phase:
+                labels, _ = component_labels(edges, partitions, phase.advance)
+            with ctx.phase("keep decisions", total=None, unit="rows"):
+                decided, stats = keep_decisions(sketches, labels, measured, config, options, partitions)
+            report.update(stats, components=int(decided["dup_cluster"].n_unique()))
+    members = decided.filter(pl.col("reason").is_not_null()).drop("dup_cluster")
+    return {"report": report, "members": members, "clusters": decided.select("__row", "dup_cluster")}
 
 
 def _decisions(exact: pl.DataFrame, near: dict | None) -> pl.DataFrame:

@@ -8,7 +8,8 @@ not create is ever touched), removed when the stage ends, failed or not.
    input rows (a Parquet scan reads only that slice's row groups); the input is never collected.
 2. **Sketches** of each slice: hashed shingle sets (CSR values appended to a raw
    uint32 file, offsets kept in memory), MinHash signatures (appended to a raw `(n, num_perm)` uint32
-   file) and band hashes (Parquet, one file per band). Raw files rather than Parquet for sets and
+   file), band hashes (Parquet, one file per band) and the small per-row columns (Parquet, read back once
+   at the end of the pass). Raw files rather than Parquet for sets and
    signatures because verification reads them back *by row id*: a fresh `np.memmap` per step reads only
    the pages of the rows it needs, and dropping it releases them.
 3. **Exact duplicates** from the key hashes (n strings in memory).
@@ -60,9 +61,9 @@ from curate.dedup.signatures import minhash_signatures
 from curate.dedup.text import PART_NAMES, ShingleSets, hash_code, key_text, shingle_sets
 from curate.dedup.verify import NodeFeatures
 
-BATCH_ROWS = 2_000
-VERIFY_PAIRS = 5_000  # pairs per verification step: at most 2× this many rows' sets mapped at once
-SHINGLE_CHUNK_CHARS = 250_000  # characters shingled at once: their exploded n-grams take ~150 B each
+BATCH_ROWS = 1_000  # rows per slice: their texts, exploded shingles and sketches are the phase's working set
+VERIFY_PAIRS = 2_000  # pairs per verification step: their sets (both sides) and index ranges are its working set
+SHINGLE_CHUNK_CHARS = 100_000  # characters shingled at once: their exploded n-grams take ~150 B each (~15 MB)
 SMALL_COLUMNS = ["__row", "id", "__keep", "key_hash", "number_hash", "digits_hash"]
 
 
@@ -162,7 +163,10 @@ def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: P
     bands_dir.mkdir()
     band_schema = pa.schema([("node", pa.uint32()), ("band_hash", pa.uint64())])
     band_writers = [pq.ParquetWriter(bands_dir / f"{band:04d}.parquet", band_schema) for band in range(bands)]
-    small = []
+    # The per-row columns go to disk as well and are read back once at the end: kept in memory batch by
+    # batch, these long-lived allocations would sit between the batches' transient ones and pin their
+    # pages (RSS that never goes back).
+    small_writer = None
     with open(work / "signatures.u32", "wb") as signature_file, phase("MinHash signatures", total=total, unit="rows") as progress:
         for offset in range(0, total, BATCH_ROWS):
             rows = frame.slice(offset, BATCH_ROWS).with_row_index("__row", offset=offset)
@@ -179,14 +183,16 @@ def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: P
                 nodes = pa.array(batch["__row"].to_numpy()[has].astype(np.uint32))
                 for band, writer in enumerate(band_writers):
                     writer.write_table(pa.table({"node": nodes, "band_hash": pa.array(hashes[:, band])}, schema=band_schema))
-            small.append(batch.select(*SMALL_COLUMNS, pl.col(PART_COLUMNS[1]).is_not_null().alias("multipart")))
+            small = batch.select(*SMALL_COLUMNS, pl.col(PART_COLUMNS[1]).is_not_null().alias("multipart")).to_arrow()
+            small_writer = small_writer or pq.ParquetWriter(work / "rows.parquet", small.schema)
+            small_writer.write_table(small.cast(small_writer.schema))
             progress.advance(batch.height)
-    for writer in band_writers:
+    for writer in (*band_writers, *([small_writer] if small_writer else [])):
         writer.close()
     for disk in (sets, *part_sets):
         disk.close()
     return SketchFiles(
-        small=pl.concat(small), sets=sets, part_sets=part_sets, signatures_path=work / "signatures.u32", bands_dir=bands_dir,
+        small=pl.read_parquet(work / "rows.parquet"), sets=sets, part_sets=part_sets, signatures_path=work / "signatures.u32", bands_dir=bands_dir,
         num_perm=settings.num_perm,
     )
 
