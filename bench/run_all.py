@@ -57,6 +57,10 @@ BENCHES = (
           (), ("--models", "tiny", "--steps", "4", "--seq-len", "128", "--rows", "1", "--samples", "60")),
     Bench("train_throughput", "packed rows vs padded batches in our own loop", "our own padded loop",
           (), ("--samples", "48", "--repeats", "1")),
+    Bench("engines", "ingest -> pii -> tag -> filter, local engine vs Ray Data on 1 and 2 CPUs (same outputs)",
+          "our own local engine (Ray is the scale-out path, not a peer)", (), ("--quick",)),
+    Bench("scale", "curate run end to end at 100k, 300k, 1M records: peak RSS and wall time, growth exponents",
+          "its own smaller sizes (growth, not a peer ratio)", (), ("--quick",)),
     Bench("kernel_gpu", "Triton packing kernel for ~1M tokens (goal <= 50 us, no host syncs)", "the pure-torch oracle",
           (), ("--iters", "20"), needs_gpu=True),
 )  # fmt: skip

@@ -238,7 +238,8 @@ def main(argv=None) -> None:
         largest = results[-1]
         scale = lambda exponent, target: largest["peak_mb"] * (target / largest["rows"]) ** exponent  # noqa: E731
         figures["peak_mb_at_10m_by_fit"] = round(scale(figures["memory_exponent"], 10_000_000))
-        print(f"growth: peak memory ~ rows^{figures['memory_exponent']}, wall time ~ rows^{figures['time_exponent']}")
+        print(f"headline growth: peak memory ~ rows^{figures['memory_exponent']}, wall time ~ rows^{figures['time_exponent']}; "
+              f"peak {largest['peak_mb']:,.0f} MB at {largest['rows']:,} records")
         print(f"fit, not measured: peak at 10M records ~ {figures['peak_mb_at_10m_by_fit']:,} MB")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
