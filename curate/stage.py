@@ -191,23 +191,28 @@ def register_stage(
     Ray Data form, if it has one (see `StageSpec.distributed`)."""
 
     def decorate(function: StageFunction) -> StageFunction:
-        if type_name in _REGISTRY and _REGISTRY[type_name].run is not function:
-            raise RuntimeError(f"stage type {type_name!r} registered twice")
-        _REGISTRY[type_name] = StageSpec(
-            type_name=type_name,
-            run=function,
-            config_model=config,
-            version=version,
-            extra_inputs=extra_inputs,
-            export=export,
-            volatile=volatile,
-            may_add_rows=may_add_rows,
-            distributed=distributed,
-            description=(function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else "",
-        )
+        spec = StageSpec(
+            type_name=type_name, run=function, config_model=config, version=version, extra_inputs=extra_inputs,
+            export=export, volatile=volatile, may_add_rows=may_add_rows, distributed=distributed,
+            description=_summary_line(function),
+        )  # fmt: skip
+        _add_to_registry(spec, function)
         return function
 
     return decorate
+
+
+def _add_to_registry(spec: StageSpec, function: Callable[..., Any]) -> None:
+    """Store a spec; a second, different function under the same type name is a programming error
+    (re-importing the same module registers the same function again, which is fine)."""
+    existing = _REGISTRY.get(spec.type_name)
+    if existing is not None and (existing.transform or existing.run) is not function:
+        raise RuntimeError(f"stage type {spec.type_name!r} registered twice")
+    _REGISTRY[spec.type_name] = spec
+
+
+def _summary_line(function: Callable[..., Any]) -> str:
+    return (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
 
 
 def register_row_stage(
@@ -233,19 +238,11 @@ def register_row_stage(
             report = summarize(kept, dropped if dropped is not None else kept.head(0), stage_config, ctx) if summarize else {}
             return StageOutput(kept=kept, dropped=dropped, report=report)
 
-        if type_name in _REGISTRY and _REGISTRY[type_name].transform is not transform:
-            raise RuntimeError(f"stage type {type_name!r} registered twice")
-        _REGISTRY[type_name] = StageSpec(
-            type_name=type_name,
-            run=run_whole,
-            config_model=config,
-            version=version,
-            extra_inputs=extra_inputs,
-            kind="row",
-            transform=transform,
-            summarize=summarize,
-            description=(transform.__doc__ or "").strip().splitlines()[0] if transform.__doc__ else "",
-        )
+        spec = StageSpec(
+            type_name=type_name, run=run_whole, config_model=config, version=version, extra_inputs=extra_inputs,
+            kind="row", transform=transform, summarize=summarize, description=_summary_line(transform),
+        )  # fmt: skip
+        _add_to_registry(spec, transform)
         return transform
 
     return decorate
@@ -258,16 +255,9 @@ def register_source_stage(type_name: str, *, config: type[StageConfig], version:
     it writes both Parquet files atomically and reports bytes read through `ctx.phase`."""
 
     def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
-        if type_name in _REGISTRY and _REGISTRY[type_name].run is not function:
-            raise RuntimeError(f"stage type {type_name!r} registered twice")
-        _REGISTRY[type_name] = StageSpec(
-            type_name=type_name,
-            run=function,
-            config_model=config,
-            version=version,
-            kind="source",
-            description=(function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else "",
-        )
+        spec = StageSpec(type_name=type_name, run=function, config_model=config, version=version, kind="source",
+                         description=_summary_line(function))  # fmt: skip
+        _add_to_registry(spec, function)
         return function
 
     return decorate
