@@ -92,21 +92,27 @@ def _left_to_stage_model(error) -> bool:
     return inside and not (len(path) == 3 and error.validator == "type")
 
 
+def read_pipeline_yaml(pipeline: str | Path):
+    """A pipeline file's YAML as written (not validated); errors are one line naming the file."""
+    path = Path(pipeline).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{pipeline}: no such pipeline file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{pipeline}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{pipeline}: not UTF-8 text") from None
+
+
 def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None, base_dir: Path | None = None) -> Pipeline:
     """Read and validate a pipeline YAML (or an equivalent dict). Errors are one line naming the field."""
     path: Path | None = None
     if isinstance(pipeline, (str, Path)):
         path = Path(pipeline).resolve()
-        if not path.is_file():
-            raise ConfigError(f"{pipeline}: no such pipeline file")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise ConfigError(f"{pipeline}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{pipeline}: not UTF-8 text") from None
+        raw = read_pipeline_yaml(pipeline)
         base = path.parent
         label = str(pipeline)
     else:

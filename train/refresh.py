@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-import yaml
 
 from curate.atomic import atomic_dir, write_json, write_parquet, write_text
 from curate.errors import CurateError
@@ -77,15 +76,10 @@ def _read_json(path: Path) -> dict | None:
 # ------------------------------------------------------------------------------------------ pipeline
 def _pipeline_tree(request: RefreshRequest, parent_run: Path | None) -> dict:
     """The user's pipeline with the new batch as inputs and dedup / split chained to the parent run."""
-    from curate.runner import load_pipeline
+    from curate.runner import load_pipeline, read_pipeline_yaml
 
     path = request.pipeline
-    if not path.is_file():
-        raise TrainConfigError(f"{path}: --pipeline file not found")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise TrainConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    tree = read_pipeline_yaml(path)  # its ConfigError becomes refresh()'s one-line TrainError
     if not isinstance(tree, dict) or not isinstance(tree.get("stages"), list):
         raise TrainConfigError(f"{path}: expected a pipeline mapping with `inputs:` and `stages:`")
     if request.new_inputs:
