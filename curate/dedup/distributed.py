@@ -87,7 +87,8 @@ def _band_keys_batch(table: pa.Table, config: dict, dropped_rows: np.ndarray, pa
     frame = pl.from_arrow(table)
     rows = frame["__row"].to_numpy()
     keep = ~np.isin(rows, dropped_rows) & (frame["shingles"].list.len().to_numpy() > 0)
-    signatures = np.asarray(frame["signature"].to_list(), dtype=np.uint32).reshape(len(rows), -1)[keep] if keep.any() else None
+    # A fixed-width array column to a 2-D numpy block: no Python list per row.
+    signatures = frame["signature"].list.to_array(dedup_config.num_perm).to_numpy().astype(np.uint32)[keep] if keep.any() else None
     if signatures is None:
         return pa.table({"node": pa.array([], pa.uint32()), "band_hash": pa.array([], pa.uint64()), "partition": pa.array([], pa.int64())})
     hashes = band_hashes(signatures, bands, band_rows)
