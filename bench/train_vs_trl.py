@@ -18,6 +18,15 @@ global optimizer-step hook stamps each step; real (non-pad) tokens of training f
 (DPO) between the end of step 1 and the end of step N count, over that time (the warm-up step, setup,
 evaluation and saving are outside the window). Ratios come last (ours / TRL: above 1 means ours is faster).
 
+Work and efficiency (SFT): after the timed runs, each side trains 4 more steps under torch's
+`FlopCounterMode`, which counts the matmul FLOPs the side dispatches (linear layers, LoRA and the LM head,
+forward and backward; the fused CPU attention kernels are not counted, ~5-8% at 512 tokens) per real
+token (steps 2-4, the rate's window). With the machine's fp32 matmul rate measured in the same run (`torch.mm` on the model's MLP shape,
+same threads, best of 10), a side's speed splits into work (FLOPs per token) and efficiency (achieved
+FLOP/s, as a share of that matmul rate): ours / TRL = (TRL's FLOPs per token / ours) x (our FLOP/s / TRL's).
+That says how far a speed goal can go on this machine: a side at ~100% of the matmul rate can only get
+faster by doing less work.
+
     python bench/train_vs_trl.py [--models smollm2,tiny] [--modes sft,dpo] [--steps 20] [--seq-len 512]
 """
 
@@ -52,7 +61,13 @@ class ThroughputClock:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
         self.steps, self.events = [], []
-        register_optimizer_step_pre_hook(lambda *_: self.steps.append(time.perf_counter()))
+        self.counter, self.flops_at_steps = None, []  # a FLOP counter, read at each step stamp when one is attached
+        register_optimizer_step_pre_hook(lambda *_: self.stamp())
+
+    def stamp(self) -> None:
+        self.steps.append(time.perf_counter())
+        if self.counter is not None:
+            self.flops_at_steps.append(self.counter.get_total_flops())
 
     def add(self, count: int) -> None:
         self.events.append((time.perf_counter(), count))
@@ -76,12 +91,19 @@ class ThroughputClock:
 
         model.register_forward_pre_hook(hook, with_kwargs=True)
 
-    def rate(self) -> float:
+    def window_tokens(self) -> int:
         if len(self.steps) < 3:
             raise RuntimeError(f"only {len(self.steps)} optimizer steps recorded")
         start, end = self.steps[0], self.steps[-1]
-        counted = sum(n for t, n in self.events if start < t <= end)
-        return counted / (end - start)
+        return sum(n for t, n in self.events if start < t <= end)
+
+    def rate(self) -> float:
+        return self.window_tokens() / (self.steps[-1] - self.steps[0])
+
+    def flops_per_token(self) -> float:
+        """FLOPs counted between the same step stamps as the rate, over the same tokens (set-up and the
+        trainers' evaluation forwards before and after training fall outside)."""
+        return (self.flops_at_steps[-1] - self.flops_at_steps[0]) / self.window_tokens()
 
 
 def sample_conversations(limit: int) -> list[list[dict]]:
@@ -145,6 +167,37 @@ def mean_lengths(model_dir: Path, split_dir: Path, mode: str, seq_len: int) -> f
     return sum(lengths) / len(lengths)
 
 
+def counting_flops(enabled: bool):
+    """torch's FLOP counter (matmuls of forward and backward) when enabled, else a no-op context."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False) if enabled else contextlib.nullcontext()
+
+
+def measured(clock: ThroughputClock, counter) -> dict:
+    """The timed rate, or (under the FLOP counter) matmul FLOPs per real token of the same window."""
+    return {"rate": clock.rate()} if counter is None else {"flops_per_token": clock.flops_per_token()}
+
+
+def matmul_rate(threads: int, rows: int, hidden: int, intermediate: int) -> dict:
+    """fp32 GFLOP/s of torch.mm on the model's MLP up-projection shape ([rows x hidden] @ [hidden x
+    intermediate]) with `threads` threads, best of 10 after a warm-up: what a matmul-bound step could reach."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(rows, hidden), torch.randn(hidden, intermediate)
+    for _ in range(3):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return {"gflops": 2 * rows * hidden * intermediate / best / 1e9}
+
+
 def run_ours(mode: str, model_dir: str, split_dir: str, out: str, args: dict) -> dict:
     import torch
 
@@ -180,8 +233,9 @@ def run_ours(mode: str, model_dir: str, split_dir: str, out: str, args: dict) ->
             return batch
 
         strategies.pack_pairs = pack_pairs_counted
-    loop.train(config, mode, resume="never")
-    return {"rate": clock.rate()}
+    with counting_flops(args.get("count_flops", False)) as clock.counter:
+        loop.train(config, mode, resume="never")
+    return measured(clock, clock.counter) if mode == "sft" else {"rate": clock.rate()}
 
 
 def run_trl(mode: str, side: str, model_dir: str, split_dir: str, out: str, args: dict) -> dict:
@@ -216,8 +270,9 @@ def run_trl(mode: str, side: str, model_dir: str, split_dir: str, out: str, args
         config = SFTConfig(**common, packing=packed, **({"packing_strategy": "bfd"} if packed else {}))
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
         clock.count_tokens(trainer.model.get_base_model(), tokenizer.pad_token_id)
-        trainer.train()
-        return {"rate": clock.rate()}
+        with counting_flops(args.get("count_flops", False)) as clock.counter:
+            trainer.train()
+        return measured(clock, clock.counter)
     from trl import DPOConfig, DPOTrainer
 
     config = DPOConfig(**common, beta=0.1)
@@ -257,7 +312,38 @@ def bench_model(name: str, mode: str, tmp: Path, args) -> list[tuple[str, float]
         results[side] = best
         print(f"  {side:18s} {best['rate']:>10,.4g} {unit}   peak {best['peak_mb']:,.0f} MB", flush=True)
     trl_best = max((s for s in results if s != "ours"), key=lambda s: results[s]["rate"])
-    return [(f"{mode} {name}", results["ours"]["rate"] / results[trl_best]["rate"], trl_best)]
+    ratios = [(f"{mode} {name}", results["ours"]["rate"] / results[trl_best]["rate"], trl_best)]
+    if mode == "sft" and args.flops and name == "smollm2":  # tiny matmuls are overhead, not FLOP-bound
+        ratios += work_and_efficiency(name, model_dir, split_dir, tmp, side_args, results, trl_best)
+    return ratios
+
+
+def work_and_efficiency(name, model_dir, split_dir, tmp: Path, side_args: dict, results: dict, trl_best: str) -> list:
+    """Matmul FLOPs per token of each SFT side (4 counted steps each), the achieved FLOP/s of its timed run
+    and the machine's matmul rate, measured now; the headline ratio split into work x efficiency."""
+    import json as json_module
+
+    config = json_module.loads((Path(model_dir) / "config.json").read_text())
+    peak = run_measured(matmul_rate, side_args["threads"], side_args["rows"] * side_args["seq_len"],
+                        config["hidden_size"], config["intermediate_size"])["gflops"]  # fmt: skip
+    print(f"  fp32 matmul rate here, {side_args['threads']} threads (torch.mm, model MLP shape): {peak:,.1f} GFLOP/s")
+    counted = {**side_args, "steps": 4, "count_flops": True}
+    achieved = {}
+    for side in results:
+        out = str(tmp / f"{name}-flops-{side}")
+        if side == "ours":
+            flops = run_measured(run_ours, "sft", str(model_dir), str(split_dir), out, counted)["flops_per_token"]
+        else:
+            flops = run_measured(run_trl, "sft", side, str(model_dir), str(split_dir), out, counted)["flops_per_token"]
+        achieved[side] = (flops, results[side]["rate"] * flops / 1e9)
+        print(f"  {side:18s} {flops / 1e6:>8,.0f} MFLOP/token  {achieved[side][1]:>7,.1f} GFLOP/s  "
+              f"({achieved[side][1] / peak:.0%} of the matmul rate)", flush=True)
+    work = achieved[trl_best][0] / achieved["ours"][0]
+    efficiency = achieved["ours"][1] / achieved[trl_best][1]
+    ceiling = work * peak / achieved[trl_best][1]
+    return [(f"sft {name} work (TRL's FLOPs per token / ours)", work, trl_best),
+            (f"sft {name} efficiency (our FLOP/s / TRL's)", efficiency, trl_best),
+            (f"sft {name} ceiling (ours at 100% of the matmul rate)", ceiling, trl_best)]
 
 
 def main() -> None:
@@ -270,6 +356,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=400, help="training conversations / pairs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for every side")
     parser.add_argument("--repeats", type=int, default=1, help="runs per side; the fastest counts (every side)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count and matmul rate (SFT)")
     args = parser.parse_args()
     if args.steps < 3:
         parser.error("--steps must be at least 3 (the first step is warm-up)")
@@ -280,7 +367,10 @@ def main() -> None:
                 ratios += bench_model(name, mode, Path(tmp), args)
     print()
     for what, ratio, peer in ratios:
-        print(f"ratio {what}: ours / TRL at its fastest ({peer}) = {ratio:.2f}x (ours faster when > 1)")
+        if " " in what.split(" ", 2)[-1]:  # the work / efficiency / ceiling split of the SFT headline
+            print(f"split {what}, against {peer} = {ratio:.2f}x")
+        else:
+            print(f"ratio {what}: ours / TRL at its fastest ({peer}) = {ratio:.2f}x (ours faster when > 1)")
 
 
 if __name__ == "__main__":
