@@ -195,6 +195,10 @@ def run_lm_eval_tasks(config, adapter_dir: str | Path, tasks_path: str | Path, l
     from train.data import set_chat_template
     from train.models import load_adapter, load_base_model, load_tokenizer, set_cpu_threads
 
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise TrainError("train eval --tasks needs lm-evaluation-harness: pip install 'curate-train[eval]'") from None
     if limit is not None and limit < 1:
         raise TrainError(f"--limit must be a positive number of examples per task, got {limit}")
     include_path, specs, configs = task_specs(tasks_path)
