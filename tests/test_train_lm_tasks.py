@@ -113,6 +113,14 @@ def test_tasks_limit_and_a_folder_of_task_yamls(trained, tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert {row["task"] for row in result["rows"]} == {"memo_a", "memo_b"}
     assert {task: n["effective"] for task, n in result["base"]["n-samples"].items()} == {"memo_a": 2, "memo_b": 2}
+    # A group YAML beside its tasks: its tasks and its aggregate (the folder run above skipped it).
+    (folder / "suite.yaml").write_text(yaml.safe_dump({"group": "memo_suite", "task": ["memo_a", "memo_b"],
+                                                       "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}]}))  # fmt: skip
+    assert _eval_tasks(trained, folder / "suite.yaml", "--limit", "2", "--json", str(tmp_path / "g.json")) == 0
+    rows = {(row["task"], row["metric"]): row for row in json.loads((tmp_path / "g.json").read_text())["rows"]}
+    assert {"memo_a", "memo_b", "memo_suite"} == {task for task, _ in rows}
+    for side in ("base", "adapter"):
+        assert rows["memo_suite", "acc"][side] == pytest.approx((rows["memo_a", "acc"][side] + rows["memo_b", "acc"][side]) / 2)
 
 
 def _bad_cases(tmp: Path, data: Path) -> dict[str, tuple[Path, str]]:

@@ -68,9 +68,9 @@ def _check_data_files(path: Path, cfg: dict) -> None:
 
 
 def task_specs(tasks_path: str | Path) -> tuple[Path, list[str], dict[str, dict]]:
-    """(folder lm_eval indexes, the task YAML files to run, their configs by file) for a task YAML or a
-    folder of them. Files, not names, are handed to lm_eval: a sibling YAML reusing a task name never
-    stands in for the one asked for."""
+    """(folder lm_eval indexes, what to run, its configs) for a task YAML or a folder of them. Tasks are
+    handed to lm_eval as files, not names: a sibling YAML reusing a task name never stands in for the one
+    asked for."""
     path = Path(tasks_path)
     if not path.exists():
         raise TaskFileError(f"{path}: no such task file or folder")
@@ -87,9 +87,11 @@ def task_specs(tasks_path: str | Path) -> tuple[Path, list[str], dict[str, dict]
             raise TaskFileError(f"{file}: not an lm_eval task: needs a `task: NAME` (or `group: NAME`) key")
         if path.is_dir() and "group" in cfg:
             continue  # a folder runs its tasks; a group's aggregate is asked for by its own YAML
-        if "group" not in cfg:
+        if "group" in cfg:  # by name: lm_eval 0.4.13 cannot load a group by its path
+            chosen[name] = {**cfg, "file": str(file)}
+        else:
             _check_data_files(file, cfg)
-        chosen[str(file.resolve())] = cfg
+            chosen[str(file.resolve())] = cfg
     if not chosen:
         raise TaskFileError(f"{path}: no lm_eval task YAML (with a `task: NAME` key) in this folder")
     return (path if path.is_dir() else path.parent), list(chosen), chosen
@@ -150,7 +152,7 @@ def load_tasks(include_path: Path, specs: list[str], configs: dict[str, dict]):
         members = cfg.get("task") if "group" in cfg else []
         for member in members if isinstance(members, list) else [members]:
             if isinstance(member, str) and member not in known:
-                raise TaskFileError(f"{spec}: group {cfg['group']!r}: unknown task {member!r} (not defined by a YAML in {include_path})")
+                raise TaskFileError(f"{cfg['file']}: group {cfg['group']!r}: unknown task {member!r} (not defined by a YAML in {include_path})")
     try:
         with hub_offline(), _quiet_lm_eval():
             manager.load(specs)
