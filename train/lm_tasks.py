@@ -192,8 +192,6 @@ def comparison_rows(base: dict, adapter: dict) -> list[dict]:
 
 def run_lm_eval_tasks(config, adapter_dir: str | Path, tasks_path: str | Path, limit: int | None = None) -> dict:
     """`train eval --tasks PATH`: the tasks on the base model and on the adapter; rows and both raw results."""
-    from lm_eval.models.huggingface import HFLM
-
     from train.data import set_chat_template
     from train.models import load_adapter, load_base_model, load_tokenizer, set_cpu_threads
 
@@ -201,6 +199,8 @@ def run_lm_eval_tasks(config, adapter_dir: str | Path, tasks_path: str | Path, l
         import lm_eval  # noqa: F401
     except ImportError:
         raise TrainError("train eval --tasks needs lm-evaluation-harness: pip install 'curate-train[eval]'") from None
+    from lm_eval.models.huggingface import HFLM
+
     if limit is not None and limit < 1:
         raise TrainError(f"--limit must be a positive number of examples per task, got {limit}")
     include_path, specs, configs = task_specs(tasks_path)
@@ -217,13 +217,11 @@ def run_lm_eval_tasks(config, adapter_dir: str | Path, tasks_path: str | Path, l
         with model.disable_adapter():
             base = evaluate_model(lm, specs, manager, limit)
         tuned = evaluate_model(lm, specs, manager, limit)
-    except TrainError:
-        raise
-    except (KeyError, ValueError, OSError, ConnectionError) as error:
+    except (KeyError, IndexError, TypeError, ValueError, OSError) as error:  # a task config that fits no document
         raise TaskFileError(f"{tasks_path}: lm_eval failed: {_one_line(error)}") from None
     if not base["results"]:
         raise DataError(f"{tasks_path}: lm_eval returned no results (empty data files?)")
     return {
-        "tasks": str(tasks_path), "task_files": specs, "limit": limit, "adapter": str(adapter_dir),
+        "tasks": str(tasks_path), "tasks_run": specs, "limit": limit, "adapter": str(adapter_dir),
         "rows": comparison_rows(base, tuned), "base": base, "adapter_results": tuned,
     }  # fmt: skip
