@@ -123,6 +123,49 @@ def test_tensorboard_curves_continue_across_a_resume(tiny, tmp_path):
     np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in _records(out) if "loss" in r], rtol=1e-6)
 
 
+def _trackio_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The metrics rows of the run's trackio SQLite store, read with sqlite3 (no trackio code involved)."""
+    import sqlite3
+
+    [db] = folder.glob("*.db")
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT step, metrics FROM metrics WHERE run_name = 'run' ORDER BY id").fetchall()
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for step, metrics in rows:
+        for tag, value in json.loads(metrics).items():
+            scalars.setdefault(tag, []).append((step, value))
+    return scalars
+
+
+def test_trackio_store_holds_the_same_scalars_as_tensorboard_and_stays_local(tiny, tmp_path, monkeypatch):
+    # A Space named in the environment must not take the run off this machine.
+    monkeypatch.setenv("TRACKIO_SPACE_ID", "someone/not-a-space")
+    monkeypatch.delenv("TRACKIO_DIR", raising=False)
+    config, out = _write_config(tiny, tmp_path, **{"optim.max_steps": 3, "eval.every": 2, "report_to": ["tensorboard", "trackio"]})
+    assert _train("sft", config) == 0
+    tracked, board = _trackio_scalars(out / "trackio"), _scalars(out / "tensorboard")
+    losses = [(r["step"], r["loss"]) for r in _records(out) if "loss" in r]
+    assert [s for s, _ in tracked["train/loss"]] == [1, 2, 3]
+    np.testing.assert_allclose([v for _, v in tracked["train/loss"]], [v for _, v in losses], rtol=1e-12)
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss", "final/base_loss", "final/adapter_loss"):
+        assert [s for s, _ in tracked[tag]] == [s for s, _ in board[tag]], tag
+        np.testing.assert_allclose([v for _, v in tracked[tag]], [v for _, v in board[tag]], rtol=1e-6)
+    assert os.environ["TRACKIO_SPACE_ID"] == "someone/not-a-space" and "TRACKIO_DIR" not in os.environ  # restored
+    assert sorted(p.name for p in (out / "trackio").iterdir() if p.suffix == ".db") == ["train.db"]
+
+
+def test_trackio_curve_continues_across_a_resume_and_restarts_on_a_fresh_run(tiny, tmp_path):
+    config, out = _write_config(tiny, tmp_path, **{"optim.max_steps": 4, "report_to": ["trackio"], "eval.at_end": False, "checkpoint.every": 2})
+    assert _train("sft", config, "--stop-at-step", "3") == 0
+    assert [s for s, _ in _trackio_scalars(out / "trackio")["train/loss"]] == [1, 2, 3]
+    assert _train("sft", config, "--resume-from", str(out / "checkpoints" / "step-000002")) == 0
+    tracked = _trackio_scalars(out / "trackio")
+    assert [s for s, _ in tracked["train/loss"]] == [1, 2, 3, 4]  # the killed run's step 3 is gone
+    np.testing.assert_allclose([v for _, v in tracked["train/loss"]], [r["loss"] for r in _records(out) if "loss" in r], rtol=1e-12)
+    assert _train("sft", config, "--no-resume", "--max-steps", "1") == 0
+    assert [s for s, _ in _trackio_scalars(out / "trackio")["train/loss"]] == [1]
+
+
 def test_tensorboard_off_by_default_and_dpo_rewards_logged(tiny, tmp_path):
     config, out = _write_config(tiny, tmp_path, name="plain", **{"optim.max_steps": 1})
     assert _train("sft", config) == 0 and not (out / "tensorboard").exists()

@@ -6,7 +6,6 @@ User errors (bad config, missing split, unloadable model) are one-line messages 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -55,15 +54,21 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. --set lora.r=8 (repeatable)")
 
 
-def _config_from_args(args):
+# `train eval --tasks` reads no split: a config without data.split_dir gets this placeholder.
+NO_SPLIT = "(no split: train eval --tasks)"
+
+
+def _config_from_args(args, needs_data: bool = True):
     from train.config import load_config, parse_override
 
     overrides = {SHORTCUTS[name]: getattr(args, name) for name in SHORTCUTS if getattr(args, name, None) is not None}
     for item in args.set:
         key, value = parse_override(item)
         overrides[key] = value
+    if args.config is None and not needs_data:
+        overrides.setdefault("data.split_dir", NO_SPLIT)
     if args.config is None and ("model.path" not in overrides or "data.split_dir" not in overrides):
-        raise TrainError("give --config FILE, or at least --model and --data")
+        raise TrainError("give --config FILE, or at least --model and --data" + ("" if needs_data else " (--tasks: --model is enough)"))
     return load_config(args.config, overrides)
 
 
@@ -85,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     p.add_argument("--task-prompts", type=int, default=32, help="validation prompts answered greedily by base and adapter, scored by exact match / token F1 / ROUGE-L against the reference reply (SFT: the last assistant turn; DPO: the chosen reply; 0: off)")
     p.add_argument("--max-new-tokens", type=int, help="reply length limit for samples and task metrics (eval.max_new_tokens)")
+    p.add_argument("--tasks", metavar="TASK_YAML", help="instead: lm-evaluation-harness tasks on base and adapter: an lm_eval task YAML (task or group) or a folder of them, over local data files (offline); see docs/training.md")
+    p.add_argument("--limit", type=int, help="--tasks: at most N examples per task (lm_eval's --limit)")
     p.add_argument("--compare", metavar="PREVIOUS_ADAPTER", help="forgetting table instead: validation loss of base, PREVIOUS_ADAPTER and --adapter on the validation split, the previous adapter's validation split and eval.general_set")
     p.set_defaults(handler=cmd_eval)
     p = sub.add_parser("merge", help="merge the adapter into the base (a safetensors model folder), or combine adapters into one", description="Fold the LoRA adapter into the base weights (the output folder loads with AutoModelForCausalLM.from_pretrained); or, with --adapters A B ..., combine adapters trained on the same base into one new adapter folder (peft's add_weighted_adapter).")
@@ -115,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discard-unfinished", action="store_true", help="drop an unfinished generation that was started with other inputs or configs")
     p.set_defaults(handler=cmd_refresh)
     return parser
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    from curate.atomic import write_json as atomic_write_json  # temp file + rename: never a half-written file
+
+    atomic_write_json(path, payload)
 
 
 def _fmt(value) -> str:
@@ -159,12 +172,18 @@ def cmd_train(args, mode: str) -> int:
 def cmd_eval(args) -> int:
     from train.evaluate import run_eval
 
-    config = _config_from_args(args)
+    if args.tasks and args.compare:
+        raise TrainError("--tasks and --compare are two different reports: give one")
+    if args.limit is not None and not args.tasks:
+        raise TrainError("--limit applies to --tasks")
+    config = _config_from_args(args, needs_data=not args.tasks)
     adapter = Path(args.adapter or Path(config.output_dir) / "adapter")
     if args.json_out:  # checked before the evaluation: a file train did not write is never overwritten
-        claim_file(args.json_out, "train", protected=[p for p in (args.config, adapter, args.compare) if p])
+        claim_file(args.json_out, "train", protected=[p for p in (args.config, adapter, args.compare, args.tasks) if p])
     if args.compare:
         return _compare(config, adapter, Path(args.compare), args.json_out)
+    if args.tasks:
+        return _lm_eval_tasks(config, adapter, args.tasks, args.limit, args.json_out)
     result = run_eval(config, adapter, console, task_prompts=args.task_prompts)
     table = Table(title="base vs adapter")
     table.add_column("set")
@@ -184,7 +203,25 @@ def cmd_eval(args) -> int:
             samples.add_row(row["prompt"], row["base"], row["adapter"])
         console.print(samples)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_json(args.json_out, result)
+    return 0
+
+
+def _lm_eval_tasks(config, adapter: Path, tasks: str, limit: int | None, json_out: str | None) -> int:
+    from train.lm_tasks import run_lm_eval_tasks
+
+    result = run_lm_eval_tasks(config, adapter, tasks, limit)
+    table = Table(title=f"lm-evaluation-harness: base vs adapter ({tasks}{f', limit {limit}' if limit else ''})")
+    for column in ("task", "metric", "base", "adapter", "delta"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for row in result["rows"]:
+        delta = "" if row["delta"] is None else f"{row['delta']:+.4f}"
+        table.add_row(row["task"], row["metric"], _fmt(row["base"]), _fmt(row["adapter"]), delta)
+    console.print(table)
+    samples = ", ".join(f"{task} {n.get('effective', n)}" for task, n in result["base"]["n-samples"].items())
+    console.print(f"examples per task: {samples}; adapter: {adapter}")
+    if json_out:
+        write_json(json_out, result)
     return 0
 
 
@@ -195,7 +232,7 @@ def _compare(config, adapter: Path, previous: Path, json_out: str | None) -> int
     _print_forgetting(result["forgetting"]["rows"])
     console.print(f"previous: {previous}\nnew: {adapter}\n" + "\n".join(f"{r['set']}: {r['split_dir']} ({r['split']})" for r in result["forgetting"]["rows"]))
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_json(json_out, result)
     return 0
 
 

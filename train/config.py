@@ -147,8 +147,9 @@ class TrainConfig(_Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dpo: DpoConfig = DpoConfig()
-    report_to: list[Literal["tensorboard", "none"]] = Field(
-        default_factory=lambda: ["none"], description="experiment trackers: tensorboard (<output_dir>/tensorboard) or none"
+    report_to: list[Literal["tensorboard", "trackio", "none"]] = Field(
+        default_factory=lambda: ["none"],
+        description="experiment trackers, local only: tensorboard (<output_dir>/tensorboard), trackio (<output_dir>/trackio), or none",
     )
     progress: bool = True
     log_every: int = Field(

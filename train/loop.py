@@ -238,7 +238,7 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------- output folder
 # What a training run writes into output_dir; recorded in its ownership marker before the run writes.
-TRAIN_OUTPUTS = ("checkpoints", "adapter", "metrics.jsonl", "train_config.json", "loss.png", "tensorboard")
+TRAIN_OUTPUTS = ("checkpoints", "adapter", "metrics.jsonl", "train_config.json", "loss.png", "tensorboard", "trackio")
 
 
 def run_inputs(config: TrainConfig) -> list[Path]:
@@ -513,7 +513,8 @@ class _Outputs:
 def _train_and_save(run: RunContext, position: Position, resumed_from: int | None, stop_at_step: int | None, console) -> TrainResult:
     config, ddp, out = run.config, run.ddp, run.out
     if ddp.main and resumed_from is None:
-        remove_recorded(out, "tensorboard")  # a fresh run's curves never mix with an old run's
+        for tracker_folder in ("tensorboard", "trackio"):  # a fresh run's curves never mix with an old run's
+            remove_recorded(out, tracker_folder)
     outputs = _Outputs(
         MetricsLog(out / "metrics.jsonl", ddp.main, resumed_from if resumed_from is not None else 0),
         Tracker(config.report_to if ddp.main else [], out, resumed_from),
