@@ -72,7 +72,8 @@ def text_scores(text: pl.Expr, prefix: str) -> list[pl.Expr]:
     paragraphs = text.str.split("\n\n").list.eval(pl.element().str.strip_chars()).list.filter(pl.element() != "")
     return [
         words.alias(f"{prefix}_word_count"),
-        _ratio(text.str.count_matches(r"\S"), words).alias(f"{prefix}_mean_word_length"),
+        # Characters minus whitespace: the same count as matching every `\S`, with ~6x fewer matches.
+        _ratio(text.str.len_chars() - text.str.count_matches(r"\s"), words).alias(f"{prefix}_mean_word_length"),
         _ratio(text.str.count_matches(r"#|\.\.\.|…"), words).alias(f"{prefix}_symbol_word_ratio"),
         _ratio(words - text.str.count_matches(r"\S*\p{L}\S*"), words).alias(f"{prefix}_non_alpha_word_ratio"),
         text.str.count_matches(r"(?i)\b(?:" + "|".join(STOP_WORDS) + r")\b").alias(f"{prefix}_stop_word_count"),

@@ -102,11 +102,12 @@ def tag_stage(batch: pl.DataFrame, config: TagConfig, ctx: StageContext) -> Batc
     if config.heuristics or config.instruction:
         score_exprs += heuristic_scores.text_scores(pl.col(USER_TEXT), "user")
         score_exprs += heuristic_scores.text_scores(pl.col(ASSISTANT_TEXT), "assistant")
-    table = table.with_columns(score_exprs)
+    # Lazy, so common subexpressions (each role's line list feeds six scores) are computed once.
+    table = table.lazy().with_columns(score_exprs).collect()
     if config.instruction:
-        table = table.with_columns(instruction_checks.word_set_columns())
+        table = table.with_columns(instruction_checks.shared_columns())
         table = table.with_columns(instruction_checks.instruction_scores(list(config.refusal_phrases))).drop(
-            instruction_checks.LAST_USER_WORDS, instruction_checks.LAST_ASSISTANT_WORDS
+            instruction_checks.SHARED_COLUMNS
         )
     if config.repetition:
         repetition = heuristic_scores.repetition_scores_chunked(table.select(ASSISTANT_TEXT), ASSISTANT_TEXT)
