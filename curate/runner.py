@@ -353,6 +353,7 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: StageRecord, eve
         progress=lambda message: events.stage_progress(entry.name, message),
         phase_progress=lambda phase, done, total, unit: events.phase_progress(entry.name, phase, done, total, unit),
         input_schema=dict(pl.scan_parquet(input_path, glob=False).collect_schema()),
+        input_path=input_path,
     )
     extra_files = entry.spec.extra_inputs(entry.config, ctx) if entry.spec.extra_inputs else []
     extra_fingerprints = {str(p): (file_sha256(p) if Path(p).exists() else "missing") for p in extra_files}

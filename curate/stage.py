@@ -59,6 +59,9 @@ class StageContext:
     # The input's columns and dtypes (set by the runner): what a row stage's `summarize` compares its
     # outputs with (e.g. which score columns it added), since it never sees the input itself.
     input_schema: dict[str, pl.DataType] | None = None
+    # The input Parquet (set by the runner): for a row stage's per-file statistics that must not depend
+    # on where batches are cut (read once via `cached`). None when a transform is called directly.
+    input_path: Path | None = None
     _cache: dict = field(default_factory=dict, repr=False)
     _cache_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -72,7 +72,8 @@ def text_scores(text: pl.Expr, prefix: str) -> list[pl.Expr]:
     paragraphs = text.str.split("\n\n").list.eval(pl.element().str.strip_chars()).list.filter(pl.element() != "")
     return [
         words.alias(f"{prefix}_word_count"),
-        _ratio(text.str.count_matches(r"\S"), words).alias(f"{prefix}_mean_word_length"),
+        # Characters minus whitespace: the same count as matching every `\S`, with ~6x fewer matches.
+        _ratio(text.str.len_chars() - text.str.count_matches(r"\s"), words).alias(f"{prefix}_mean_word_length"),
         _ratio(text.str.count_matches(r"#|\.\.\.|…"), words).alias(f"{prefix}_symbol_word_ratio"),
         _ratio(words - text.str.count_matches(r"\S*\p{L}\S*"), words).alias(f"{prefix}_non_alpha_word_ratio"),
         text.str.count_matches(r"(?i)\b(?:" + "|".join(STOP_WORDS) + r")\b").alias(f"{prefix}_stop_word_count"),
@@ -101,30 +102,40 @@ def repetition_score_names(prefix: str = "assistant") -> list[str]:
 
 
 def _ngram_columns(words: pl.LazyFrame, sizes: range) -> pl.LazyFrame:
-    """Add `key{n}`/`chars{n}` (dropping n-1's) and the `top{n}` / `dup{n}` columns for each n in `sizes`
-    (consecutive, starting right after the largest key already present)."""
+    """Add `key{n}`/`chars{n}`/`repeats{n}` (dropping n-1's) and the `top{n}` / `dup{n}` columns for each
+    n in `sizes` (consecutive, starting right after the largest key already present).
+
+    An n-gram can only repeat in its row if its (n-1)-word prefix does, so from n = 3 on the keys of
+    the other positions are nulled: the hash tables (counts, first occurrences) then only see the few
+    positions that can repeat (~0.5% of the words of a ~1 KB chat answer) instead of every word.
+    Counts and first occurrences of the remaining keys are unchanged: every occurrence of a repeated
+    n-gram keeps its key, in order."""
     for n in sizes:
         valid = pl.col("position") + n <= pl.col("words_in_row")
+        candidate = valid & pl.col(f"repeats{n - 1}") if n > 2 else valid
+        key = pl.col(f"key{n}")
         words = words.with_columns(
             pl.struct(pl.col(f"key{n - 1}").alias("k"), pl.col("h").shift(-(n - 1)).alias("h"))
             .hash(seed=11)
             .alias(f"key{n}"),
             (pl.col(f"chars{n - 1}") + pl.col("chars").shift(-(n - 1))).alias(f"chars{n}"),
-        ).with_columns(pl.when(valid).then(pl.col(f"key{n}")).alias(f"key{n}"))
+        ).with_columns(pl.when(candidate).then(key).alias(f"key{n}"))
         columns = []
         if n in TOP_NGRAM_SIZES:
-            count = pl.when(valid).then(pl.len().over(f"key{n}")).otherwise(0)
+            count = pl.when(key.is_not_null()).then(pl.len().over(f"key{n}")).otherwise(0)
             # Most frequent n-gram of the row (ties: the longer one), counted only if it repeats.
             rank = count * 1_000_000 + pl.col(f"chars{n}").fill_null(0)
-            columns.append(pl.when(count >= 2).then(rank).otherwise(0).alias(f"top{n}"))
+            columns += [pl.when(count >= 2).then(rank).otherwise(0).alias(f"top{n}"), (count >= 2).alias(f"repeats{n}")]
+        else:
+            columns.append((key.is_not_null() & key.is_duplicated()).alias(f"repeats{n}"))
         if n in DUP_NGRAM_SIZES:
-            is_repeat = (valid & ~pl.col(f"key{n}").is_first_distinct()).cast(pl.Int8)
+            is_repeat = (key.is_not_null() & ~key.is_first_distinct()).cast(pl.Int8)
             # A word is covered when a repeated n-gram starts at most n-1 words before it; repeated
             # n-grams end inside their own row, so the rolling window never leaks across rows (and a
             # subset of whole rows keeps that property).
             covered = is_repeat.rolling_max(window_size=n, min_samples=1)
             columns.append((covered * pl.col("chars")).alias(f"dup{n}"))
-        words = words.with_columns(columns).drop(f"key{n - 1}", f"chars{n - 1}")
+        words = words.with_columns(columns).drop(f"key{n - 1}", f"chars{n - 1}", f"repeats{n - 1}", strict=False)
     return words
 
 

@@ -92,7 +92,7 @@ def _tag_summary(kept: pl.LazyFrame, dropped: pl.LazyFrame, config: TagConfig, c
     return report
 
 
-@register_row_stage("tag", config=TagConfig, version="2", extra_inputs=_tokenizer_path, summarize=_tag_summary)
+@register_row_stage("tag", config=TagConfig, version="3", extra_inputs=_tokenizer_path, summarize=_tag_summary)
 def tag_stage(batch: pl.DataFrame, config: TagConfig, ctx: StageContext) -> BatchOutput:
     """Add quality, instruction, language and token score columns; drops nothing."""
     # Materialize the role texts once: left lazy, the optimizer inlines them into every score that
@@ -102,11 +102,12 @@ def tag_stage(batch: pl.DataFrame, config: TagConfig, ctx: StageContext) -> Batc
     if config.heuristics or config.instruction:
         score_exprs += heuristic_scores.text_scores(pl.col(USER_TEXT), "user")
         score_exprs += heuristic_scores.text_scores(pl.col(ASSISTANT_TEXT), "assistant")
-    table = table.with_columns(score_exprs)
+    # Lazy, so common subexpressions (each role's line list feeds six scores) are computed once.
+    table = table.lazy().with_columns(score_exprs).collect()
     if config.instruction:
-        table = table.with_columns(instruction_checks.word_set_columns())
+        table = _with_source_punctuation(table.with_columns(instruction_checks.shared_columns()), ctx)
         table = table.with_columns(instruction_checks.instruction_scores(list(config.refusal_phrases))).drop(
-            instruction_checks.LAST_USER_WORDS, instruction_checks.LAST_ASSISTANT_WORDS
+            *instruction_checks.SHARED_COLUMNS, *SOURCE_COLUMNS
         )
     if config.repetition:
         repetition = heuristic_scores.repetition_scores_chunked(table.select(ASSISTANT_TEXT), ASSISTANT_TEXT)
@@ -120,6 +121,26 @@ def tag_stage(batch: pl.DataFrame, config: TagConfig, ctx: StageContext) -> Batc
         tokenizer = ctx.cached("tokenizer", lambda: instruction_checks.load_tokenizer(path))
         table = instruction_checks.token_columns(table, tokenizer)
     return BatchOutput(kept=table.drop(TEMP_COLUMNS))
+
+
+SOURCE_COLUMNS = (instruction_checks.SOURCE_FILE, instruction_checks.SOURCE_ROWS, instruction_checks.SOURCE_CLOSED_SHARE)
+
+
+def _with_source_punctuation(table: pl.DataFrame, ctx: StageContext) -> pl.DataFrame:
+    """The row's source-file figures (rows, share ending closed) as temporary columns: over the stage's
+    whole input, read once per run, so no row's truncation evidence depends on its batch. Without an
+    input file (a transform called directly) the batch is the whole input."""
+    if ctx.input_path is not None:
+        figures = ctx.cached(
+            "source_punctuation",
+            lambda: instruction_checks.source_punctuation(pl.scan_parquet(ctx.input_path, glob=False)).collect(engine="streaming"),
+        )
+    else:
+        figures = instruction_checks.source_punctuation(table.lazy()).collect()
+    source_file = pl.col("source").struct.field("file").alias(instruction_checks.SOURCE_FILE)
+    return table.with_columns(source_file).join(
+        figures, on=instruction_checks.SOURCE_FILE, how="left", nulls_equal=True, maintain_order="left"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- PII
