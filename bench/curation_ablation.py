@@ -19,15 +19,17 @@ first `--gen` held-out prompts against their reference answers, and the loss on 
 (`bench/fixtures/general_qa.jsonl`: ~50 hand-written general-knowledge Q/A pairs, nothing about support)
 before (the base model) and after, to see forgetting.
 
-A third arm, **curated+replay**, trains on the curated split with `data.replay`: a share
-(`--replay-fraction`, default 0.2) of each step's rows comes from a separate general set
-(`bench/fixtures/general_replay.jsonl`: other hand-written general Q/A pairs, none of the evaluation
-set's questions), the standard guard against forgetting. Same steps and token budget as the others.
+A third arm, **curated+replay**, trains on the curated split with `data.replay` (`upsample: true`): a
+share (`--replay-fraction`, default 0.2) of the train rows comes from a separate general set
+(`bench/fixtures/general_replay.jsonl`: 52 other hand-written general Q/A pairs, none of the evaluation
+set's questions; each used at least once, repeated up to the share), the standard guard against
+forgetting. Same steps and token budget as the others.
 
 Everything is written under `--out`, which must not exist yet (the tools write only into folders they
 created). Sizes are flags; the defaults are the small CPU run in docs/benchmarks.md.
 
-    python bench/curation_ablation.py --out runs/ablation [--steps 16] [--seeds 0,1,2] [--seq-len 256]
+    python bench/curation_ablation.py --out runs/ablation [--steps 16] [--seeds 0,1,2] [--seq-len 256] [--arms raw,curated]
+    python bench/curation_ablation.py --table-from runs/a/results.jsonl runs/b/results.jsonl   # one table of both
 """
 
 from __future__ import annotations
@@ -185,17 +187,44 @@ def run_arm(arm: str, seed: int, data: dict[str, Path], work: Path, args, with_b
     from train.loop import train
 
     out = work / f"train-{arm}-seed{seed}"
-    replay = {"split_dir": str(data["replay"]), "fraction": args.replay_fraction} if arm == "curated+replay" else None
+    # upsample: the general set (52 rows) is far smaller than the share of a ~3.9k-row split; taken once each
+    # it would be ~1.3% of the rows (and, packed together, often none of a short run's steps).
+    replay = {"split_dir": str(data["replay"]), "fraction": args.replay_fraction, "upsample": True} if arm == "curated+replay" else None
     config = train_config(data["raw" if arm == "raw" else "curated"], out, seed, args, replay)
     started = time.perf_counter()
     result = train(config, "sft", resume="never")
     trained = time.perf_counter() - started
     metrics = evaluate(config, result.adapter_dir, data, args, with_base)
     tokens = sum(r.get("tokens", 0) for r in result.history if "loss" in r)
-    row = {"arm": arm, "seed": seed, "steps": result.steps, "train_tokens": tokens, "train_s": round(trained, 1), **metrics}
+    recorded = json.loads((out / "train_config.json").read_text())
+    row = {"arm": arm, "seed": seed, "steps": result.steps, "train_tokens": tokens, "train_s": round(trained, 1),
+           "settings": settings_of(args), "replay": recorded.get("replay"), **metrics}  # fmt: skip
     with (work / "results.jsonl").open("a", encoding="utf-8") as log:
         log.write(json.dumps(row, sort_keys=True) + "\n")
     return row
+
+
+def settings_of(args) -> dict:
+    """What must be equal for runs of separate invocations to share one table."""
+    keys = ("model", "steps", "seq_len", "batch_rows", "grad_accum", "lr", "holdout", "max_eval", "gen", "max_new_tokens", "replay_fraction")
+    return {key: getattr(args, key) for key in keys}
+
+
+def combined_rows(paths: list[Path]) -> list[dict]:
+    """results.jsonl rows of several invocations; a later file's (arm, seed) replaces an earlier one's.
+    Refuses rows run with different settings."""
+    by_run = {}
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            by_run[(row["arm"], row["seed"])] = row
+    rows = sorted(by_run.values(), key=lambda r: (r["seed"], ARMS.index(r["arm"])))
+    settings = {json.dumps(r["settings"], sort_keys=True) for r in rows if "settings" in r}
+    if len(settings) > 1:
+        raise SystemExit(f"error: the results were run with different settings: {sorted(settings)}")
+    if unchecked := sum("settings" not in r for r in rows):
+        print(f"note: {unchecked} rows come from a version that did not record its settings: not checked")
+    return rows
 
 
 def mean_spread(values: list[float]) -> str:
@@ -205,22 +234,25 @@ def mean_spread(values: list[float]) -> str:
 
 
 def summarize(rows: list[dict], args) -> list[str]:
-    first = rows[0]
-    lines = ["| metric | base model (no adapter) | " + " | ".join(f"{arm} arm" for arm in ARMS) + " |", "|---" * (len(ARMS) + 2) + "|"]
+    arms = [arm for arm in ARMS if any(r["arm"] == arm for r in rows)]
+    lines = ["| metric | base model (no adapter) | " + " | ".join(f"{arm} arm" for arm in arms) + " |", "|---" * (len(arms) + 2) + "|"]
     metrics = [("held-out loss (lower is better)", "heldout", "base_loss", "adapter_loss"),
                ("general-set loss (forgetting; lower is better)", "general", "base_loss", "adapter_loss")]  # fmt: skip
     if args.gen:
         metrics += [(f"held-out ROUGE-L F1, greedy, {args.gen} prompts", "generation", "base_rouge_l", "adapter_rouge_l"),
                     (f"held-out exact match, {args.gen} prompts", "generation", "base_exact_match", "adapter_exact_match")]  # fmt: skip
     for label, section, base_key, key in metrics:
-        cells = [mean_spread([r[section][key] for r in rows if r["arm"] == arm]) for arm in ARMS]
-        lines.append(f"| {label} | {first[section][base_key]:.4f} | " + " | ".join(cells) + " |")
-    tokens = [str(sorted({r["train_tokens"] for r in rows if r["arm"] == arm})) for arm in ARMS]
+        cells = [mean_spread([r[section][key] for r in rows if r["arm"] == arm]) for arm in arms]
+        base = next(r[section][base_key] for r in rows if base_key in r[section])  # measured once per invocation
+        lines.append(f"| {label} | {base:.4f} | " + " | ".join(cells) + " |")
+    tokens = [str(sorted({r["train_tokens"] for r in rows if r["arm"] == arm})) for arm in arms]
     lines.append("| training tokens per run | | " + " | ".join(tokens) + " |")
     return lines
 
 
 def verdict(rows: list[dict]) -> str:
+    if not {"raw", "curated"} <= {r["arm"] for r in rows}:
+        return "no raw-vs-curated verdict: both arms are needed"
     raw = [r["heldout"]["adapter_loss"] for r in rows if r["arm"] == "raw"]
     cur = [r["heldout"]["adapter_loss"] for r in rows if r["arm"] == "curated"]
     gap = statistics.fmean(raw) - statistics.fmean(cur)
@@ -234,6 +266,8 @@ def verdict(rows: list[dict]) -> str:
 
 def replay_verdict(rows: list[dict]) -> str:
     """Does replay reduce forgetting (general-set loss), and what does it cost on the held-out set?"""
+    if not {"curated", "curated+replay"} <= {r["arm"] for r in rows}:
+        return "no replay verdict: the curated and curated+replay arms are both needed"
     mean = lambda arm, section: statistics.fmean(r[section]["adapter_loss"] for r in rows if r["arm"] == arm)  # noqa: E731
     general_gain = mean("curated", "general") - mean("curated+replay", "general")
     heldout_cost = mean("curated+replay", "heldout") - mean("curated", "heldout")
@@ -243,7 +277,10 @@ def replay_verdict(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="work folder (must not exist)")
+    parser.add_argument("--out", type=Path, help="work folder (must not exist)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run (default: all)")
+    parser.add_argument("--table-from", nargs="+", type=Path, metavar="RESULTS",
+                        help="print the table of earlier runs' results.jsonl files (same settings; a later file's arm+seed wins)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (alias, HF folder or .gguf)")
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps, the same for both arms")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (LoRA init and data order)")
@@ -259,6 +296,18 @@ def main() -> None:
     parser.add_argument("--threads", default="1", help="torch threads (a number, 'all' or 'auto')")
     args = parser.parse_args()
     args.threads = int(args.threads) if args.threads.isdigit() else args.threads
+    if args.table_from:
+        rows = combined_rows(args.table_from)
+        gen = next((r["settings"]["gen"] for r in rows if "settings" in r), args.gen)
+        print("\n".join(summarize(rows, argparse.Namespace(gen=gen))))
+        print(verdict(rows))
+        print(replay_verdict(rows))
+        return
+    if args.out is None:
+        parser.error("--out is required (unless --table-from)")
+    arms = args.arms.split(",")
+    if unknown := sorted(set(arms) - set(ARMS)):
+        parser.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
     if args.out.exists():
         raise SystemExit(f"error: {args.out} already exists; give a new folder")
     args.out.mkdir(parents=True)
@@ -269,7 +318,7 @@ def main() -> None:
           f"x {args.seq_len} tokens, seeds {seeds}, threads {args.threads}")  # fmt: skip
     rows = []
     for seed in seeds:
-        for arm in ARMS:
+        for arm in [a for a in ARMS if a in arms]:
             row = run_arm(arm, seed, data, work, args, with_base=not rows)
             rows.append(row)
             print(f"{arm:8s} seed {seed}: held-out {row['heldout']['adapter_loss']:.4f}, general {row['general']['adapter_loss']:.4f}, "

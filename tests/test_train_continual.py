@@ -133,10 +133,22 @@ def test_replay_mixes_an_exact_share_of_the_previous_train_split(adapter_a, tmp_
     assert recorded["data_stats"]["train"]["samples"] == 10
     assert recorded["data_stats"]["validation"]["samples"] == 3  # validation is never mixed
 
-    # More than the previous split holds: all of it, once each.
+    # More than the previous split holds: all of it, once each, and a warning with the share reached.
+    capsys.readouterr()
     assert main(["sft", "--config", str(config), *replay, "--set", "data.replay.fraction=0.9", "--output-dir", str(tmp_path / "all")]) == 0
     recorded = json.loads((tmp_path / "all" / "train_config.json").read_text())
     assert recorded["replay"]["rows_replayed"] == 16 and recorded["data_stats"]["train"]["samples"] == 24
+    assert recorded["replay"]["fraction_reached"] == round(16 / 24, 4)
+    warning = [line for line in capsys.readouterr().err.splitlines() if "data.replay.fraction=0.9" in line]
+    assert len(warning) == 1 and "needs 72 rows" in warning[0] and "66.7%" in warning[0] and "upsample" in warning[0]
+
+    # upsample: every previous row once, the rest copies sampled with replacement, up to the fraction (72 of 80).
+    assert main(["sft", "--config", str(config), *replay, "--set", "data.replay.fraction=0.9", "--set", "data.replay.upsample=true",
+                 "--output-dir", str(tmp_path / "up")]) == 0  # fmt: skip
+    recorded = json.loads((tmp_path / "up" / "train_config.json").read_text())
+    assert recorded["replay"]["rows_replayed"] == 72 and recorded["replay"]["upsampled_copies"] == 56
+    assert "fraction_reached" not in recorded["replay"] and recorded["data_stats"]["train"]["samples"] == 80
+    assert "data.replay.fraction" not in capsys.readouterr().err
 
     for bad in ("1.0", "nan", "0"):
         assert main(["sft", "--config", str(config), *replay, "--set", f"data.replay.fraction={bad}", "--output-dir", str(tmp_path / "bad")]) == 2
@@ -158,6 +170,10 @@ def test_replay_sampling_is_deterministic_by_seed(adapter_a):
     previous = read_split(adapter_a["s1"], "train", ["messages"], "sft")
     replayed = first.tail(new.height)["messages"].to_list()
     assert all(row in previous["messages"].to_list() for row in replayed) and len({json.dumps(r) for r in replayed}) == len(replayed)
+
+    upsampled, stats = mix_replay(new, replay.model_copy(update={"fraction": 0.9, "upsample": True}), ["messages"], "sft", seed=3)
+    copies = upsampled.tail(stats["rows_replayed"])["messages"].to_list()
+    assert {json.dumps(r) for r in copies} == {json.dumps(r) for r in previous["messages"].to_list()}  # every row at least once
 
 
 # ---------------------------------------------------------------------------------------- forgetting

@@ -58,6 +58,12 @@ class LoraSettings(_Section):
 class ReplayConfig(_Section):
     split_dir: str = Field(description="the previous run's split folder; rows of its train split are mixed into this run's")
     fraction: float = Field(gt=0, le=0.9, description="share of the mixed train split that is replayed rows (sampled with `seed`)")
+    upsample: bool = Field(
+        False,
+        description="when the previous train split holds fewer rows than `fraction` needs: true repeats rows (every "
+        "row once, the rest sampled with replacement) to reach it, as curate's mix does; false takes every row once, "
+        "so the share is smaller (a warning says how much)",
+    )
 
 
 class DataConfig(_Section):

@@ -322,16 +322,27 @@ def tokenize_dpo(tokenizer, frame: pl.DataFrame, where: str = "data") -> DpoData
 
 
 def mix_replay(frame: pl.DataFrame, replay, columns: list[str], kind: str, seed: int) -> tuple[pl.DataFrame, dict]:
-    """`frame` (the new train rows) plus rows sampled with `seed`, without replacement, from the train split
-    of `replay.split_dir`, so that they are `replay.fraction` of the result (all of them if it has fewer)."""
+    """`frame` (the new train rows) plus rows sampled with `seed` from the train split of `replay.split_dir`, so
+    that they are `replay.fraction` of the result. A previous split with fewer rows than that is taken whole,
+    and with `replay.upsample` topped up with copies sampled with replacement (every row at least once)."""
     previous = read_split(replay.split_dir, "train", columns, kind)
     if previous.height == 0:
         raise DataError(f"{replay.split_dir}: data.replay.split_dir has no {kind} rows in its train split")
-    wanted = round(frame.height * replay.fraction / (1 - replay.fraction))
-    count = min(previous.height, max(1, wanted))
-    picked = np.sort(np.random.default_rng(seed).choice(previous.height, size=count, replace=False))
+    wanted = max(1, round(frame.height * replay.fraction / (1 - replay.fraction)))
+    rng = np.random.default_rng(seed)
+    if wanted <= previous.height:
+        picked = np.sort(rng.choice(previous.height, size=wanted, replace=False))
+    elif replay.upsample:
+        picked = np.sort(np.concatenate([np.arange(previous.height), rng.choice(previous.height, size=wanted - previous.height)]))
+    else:
+        picked = np.arange(previous.height)
+    count = len(picked)
     stats = {"split_dir": str(replay.split_dir), "fraction": replay.fraction, "new_rows": frame.height,
              "previous_rows": previous.height, "rows_replayed": count}  # fmt: skip
+    if count > previous.height:
+        stats["upsampled_copies"] = count - previous.height
+    if count < wanted:
+        stats["fraction_reached"] = round(count / (frame.height + count), 4)
     return pl.concat([frame, previous[picked]]), stats
 
 

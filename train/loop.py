@@ -408,6 +408,12 @@ def _prepare_run(config: TrainConfig, mode: str, ddp: Dist, device: torch.device
         raise DataError(f"{config.data.split_dir}: nothing to train on after packing")
     resolve_batch_and_steps(config.optim, splits.train_plan, ddp.world)
     warn = _warn if ddp.main else (lambda message: None)
+    replayed = splits.train_data.replay or {}
+    if "fraction_reached" in replayed:
+        warn(f"{config.data.replay.split_dir}: data.replay.fraction={config.data.replay.fraction} needs "
+             f"{round(replayed['new_rows'] * config.data.replay.fraction / (1 - config.data.replay.fraction))} rows but its "
+             f"train split has {replayed['previous_rows']}: replayed rows are {replayed['fraction_reached']:.1%} of the "
+             "train split (set data.replay.upsample: true to repeat rows up to the fraction)")  # fmt: skip
     data_stats = {"train": _target_stats(config, strategy, "train", splits.train_data, splits.train_plan, warn)}
     if splits.val_plan is not None:
         data_stats["validation"] = _target_stats(config, strategy, "validation", splits.val_data, splits.val_plan, warn)

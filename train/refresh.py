@@ -209,7 +209,8 @@ def _train_config(request: RefreshRequest, gen: Path, current: dict | None, pare
         overrides["init_adapter"] = current["adapter"]
     if parent_run is not None:
         fraction = request.replay if request.replay is not None else (base.data.replay.fraction if base.data.replay else DEFAULT_REPLAY)
-        overrides["data.replay"] = {"split_dir": str(parent_run / "sft"), "fraction": fraction} if fraction > 0 else None
+        upsample = bool(base.data.replay and base.data.replay.upsample)
+        overrides["data.replay"] = {"split_dir": str(parent_run / "sft"), "fraction": fraction, "upsample": upsample} if fraction > 0 else None
     return load_config(request.train_config, overrides)
 
 
