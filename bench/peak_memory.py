@@ -234,8 +234,14 @@ class PhaseRss:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
-            rss = self.process.memory_info().rss / 2**20
-            self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), rss)
+            # RSS = anonymous memory + file-backed pages (memory-mapped work files, shared libraries).
+            fields = {}
+            for line in open("/proc/self/status", encoding="ascii"):
+                if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+                    fields[line.split(":")[0]] = int(line.split()[1]) / 1024
+            peak = self.peaks.get(self.current, (0.0, 0.0, 0.0))
+            if fields["VmRSS"] > peak[0]:
+                self.peaks[self.current] = (fields["VmRSS"], fields["RssAnon"], fields["RssFile"])
 
     def progress(self, message: str) -> None:
         self.current = message
@@ -257,7 +263,7 @@ class PhaseRss:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {name: round(peak) for name, peak in self.peaks.items()}
+        return {name: f"{rss:.0f} MB RSS peak (anonymous {anon:.0f}, file-backed {file:.0f})" for name, (rss, anon, file) in self.peaks.items()}
 
 
 def dedup_stage_alone(input_path: str, out_dir: str) -> dict:
@@ -291,7 +297,7 @@ def main_dedup(rows: int, sides: list[str]) -> None:
     for result in results:
         print(f"{result['side']:>12}: {result['peak_mb']:7.0f} MB peak, {result['seconds']:6.1f} s, kept {result['kept']} of {rows}")
         for name, peak in result.get("phases", {}).items():
-            print(f"{'':>14}{name}: {peak} MB RSS peak")
+            print(f"{'':>14}{name}: {peak}")
     if sides[:2] == ["in-memory", "out-of-core"]:
         print(f"peak memory ratio (in-memory / out-of-core): {results[0]['peak_mb'] / results[1]['peak_mb']:.2f}x")
 
