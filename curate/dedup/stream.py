@@ -145,7 +145,8 @@ class DiskNodes:
 
 def release_arrow_memory() -> None:
     """Hand Arrow's freed pages back to the system between phases: its pool (mimalloc) otherwise keeps
-    them (~70 MB after the index's Parquet writes at 30k rows), and the next phase's peak adds to them."""
+    them, and the next phase's peak adds to them. Between phases only: called per batch, the pages
+    given back are faulted in again at once (system time)."""
     pa.default_memory_pool().release_unused()
 
 
@@ -268,6 +269,7 @@ def find_near_out_of_core(files, rows, decided, config, phase, guard) -> tuple[i
 def save_index_out_of_core(files, rows, decided, config, target: Path, phase) -> dict:
     """The index of this run's kept rows, written batch by batch (same content as `build_index`)."""
     kept = np.flatnonzero(decided.reason == None)  # noqa: E711
+    release_arrow_memory()
     batches = (_index_batch(files, rows, decided, kept[start : start + BATCH_ROWS], config.num_perm) for start in range(0, len(kept), BATCH_ROWS))
     return write_index(batches, config, target, phase)
 
@@ -288,7 +290,6 @@ def write_index(record_batches, config: DedupConfig, target: Path, phase) -> dic
             tmp / "bands.parquet", bands_schema, compression="zstd"
         ) as bands_writer:
             for records in record_batches:
-                release_arrow_memory()
                 if records.height == 0:
                     continue
                 signatures = records["signature"].to_numpy().astype(np.uint32).reshape(records.height, settings.num_perm)
