@@ -190,10 +190,11 @@ def dedup_corpus(rows: int, path: str, seed: int = 0) -> None:
     del pl
 
 
-def dedup_side(side: str, input_path: str, out_dir: str) -> dict:
+def dedup_side(side: str, input_path: str, out_dir: str, curate_root: str = str(REPO_ROOT)) -> dict:
     import time
     from pathlib import Path
 
+    sys.path.insert(0, curate_root)
     import polars as pl
 
     from curate.dedup import DedupConfig, deduplicate
@@ -211,10 +212,15 @@ def dedup_side(side: str, input_path: str, out_dir: str) -> dict:
         joined.filter(pl.col("reason").is_null()).write_parquet(out / "data.parquet")
         joined.filter(pl.col("reason").is_not_null()).write_parquet(out / "dropped.parquet")
         kept = outcome.report["kept"]
-    else:
-        ctx = StageContext(name="dedup", run_dir=out, stage_dir=out / "dedup", pipeline_dir=out)
+    else:  # the stage through the local engine, with the RSS peak of each phase (the engine's writing included)
+        sampler = PhaseRss()
+        ctx = StageContext(
+            name="dedup", run_dir=out, stage_dir=out / "dedup", pipeline_dir=out, progress=sampler.progress,
+            phase_progress=lambda name, done, total, unit: sampler.progress(name),
+        )
         report = LocalEngine().execute(get_stage("dedup"), config, ctx, Path(input_path), out / "data.parquet", out / "dropped.parquet")
         kept = report["kept"]
+        return {"side": side, "seconds": time.perf_counter() - start, "kept": kept, "phases": sampler.stop()}
     return {"side": side, "seconds": time.perf_counter() - start, "kept": kept}
 
 
@@ -234,8 +240,14 @@ class PhaseRss:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
-            rss = self.process.memory_info().rss / 2**20
-            self.peaks[self.current] = max(self.peaks.get(self.current, 0.0), rss)
+            # RSS = anonymous memory + file-backed pages (memory-mapped work files, shared libraries).
+            fields = {}
+            for line in open("/proc/self/status", encoding="ascii"):
+                if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+                    fields[line.split(":")[0]] = int(line.split()[1]) / 1024
+            peak = self.peaks.get(self.current, (0.0, 0.0, 0.0))
+            if fields["VmRSS"] > peak[0]:
+                self.peaks[self.current] = (fields["VmRSS"], fields["RssAnon"], fields["RssFile"])
 
     def progress(self, message: str) -> None:
         self.current = message
@@ -257,7 +269,7 @@ class PhaseRss:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {name: round(peak) for name, peak in self.peaks.items()}
+        return {name: f"{rss:.0f} MB RSS peak (anonymous {anon:.0f}, file-backed {file:.0f})" for name, (rss, anon, file) in self.peaks.items()}
 
 
 def dedup_stage_alone(input_path: str, out_dir: str) -> dict:
@@ -276,22 +288,23 @@ def dedup_stage_alone(input_path: str, out_dir: str) -> dict:
     return {"side": "stage alone", "seconds": time.perf_counter() - start, "kept": outcome.report["kept"], "phases": sampler.stop()}
 
 
-def main_dedup(rows: int, sides: list[str]) -> None:
+def main_dedup(rows: int, sides: list[str], input_path: str | None = None, curate_root: str = str(REPO_ROOT)) -> None:
     import sys
     import tempfile
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     with tempfile.TemporaryDirectory() as folder:
-        input_path = str(Path(folder) / "input.parquet")
-        dedup_corpus(rows, input_path)
-        results = [run_measured(dedup_side, side, input_path, folder) for side in sides if side != "stage-alone"]
+        if input_path is None:
+            input_path = str(Path(folder) / "input.parquet")
+            dedup_corpus(rows, input_path)
+        results = [run_measured(dedup_side, side, input_path, folder, curate_root) for side in sides if side != "stage-alone"]
         if "stage-alone" in sides:
             results.append(run_measured(dedup_stage_alone, input_path, folder))
     for result in results:
-        print(f"{result['side']:>12}: {result['peak_mb']:7.0f} MB peak, {result['seconds']:6.1f} s, kept {result['kept']} of {rows}")
+        print(f"{result['side']:>12}: {result['peak_mb']:7.0f} MB peak, {result['seconds']:6.1f} s, kept {result['kept']:,}")
         for name, peak in result.get("phases", {}).items():
-            print(f"{'':>14}{name}: {peak} MB RSS peak")
+            print(f"{'':>14}{name}: {peak}")
     if sides[:2] == ["in-memory", "out-of-core"]:
         print(f"peak memory ratio (in-memory / out-of-core): {results[0]['peak_mb'] / results[1]['peak_mb']:.2f}x")
 
@@ -304,7 +317,9 @@ if __name__ == "__main__":
             "--sides", nargs="+", choices=["in-memory", "out-of-core", "stage-alone"], default=["in-memory", "out-of-core", "stage-alone"],
             help="stage-alone: the stage's own phases without the engine's sink, each with its RSS peak",
         )
+        dedup_parser.add_argument("--input", help="an existing canonical Parquet file (e.g. a run's ingest/data.parquet) instead of generated rows")
+        dedup_parser.add_argument("--curate-root", default=str(REPO_ROOT), help="the checkout whose curate/ runs the engine side (for before/after)")
         dedup_arguments = dedup_parser.parse_args(sys.argv[2:])
-        main_dedup(dedup_arguments.rows, dedup_arguments.sides)
+        main_dedup(dedup_arguments.rows, dedup_arguments.sides, dedup_arguments.input, dedup_arguments.curate_root)
     else:
         main()

@@ -11,8 +11,9 @@ manifest. Stages do not print and do not read the pipeline's files: the runner d
 timing, accounting and caching around them. A stage that needs persistent artifacts (a dedup index)
 or exports (split datasets) gets its own folder in `ctx.stage_dir`.
 
-Registration is discovery-based: every module in the `curate.stages` package is imported on first
-lookup, so a new stage plugs into the same YAML without touching the runner. A YAML `type` of the form
+Registration is discovery-based: looking up a built-in type imports only the module that registers
+it (`curate.stages.MODULES`); listing the stages, or a type not in that map, imports every module in
+the `curate.stages` package, so a new stage plugs into the same YAML without touching the runner. A YAML `type` of the form
 `some.module:name` imports `some.module` first, for plugins that live outside this package.
 """
 
@@ -277,10 +278,24 @@ def _discover() -> None:
     _DISCOVERED = True
 
 
+def _import_builtin(type_name: str) -> None:
+    """Import the one module that registers a built-in type (or every module, for a type not in the map)."""
+    if type_name in _REGISTRY:
+        return
+    from curate.stages import MODULES
+
+    if type_name in MODULES:
+        importlib.import_module(f"curate.stages.{MODULES[type_name]}")
+    if type_name not in _REGISTRY:
+        _discover()
+
+
 def get_stage(type_name: str) -> StageSpec:
-    _discover()
     lookup = type_name
-    if ":" in type_name:
+    if ":" not in type_name:
+        _import_builtin(type_name)
+    else:
+        _discover()
         module_name, lookup = type_name.split(":", 1)
         try:
             importlib.import_module(module_name)

@@ -116,32 +116,64 @@ def features_of(frame: pl.LazyFrame, config: DedupConfig) -> pl.LazyFrame:
     return staged.with_columns(*expressions[6:])
 
 
+KEY_CODE_COLUMNS = ["key_hi", "key_lo"]
+HASH_COLUMNS = ["key_hash", "number_hash", "digits_hash"]
+
+
+def key_code_columns(key_hash: pl.Expr) -> list[pl.Expr]:
+    """A 128-bit hex key hash as two uint64 columns: equal codes exactly when the hashes are equal, at
+    16 bytes a row instead of a 32-character string."""
+    return [
+        key_hash.str.slice(start, 16).str.to_integer(base=16, dtype=pl.UInt64).alias(name)
+        for start, name in zip((0, 16), KEY_CODE_COLUMNS)
+    ]
+
+
+def code_columns() -> list[pl.Expr]:
+    """What the global steps need of a row's hashes, as integers (`RowFeatures.read`)."""
+    first_64_bits = lambda column: pl.col(column).str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64)  # noqa: E731
+    return [*key_code_columns(pl.col("key_hash")), first_64_bits("number_hash").alias("number_code"), first_64_bits("digits_hash").alias("digits_code")]
+
+
 @dataclass
 class RowFeatures:
-    """The features of every row, position = `__row`."""
+    """The features of every row, position = `__row`: ids (one Arrow string column) and integers; the
+    key hash strings only where the caller holds them anyway (in memory: the index and Redis need them)."""
 
-    ids: np.ndarray  # object (str)
-    keys: pl.Series
-    number_keys: pl.Series
-    digit_keys: pl.Series
+    ids: pl.Series  # String
+    key_codes: pl.DataFrame  # KEY_CODE_COLUMNS: the exact key
+    number_code: np.ndarray  # uint64: first 64 bits of the number-masked key's hash
+    digits_code: np.ndarray  # uint64: first 64 bits of the hash of the key's digits
     multipart: np.ndarray  # bool: preference pairs, compared part by part
     priority: np.ndarray  # rank under the keep policy, 0 = kept first
+    hashes: pl.DataFrame | None = None  # HASH_COLUMNS as strings (None out of core: read back from disk)
     texts: pl.Series | None = None  # simplified key texts (None out of core: they stay on disk)
     part_texts: pl.DataFrame | None = None  # simplified parts (prompt, chosen, rejected); null where absent
 
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def id_of(self, rows: np.ndarray) -> np.ndarray:
+        """The ids of some rows, as an object array (for the sparse per-row decision arrays)."""
+        return self.ids.gather(rows).to_numpy() if len(rows) else np.empty(0, dtype=object)
+
     @classmethod
     def read(cls, features: pl.DataFrame) -> "RowFeatures":
+        """From `features_of` output (in memory), or from `__row, id, __keep, multipart` and
+        `code_columns()` (out of core)."""
         order = features.select(pl.arg_sort_by(["__keep", "__row"], descending=[True, False], nulls_last=True))
         priority = np.empty(features.height, dtype=np.int64)
         priority[order.to_series().to_numpy()] = np.arange(features.height)
         with_texts = "text" in features.columns
+        codes = features.select(code_columns()) if "key_hash" in features.columns else features
         return cls(
-            ids=features["id"].to_numpy(),
-            keys=features["key_hash"],
-            number_keys=features["number_hash"],
-            digit_keys=features["digits_hash"],
+            ids=features["id"],
+            key_codes=codes.select(KEY_CODE_COLUMNS),
+            number_code=codes["number_code"].to_numpy(),
+            digits_code=codes["digits_code"].to_numpy(),
             multipart=features["multipart"].to_numpy() if not with_texts else features[PART_COLUMNS[1]].is_not_null().to_numpy(),
             priority=priority,
+            hashes=features.select(HASH_COLUMNS) if "key_hash" in features.columns else None,
             texts=features["text"] if with_texts else None,
             part_texts=features.select(PART_COLUMNS) if with_texts else None,
         )
@@ -149,37 +181,47 @@ class RowFeatures:
 
 @dataclass
 class Decisions:
-    """Per-row outcome arrays, filled step by step."""
+    """Per-row outcome arrays, filled step by step. The object arrays hold None (kept; own cluster) for
+    most rows and a string only where a row was dropped or joined a cluster, so a row costs ~50 bytes
+    here, not a Python string of its id."""
 
-    ids: np.ndarray
     reason: np.ndarray
     duplicate_of: np.ndarray
-    cluster: np.ndarray
+    cluster: np.ndarray  # None: the row's own id (a cluster of one, or a cluster named after this row)
     jaccard_estimated: np.ndarray
     jaccard_verified: np.ndarray
     exact_rep: np.ndarray  # each row's exact-duplicate representative (itself when unique)
 
     @classmethod
-    def start(cls, ids: np.ndarray) -> "Decisions":
-        n = len(ids)
+    def start(cls, n: int) -> "Decisions":
         return cls(
-            ids=ids,
             reason=np.full(n, None, dtype=object),
             duplicate_of=np.full(n, None, dtype=object),
-            cluster=ids.astype(object).copy(),
+            cluster=np.full(n, None, dtype=object),
             jaccard_estimated=np.full(n, np.nan),
             jaccard_verified=np.full(n, np.nan),
             exact_rep=np.arange(n),
         )
 
+    def __len__(self) -> int:
+        return len(self.reason)
+
     def survivors(self) -> np.ndarray:
         return np.flatnonzero(self.reason == None)  # noqa: E711  (object array of None)
 
-    def frame(self, rows: pl.Series) -> pl.DataFrame:
+    def clusters_of(self, rows: np.ndarray, features: "RowFeatures") -> np.ndarray:
+        """The dup_cluster of some rows as strings (object array)."""
+        clusters = self.cluster[rows]
+        own = np.flatnonzero(clusters == None)  # noqa: E711
+        clusters[own] = features.id_of(rows[own])
+        return clusters
+
+    def frame(self, rows: pl.Series, ids: pl.Series) -> pl.DataFrame:
+        named = pl.Series(self.cluster.tolist(), dtype=pl.String)
         return pl.DataFrame(
             {
                 "__row": rows,
-                "dup_cluster": pl.Series(self.cluster.tolist(), dtype=pl.String),
+                "dup_cluster": pl.select(pl.coalesce(pl.lit(named), pl.lit(ids))).to_series(),
                 "reason": pl.Series(self.reason.tolist(), dtype=pl.String),
                 "duplicate_of": pl.Series(self.duplicate_of.tolist(), dtype=pl.String),
                 "jaccard_estimated": pl.Series(self.jaccard_estimated).fill_nan(None),
@@ -195,19 +237,19 @@ class Decisions:
 def mark_exact_duplicates(rows: RowFeatures, decided: Decisions, index_records: pl.DataFrame) -> int:
     """Drop all but the best-priority row of each exact key, and every row whose key is in the index.
     Returns how many rows were dropped."""
-    n = len(rows.ids)
-    table = pl.DataFrame({"row": np.arange(n), "key_hash": rows.keys, "priority": rows.priority})
-    table = table.with_columns(pl.col("row").sort_by("priority").first().over("key_hash").alias("rep"))
+    n = len(rows)
+    table = pl.DataFrame({"row": np.arange(n), "priority": rows.priority}).hstack(rows.key_codes)
+    table = table.with_columns(pl.col("row").sort_by("priority").first().over(KEY_CODE_COLUMNS).alias("rep"))
     exact_rep = table["rep"].to_numpy().copy()
     is_dup = exact_rep != np.arange(n)
     decided.reason[is_dup] = "exact_duplicate"
-    decided.duplicate_of[is_dup] = rows.ids[exact_rep[is_dup]]
+    decided.duplicate_of[is_dup] = rows.id_of(exact_rep[is_dup])
     decided.jaccard_estimated[is_dup] = 1.0
     decided.jaccard_verified[is_dup] = 1.0
     dropped = int(is_dup.sum())
     if index_records.height:
-        old_keys = index_records.select("key_hash", "id", "dup_cluster").unique("key_hash", keep="first")
-        matched = table.select("row", "key_hash").join(old_keys, on="key_hash", how="inner").sort("row")
+        old_keys = index_records.select(*key_code_columns(pl.col("key_hash")), "id", "dup_cluster").unique(KEY_CODE_COLUMNS, keep="first")
+        matched = table.select("row", *KEY_CODE_COLUMNS).join(old_keys, on=KEY_CODE_COLUMNS, how="inner").sort("row")
         if matched.height:
             rows_matched = matched["row"].to_numpy()
             decided.reason[rows_matched] = "exact_duplicate"
@@ -284,8 +326,8 @@ def near_graph(rows, survivors, sketches, index: MinHashIndex | None, index_reco
             for name, new_part in zip(PART_NAMES, sketches.part_sets)
         ],
         multipart=np.concatenate([index_records["shingles_chosen"].is_not_null().to_numpy(), rows.multipart[survivors]]),
-        digits_code=np.concatenate([hash_code(index_records["digits_hash"]), hash_code(rows.digit_keys.gather(survivors))]),
-        number_code=np.concatenate([hash_code(index_records["number_hash"]), hash_code(rows.number_keys.gather(survivors))]),
+        digits_code=np.concatenate([hash_code(index_records["digits_hash"]), rows.digits_code[survivors]]),
+        number_code=np.concatenate([hash_code(index_records["number_hash"]), rows.number_code[survivors]]),
     )
     protected = np.zeros(old_count + len(survivors), dtype=bool)
     protected[:old_count] = True
@@ -377,8 +419,8 @@ def node_cluster_ids(graph: NearGraph, nodes: np.ndarray, rows: RowFeatures, ind
         ids[is_old] = index_records["id"].to_numpy()[nodes[is_old]]
         clusters[is_old] = index_records["dup_cluster"].to_numpy()[nodes[is_old]]
     new_rows = graph.survivors[nodes[~is_old] - graph.old_count]
-    ids[~is_old] = rows.ids[new_rows]
-    clusters[~is_old] = rows.ids[new_rows]
+    ids[~is_old] = rows.id_of(new_rows)
+    clusters[~is_old] = ids[~is_old]
     return ids, clusters
 
 
@@ -460,11 +502,9 @@ def build_index(rows, decided, survivors, sketches, index, index_records, config
     kept_multipart = pl.Series(rows.multipart[kept_rows])
     new_records = pl.DataFrame(
         {
-            "id": pl.Series(rows.ids[kept_rows].tolist(), dtype=pl.String),
-            "dup_cluster": pl.Series(decided.cluster[kept_rows].tolist(), dtype=pl.String),
-            "key_hash": rows.keys.gather(kept_rows),
-            "number_hash": rows.number_keys.gather(kept_rows),
-            "digits_hash": rows.digit_keys.gather(kept_rows),
+            "id": rows.ids.gather(kept_rows),
+            "dup_cluster": pl.Series(decided.clusters_of(kept_rows, rows).tolist(), dtype=pl.String),
+            **{column: rows.hashes[column].gather(kept_rows) for column in HASH_COLUMNS},
             "signature": pl.Series(
                 np.ascontiguousarray(sketches.signatures[kept_new]), dtype=pl.Array(pl.UInt32, settings.num_perm)
             ),
@@ -524,13 +564,13 @@ def lsh_settings_report(config: DedupConfig) -> dict:
 
 def finish_clusters(rows: RowFeatures, decided: Decisions) -> None:
     """Exact duplicates follow their representative's final cluster."""
-    exact_members = np.flatnonzero(decided.exact_rep != np.arange(len(rows.ids)))
-    decided.cluster[exact_members] = decided.cluster[decided.exact_rep[exact_members]]
+    exact_members = np.flatnonzero(decided.exact_rep != np.arange(len(rows)))
+    decided.cluster[exact_members] = decided.clusters_of(decided.exact_rep[exact_members], rows)
 
 
 def outcome_report(decided, decisions, config, exact_dropped: int, near_dropped: int, lsh: dict, example_texts) -> dict:
     return {
-        "rows_in": len(decided.ids),
+        "rows_in": len(decided),
         "kept": int((decided.reason == None).sum()),  # noqa: E711
         "exact_duplicates": exact_dropped,
         "near_duplicates": near_dropped,
@@ -553,7 +593,7 @@ def deduplicate_features(
     `example_texts(rows)` gives the report's example texts of those rows (default: the simplified key)."""
     settings = config.settings()
     rows = RowFeatures.read(features)
-    decided = Decisions.start(rows.ids)
+    decided = Decisions.start(len(rows))
     index_records = index.records if index is not None else empty_index_records(settings.num_perm)
     exact_dropped = mark_exact_duplicates(rows, decided, index_records) if config.exact else 0
     survivors = decided.survivors()
@@ -570,12 +610,13 @@ def deduplicate_features(
     redis_report = None
     if config.redis is not None:
         progress("dedup: shared Redis index")
+        decided.cluster = decided.clusters_of(np.arange(len(rows)), rows)  # Redis stores every added row's cluster
         redis_report = dedup_against_redis(
-            config, settings, config.band_params(), survivors, sketches.signatures, sketches.sets.sizes > 0, rows.ids,
-            rows.keys, decided.reason, decided.duplicate_of, decided.cluster, decided.jaccard_estimated,
+            config, settings, config.band_params(), survivors, sketches.signatures, sketches.sets.sizes > 0, rows.ids.to_numpy(),
+            rows.hashes["key_hash"], decided.reason, decided.duplicate_of, decided.cluster, decided.jaccard_estimated,
         )
     finish_clusters(rows, decided)
-    decisions = decided.frame(features["__row"])
+    decisions = decided.frame(features["__row"], rows.ids)
     if example_texts is None:
         example_texts = lambda chosen: rows.texts.gather(chosen).to_list()  # noqa: E731
     redis_exact = redis_report["exact_duplicates"] if redis_report else 0

@@ -1,5 +1,6 @@
-"""The dedup stage out of core: bounded batches in, per-row sketches on disk, in memory only small
-per-row columns (id and key hashes, ~200 B; integers and flags, ~60 B) and the candidate pairs.
+"""The dedup stage out of core: bounded batches in, per-row sketches on disk, in memory only the ids
+(one Arrow string column, ~45 B a row), integer codes and decision arrays (~100 B a row) and the
+candidate pairs (8 B each while they are found, 24 B while verified).
 
 Work files live in a fresh folder `work.*` under the stage's folder (a unique name, so nothing we did
 not create is ever touched), removed when the stage ends, failed or not.
@@ -8,13 +9,15 @@ not create is ever touched), removed when the stage ends, failed or not.
    input rows (a Parquet scan reads only that slice's row groups); the input is never collected.
 2. **Sketches** of each slice: hashed shingle sets (CSR values appended to a raw
    uint32 file, offsets kept in memory), MinHash signatures (appended to a raw `(n, num_perm)` uint32
-   file), band hashes (Parquet, one file per band) and the small per-row columns (Parquet, read back once
-   at the end of the pass). Raw files rather than Parquet for sets and
+   file), band keys (raw `(node, band_hash)` records, one file per band), the per-row columns that
+   stay in memory (`rows.parquet`: id, keep key, key hashes as integer codes) and the key hash strings
+   (`hashes.parquet`, read back only for the index). Raw files rather than Parquet for sets and
    signatures because verification reads them back *by row id*: a fresh `np.memmap` per step reads only
    the pages of the rows it needs, and dropping it releases them.
-3. **Exact duplicates** from the key hashes (n strings in memory).
-4. **Candidates**, one band at a time (a sort of that band's `(band_hash, row)`), merged into sorted
-   unique pairs; buckets over `max_bucket_pairs` are capped (see `banding.candidate_pairs`).
+3. **Exact duplicates** from the key codes (two uint64 per row).
+4. **Candidates**, one band at a time (a sort of that band's `(band_hash, row)`), each band's pairs
+   merged into the sorted unique pairs so far; buckets over `max_bucket_pairs` are capped (see
+   `banding.candidate_pairs`).
 5. **Verification** in steps of `VERIFY_PAIRS` pairs over the memory-mapped sets and signatures.
 6. **Components and keep decisions** over integer row ids (`clusters`), exactly as in memory: node =
    row id keeps the node order of the in-memory path (survivors in row order), so every decision,
@@ -38,10 +41,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.dedup.banding import BucketGuard, band_hashes, candidate_pairs, sorted_unique
+from curate.dedup.banding import BucketGuard, band_hashes, candidate_pairs
 from curate.dedup.config import DedupConfig
 from curate.dedup.index import INDEX_FORMAT, INDEX_VERSION, MinHashIndex, empty_index_records
 from curate.dedup.pipeline import (
+    HASH_COLUMNS,
     PART_COLUMNS,
     Decisions,
     DedupOutcome,
@@ -56,15 +60,17 @@ from curate.dedup.pipeline import (
     mark_near_duplicates,
     outcome_report,
     verify_candidates,
+    code_columns,
 )
 from curate.dedup.signatures import minhash_signatures
-from curate.dedup.text import PART_NAMES, ShingleSets, hash_code, key_text, shingle_sets
+from curate.dedup.text import PART_NAMES, ShingleSets, key_text, shingle_sets
 from curate.dedup.verify import NodeFeatures
 
 BATCH_ROWS = 1_000  # rows per slice: their texts, exploded shingles and sketches are the phase's working set
 VERIFY_PAIRS = 2_000  # pairs per verification step: their sets (both sides) and index ranges are its working set
+BAND_RECORD = np.dtype([("node", "<u4"), ("band_hash", "<u8")])  # one row's key in one band's work file
 SHINGLE_CHUNK_CHARS = 100_000  # characters shingled at once: their exploded n-grams take ~150 B each (~15 MB)
-SMALL_COLUMNS = ["__row", "id", "__keep", "key_hash", "number_hash", "digits_hash"]
+ROW_COLUMNS = ["__row", "id", "__keep"]  # + code_columns() + multipart: what stays in memory (`RowFeatures`)
 
 
 class DiskSets:
@@ -95,7 +101,9 @@ class DiskSets:
 class SketchFiles:
     """What the batch pass wrote (under the work folder) and the small per-row columns it kept."""
 
-    small: pl.DataFrame  # SMALL_COLUMNS + multipart
+    rows: int
+    rows_path: Path  # ROW_COLUMNS, code_columns(), multipart
+    hashes_path: Path  # HASH_COLUMNS (strings), in row groups of BATCH_ROWS: read back for the index only
     sets: DiskSets
     part_sets: list[DiskSets]
     signatures_path: Path
@@ -103,7 +111,7 @@ class SketchFiles:
     num_perm: int
 
     def signatures(self) -> np.ndarray:
-        n = self.small.height
+        n = self.rows
         if n == 0:
             return np.empty((0, self.num_perm), np.uint32)
         return np.memmap(self.signatures_path, dtype=np.uint32, mode="r", shape=(n, self.num_perm))
@@ -115,8 +123,8 @@ class DiskNodes:
     def __init__(self, files: SketchFiles, rows: RowFeatures, verify: bool):
         self.files, self.verify = files, verify
         self.multipart = rows.multipart
-        self.number_code = hash_code(rows.number_keys)
-        self.digits_code = hash_code(rows.digit_keys)
+        self.number_code = rows.number_code
+        self.digits_code = rows.digits_code
 
     def _open(self) -> NodeFeatures:
         return NodeFeatures(
@@ -133,6 +141,13 @@ class DiskNodes:
 
     def similarity(self, a, b, verify: bool, merge_number_variants: bool) -> np.ndarray:
         return self._open().similarity(a, b, verify, merge_number_variants)
+
+
+def release_arrow_memory() -> None:
+    """Hand Arrow's freed pages back to the system between phases: its pool (mimalloc) otherwise keeps
+    them, and the next phase's peak adds to them. Between phases only: called per batch, the pages
+    given back are faulted in again at once (system time)."""
+    pa.default_memory_pool().release_unused()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,12 +176,13 @@ def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: P
     part_sets = [DiskSets(work / f"sets_{name}.u32") for name in PART_NAMES]
     bands_dir = work / "bands"
     bands_dir.mkdir()
-    band_schema = pa.schema([("node", pa.uint32()), ("band_hash", pa.uint64())])
-    band_writers = [pq.ParquetWriter(bands_dir / f"{band:04d}.parquet", band_schema) for band in range(bands)]
+    # Raw `(node, band_hash)` records appended per band: a Parquet writer per band held ~1 MB of
+    # buffers and encoders each, and these files are only ever read back whole, one band at a time.
+    band_files = [open(bands_dir / f"{band:04d}.bin", "wb") for band in range(bands)]
     # The per-row columns go to disk as well and are read back once at the end: kept in memory batch by
     # batch, these long-lived allocations would sit between the batches' transient ones and pin their
     # pages (RSS that never goes back).
-    small_writer = None
+    row_writer = hash_writer = None
     with open(work / "signatures.u32", "wb") as signature_file, phase("MinHash signatures", total=total, unit="rows") as progress:
         for offset in range(0, total, BATCH_ROWS):
             rows = frame.slice(offset, BATCH_ROWS).with_row_index("__row", offset=offset)
@@ -180,20 +196,25 @@ def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: P
             has = np.flatnonzero(batch_sets.sizes > 0)
             if len(has):
                 hashes = band_hashes(signatures[has], bands, band_rows)
-                nodes = pa.array(batch["__row"].to_numpy()[has].astype(np.uint32))
-                for band, writer in enumerate(band_writers):
-                    writer.write_table(pa.table({"node": nodes, "band_hash": pa.array(hashes[:, band])}, schema=band_schema))
-            small = batch.select(*SMALL_COLUMNS, pl.col(PART_COLUMNS[1]).is_not_null().alias("multipart")).to_arrow()
-            small_writer = small_writer or pq.ParquetWriter(work / "rows.parquet", small.schema)
-            small_writer.write_table(small.cast(small_writer.schema))
+                records = np.empty(len(has), dtype=BAND_RECORD)
+                records["node"] = batch["__row"].to_numpy()[has]
+                for band, band_file in enumerate(band_files):
+                    records["band_hash"] = hashes[:, band]
+                    band_file.write(records.tobytes())
+            small = batch.select(*ROW_COLUMNS, *code_columns(), pl.col(PART_COLUMNS[1]).is_not_null().alias("multipart")).to_arrow()
+            row_writer = row_writer or pq.ParquetWriter(work / "rows.parquet", small.schema)
+            row_writer.write_table(small.cast(row_writer.schema))
+            hashes = batch.select(HASH_COLUMNS).to_arrow()
+            hash_writer = hash_writer or pq.ParquetWriter(work / "hashes.parquet", hashes.schema)
+            hash_writer.write_table(hashes.cast(hash_writer.schema))
             progress.advance(batch.height)
-    for writer in (*band_writers, *([small_writer] if small_writer else [])):
+    for writer in (*band_files, *[w for w in (row_writer, hash_writer) if w is not None]):
         writer.close()
     for disk in (sets, *part_sets):
         disk.close()
     return SketchFiles(
-        small=pl.read_parquet(work / "rows.parquet"), sets=sets, part_sets=part_sets, signatures_path=work / "signatures.u32", bands_dir=bands_dir,
-        num_perm=settings.num_perm,
+        rows=total, rows_path=work / "rows.parquet", hashes_path=work / "hashes.parquet", sets=sets, part_sets=part_sets,
+        signatures_path=work / "signatures.u32", bands_dir=bands_dir, num_perm=settings.num_perm,
     )
 
 
@@ -203,22 +224,32 @@ def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: P
 
 def candidates_by_band(files: SketchFiles, survivor: np.ndarray, config: DedupConfig, guard: BucketGuard):
     """Candidate pairs (row ids, left < right), one band at a time: the same buckets as one sort over
-    all `(band, band_hash)` keys, in memory of one band."""
-    keys = []
-    for path in sorted(files.bands_dir.glob("*.parquet")):
-        band = pl.read_parquet(path).with_columns(pl.lit(0, pl.UInt16).alias("band"))
-        band = band.filter(pl.Series(survivor[band["node"].to_numpy()]))
+    all `(band, band_hash)` keys, in memory of one band. Each band's pairs are merged into the sorted
+    unique pairs so far as they come: near duplicates share most bands, so the bands' pairs together
+    are several times the unique pairs."""
+    merged = np.empty(0, np.uint64)
+    for path in sorted(files.bands_dir.glob("*.bin")):
+        records = np.fromfile(path, dtype=BAND_RECORD)
+        records = records[survivor[records["node"]]]
+        band = pl.DataFrame({"node": records["node"], "band_hash": records["band_hash"]})
+        del records
         left, right = candidate_pairs(band, config.max_bucket_pairs, guard=guard)
-        keys.append((left.astype(np.uint64) << np.uint64(32)) | right.astype(np.uint64))
-    merged = sorted_unique(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
-    return (merged >> np.uint64(32)).astype(np.int64), (merged & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        del band
+        keys = (left.astype(np.uint64) << np.uint64(32)) | right.astype(np.uint64)
+        del left, right
+        # Both runs are sorted: a stable sort (timsort) merges them in linear time.
+        merged = np.sort(np.concatenate([merged, keys]), kind="stable")
+        merged = merged[np.r_[True, merged[1:] != merged[:-1]]] if len(merged) else merged
+    # Row ids fit 32 bits (the band records hold them so): 8 bytes a pair for both ends, not 16.
+    return (merged >> np.uint64(32)).astype(np.uint32), (merged & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 def find_near_out_of_core(files, rows, decided, config, phase, guard) -> tuple[int, dict]:
-    n = len(rows.ids)
+    n = len(rows)
     survivor = np.zeros(n, dtype=bool)
     survivor[decided.survivors()] = True
     left, right = candidates_by_band(files, survivor, config, guard)
+    release_arrow_memory()
     graph = NearGraph(
         nodes=DiskNodes(files, rows, config.verify),
         priority=rows.priority,
@@ -238,6 +269,7 @@ def find_near_out_of_core(files, rows, decided, config, phase, guard) -> tuple[i
 def save_index_out_of_core(files, rows, decided, config, target: Path, phase) -> dict:
     """The index of this run's kept rows, written batch by batch (same content as `build_index`)."""
     kept = np.flatnonzero(decided.reason == None)  # noqa: E711
+    release_arrow_memory()
     batches = (_index_batch(files, rows, decided, kept[start : start + BATCH_ROWS], config.num_perm) for start in range(0, len(kept), BATCH_ROWS))
     return write_index(batches, config, target, phase)
 
@@ -282,13 +314,13 @@ def _index_batch(files, rows, decided, chunk, num_perm) -> pl.DataFrame:
     signatures = np.ascontiguousarray(files.signatures()[chunk])
     sets = files.sets.open().take(chunk)
     multipart = pl.Series(rows.multipart[chunk])
+    first = int(chunk[0])  # chunk is ascending: read only the row groups it spans
+    hashes = pl.scan_parquet(files.hashes_path).slice(first, int(chunk[-1]) - first + 1).collect()[chunk - first]
     return pl.DataFrame(
         {
-            "id": pl.Series(rows.ids[chunk].tolist(), dtype=pl.String),
-            "dup_cluster": pl.Series(decided.cluster[chunk].tolist(), dtype=pl.String),
-            "key_hash": rows.keys.gather(chunk),
-            "number_hash": rows.number_keys.gather(chunk),
-            "digits_hash": rows.digit_keys.gather(chunk),
+            "id": rows.ids.gather(chunk),
+            "dup_cluster": pl.Series(decided.clusters_of(chunk, rows).tolist(), dtype=pl.String),
+            **{column: hashes[column] for column in HASH_COLUMNS},
             "signature": pl.Series(signatures, dtype=pl.Array(pl.UInt32, num_perm)),
             "shingles": sets.to_lists(),
             **{
@@ -314,9 +346,9 @@ def example_texts_from(frame: pl.LazyFrame, config: DedupConfig):
     raw = key_text(settings.key, settings.include_system, settings.preference_key)
 
     def read(chosen: list[int]) -> list[str]:
-        picked = frame.with_row_index("__row").filter(pl.col("__row").is_in(chosen)).select("__row", raw.alias("raw")).collect()
-        lookup = dict(zip(picked["__row"].to_list(), picked["raw"].to_list()))
-        return [lookup[row] for row in chosen]
+        # One slice per example (a few rows): a scan decodes only that row's row group, where a filter
+        # on the row index would decode the whole input (~1 KB a row in memory at once).
+        return [frame.slice(row, 1).select(raw).collect().item() for row in chosen]
 
     return read
 
@@ -344,14 +376,15 @@ def deduplicate_out_of_core(
             return outcome
         progress("dedup: signatures")
         files = sketch_batches(frame, total, config, work, phase)
+        release_arrow_memory()
         return _decide(files, config, stage_dir, progress, phase, examples)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _decide(files: SketchFiles, config, stage_dir: Path, progress, phase, examples) -> DedupOutcome:
-    rows = RowFeatures.read(files.small)
-    decided = Decisions.start(rows.ids)
+    rows = RowFeatures.read(pl.read_parquet(files.rows_path))
+    decided = Decisions.start(len(rows))
     exact_dropped = mark_exact_duplicates(rows, decided, empty_index_records(config.num_perm)) if config.exact else 0
     lsh_report = lsh_settings_report(config)
     guard = BucketGuard()
@@ -362,7 +395,7 @@ def _decide(files: SketchFiles, config, stage_dir: Path, progress, phase, exampl
         lsh_report.update(near_report)
     lsh_report["bucket_guard"] = {"max_bucket_pairs": config.max_bucket_pairs, **guard.as_dict()}
     finish_clusters(rows, decided)
-    decisions = decided.frame(files.small["__row"])
+    decisions = decided.frame(pl.int_range(len(rows), dtype=pl.UInt32, eager=True).alias("__row"), rows.ids)
     report = outcome_report(decided, decisions, config, exact_dropped, near_dropped, lsh_report, examples)
     if config.save_index:
         report["index"] = save_index_out_of_core(files, rows, decided, config, stage_dir / "index", phase)
