@@ -315,7 +315,7 @@ def split_assignment(
     columns = frame.collect_schema().names()
     rows = _key_rows(frame, config, columns)
     groups, group_report = group_keys(rows, config, frame, work_dir, phase)
-    rows = rows.with_columns(groups.alias(_CLUSTER)).with_row_index("__split_row")
+    rows = rows.with_columns(groups.alias(_CLUSTER))
 
     report: dict[str, Any] = {"seed": seed, "cluster_column": config.cluster_column if config.cluster_column in columns else "id"}
     report["grouping"] = group_report
@@ -400,31 +400,23 @@ def split_assignment(
             )
             moved.setdefault(target, {})[kind] = candidates.height
 
-    decision = clusters.select(_CLUSTER, "split")
-    # The decision per input row (row order = the frame's), so the full rows join it by position.
-    row_decision = rows.select("__split_row", _CLUSTER)
-
-    def with_split(table):
-        lazy = isinstance(table, pl.LazyFrame)
-        if "__split_row" in (table.collect_schema().names() if lazy else table.columns):
-            groups_of = row_decision.lazy() if lazy else row_decision
-            table = table.join(groups_of, on="__split_row", how="left", maintain_order="left").drop("__split_row")
-        joined = table.join(decision.lazy() if lazy else decision, on=_CLUSTER, how="left", maintain_order="left")
-        if prior_row is not None:
-            # An earlier row keeps its own split even where its cluster has since merged with another.
-            prior = prior_row.lazy() if lazy else prior_row
-            joined = joined.join(prior, on="id", how="left", maintain_order="left").with_columns(
-                pl.coalesce(_PRIOR, "split").alias("split")
-            ).drop(_PRIOR)
-        return joined.drop(_CLUSTER)
-
+    # Each row's split, in the frame's row order (a few bytes a row), placed beside the full rows by
+    # position: the rows stream from their file into the output untouched (a join on the full rows made
+    # the streaming engine hold them all: 1.1 GB at 850k rows).
+    rows = rows.join(clusters.select(_CLUSTER, "split"), on=_CLUSTER, how="left", maintain_order="left")
+    if prior_row is not None:
+        # An earlier row keeps its own split even where its cluster has since merged with another.
+        rows = rows.join(prior_row, on="id", how="left", maintain_order="left").with_columns(
+            pl.coalesce(_PRIOR, "split").alias("split")
+        ).drop(_PRIOR)
+    row_splits = rows.select("split")
     # A `split` column from an earlier split stage is replaced, not duplicated.
-    result = with_split(frame.drop("split", strict=False).with_row_index("__split_row"))
+    result = pl.concat([frame.drop("split", strict=False), row_splits.lazy()], how="horizontal")
     if prior_row is not None:
         report["previous"]["rows_matched"] = int(rows.join(prior_row, on="id", how="semi").height)
         report["previous"]["new_clusters"] = int(clusters.filter(fresh).height)
 
-    counts = with_split(rows.drop("__split_row")).group_by("kind", "split").len()
+    counts = rows.group_by("kind", "split").len()
     report["clusters"] = clusters.height
     report["counts"] = {
         KIND_FOLDERS[kind]: {
