@@ -9,7 +9,9 @@ the `curate` CLI in a child process at each size, and measures per size:
 - peak RSS: the child's `ru_maxrss` from `wait4` (its own peak, and the largest of its waited-for
   children), and the proportional set size summed over the process tree sampled every 50 ms (Ray workers
   and other helpers included), whichever is larger;
-- records per CPU-second, and how many cores were busy on average (CPU seconds / wall seconds).
+- records per CPU-second, and how many cores were busy on average (CPU seconds / wall seconds);
+- the phase in which each new peak was reached: the child is `curate` run through bench/cli_phases.py,
+  which prints a line per stage and phase instead of the live display.
 
 Then it fits `peak ~ a * rows^k` and `seconds ~ b * rows^m` by least squares on log-log, and prints the
 exponents last: k < 1 means memory grows sub-linearly with the input (the issue's target: <= 1 GiB at
@@ -149,7 +151,7 @@ def run_measured_cli(arguments: list[str], env: dict) -> dict:
     process = subprocess.Popen(arguments, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tree_peak = 0.0
     output = b""
-    phase, peaks_by_phase = "imports", {}
+    phase, peaks = "imports", []  # [phase, MB]: each new high and the phase it was reached in
     os.set_blocking(process.stdout.fileno(), False)
     while True:
         chunk = process.stdout.read()
@@ -160,7 +162,10 @@ def run_measured_cli(arguments: list[str], env: dict) -> dict:
         memory = tree_memory_mb(process.pid)
         if memory > tree_peak:
             tree_peak = memory
-            peaks_by_phase[phase] = round(memory)
+            if peaks and peaks[-1][0] == phase:
+                peaks[-1][1] = round(memory)
+            else:
+                peaks.append([phase, round(memory)])
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
@@ -172,7 +177,7 @@ def run_measured_cli(arguments: list[str], env: dict) -> dict:
         raise SystemExit(f"{' '.join(arguments)} failed ({process.returncode}):\n{output.decode(errors='replace')[-3000:]}")
     cpu = usage.ru_utime + usage.ru_stime
     figures = {"seconds": wall, "cpu_seconds": cpu, "peak_mb": max(usage.ru_maxrss / 1024, tree_peak), "own_peak_mb": usage.ru_maxrss / 1024, "tree_peak_mb": tree_peak}
-    return {**figures, "new_peaks_by_phase": peaks_by_phase}
+    return {**figures, "new_peaks": peaks}
 
 
 def measure_size(work: Path, rows: int, seed: int, engine: str) -> dict:
@@ -197,7 +202,7 @@ def measure_size(work: Path, rows: int, seed: int, engine: str) -> dict:
     return {
         "rows": rows,
         "input_mb": round(corpus.stat().st_size / 2**20, 1),
-        **{key: round(value, 2) for key, value in result.items() if key != "new_peaks_by_phase"},
+        **{key: round(value, 2) for key, value in result.items() if key != "new_peaks"},
         "records_per_cpu_second": round(rows / max(result["cpu_seconds"], 1e-9)),
         "cores_busy": round(result["cpu_seconds"] / max(result["seconds"], 1e-9), 2),
         "kept": accounting["kept"],
@@ -205,7 +210,7 @@ def measure_size(work: Path, rows: int, seed: int, engine: str) -> dict:
         "quarantined": accounting["quarantined"],
         "stage_seconds": stage_seconds,
         "stage_bytes_per_record": stage_bytes_per_record,
-        "new_peaks_by_phase": result["new_peaks_by_phase"],
+        "new_peaks": result["new_peaks"],
     }
 
 
@@ -241,7 +246,7 @@ def main(argv=None) -> None:
             f"peak {result['peak_mb']:>7,.0f} MB  kept {result['kept']:,}",
             flush=True,
         )
-        print("    new peaks by phase: " + "; ".join(f"{phase} {mb:,} MB" for phase, mb in result["new_peaks_by_phase"].items()), flush=True)
+        print("    new peaks by phase: " + "; ".join(f"{phase} {mb:,} MB" for phase, mb in result["new_peaks"]), flush=True)
     figures = {"engine": args.engine, "cpu_count": os.cpu_count(), "quick": args.quick, "sizes": results}
     if len(results) >= 2:
         figures["memory_exponent"] = round(growth_exponent(sizes, [r["peak_mb"] for r in results]), 3)
