@@ -9,7 +9,9 @@ the `curate` CLI in a child process at each size, and measures per size:
 - peak RSS: the child's `ru_maxrss` from `wait4` (its own peak, and the largest of its waited-for
   children), and the proportional set size summed over the process tree sampled every 50 ms (Ray workers
   and other helpers included), whichever is larger;
-- records per CPU-second, and how many cores were busy on average (CPU seconds / wall seconds).
+- records per CPU-second, and how many cores were busy on average (CPU seconds / wall seconds);
+- the phase in which each new peak was reached: the child is `curate` run through bench/cli_phases.py,
+  which prints a line per stage and phase instead of the live display.
 
 Then it fits `peak ~ a * rows^k` and `seconds ~ b * rows^m` by least squares on log-log, and prints the
 exponents last: k < 1 means memory grows sub-linearly with the input (the issue's target: <= 1 GiB at
@@ -41,6 +43,7 @@ import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_phases import PHASE_MARK  # noqa: E402
 from peak_memory import tree_memory_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,17 +145,27 @@ def corpus_for(work: Path, rows: int, seed: int) -> Path:
 
 
 def run_measured_cli(arguments: list[str], env: dict) -> dict:
-    """Run a command; its wall time, CPU time and peak memory (see the module docstring)."""
+    """Run a command; its wall time, CPU time and peak memory (see the module docstring), and the
+    phases (`@phase` lines it prints) at which each new peak was reached."""
     started = time.perf_counter()
     process = subprocess.Popen(arguments, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tree_peak = 0.0
     output = b""
+    phase, peaks = "imports", []  # [phase, MB]: each new high and the phase it was reached in
     os.set_blocking(process.stdout.fileno(), False)
     while True:
         chunk = process.stdout.read()
         if chunk:
             output += chunk
-        tree_peak = max(tree_peak, tree_memory_mb(process.pid))
+            marks = [line for line in chunk.decode(errors="replace").splitlines() if line.startswith(PHASE_MARK)]
+            phase = marks[-1][len(PHASE_MARK):] if marks else phase
+        memory = tree_memory_mb(process.pid)
+        if memory > tree_peak:
+            tree_peak = memory
+            if peaks and peaks[-1][0] == phase:
+                peaks[-1][1] = round(memory)
+            else:
+                peaks.append([phase, round(memory)])
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
@@ -163,7 +176,8 @@ def run_measured_cli(arguments: list[str], env: dict) -> dict:
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(arguments)} failed ({process.returncode}):\n{output.decode(errors='replace')[-3000:]}")
     cpu = usage.ru_utime + usage.ru_stime
-    return {"seconds": wall, "cpu_seconds": cpu, "peak_mb": max(usage.ru_maxrss / 1024, tree_peak), "own_peak_mb": usage.ru_maxrss / 1024, "tree_peak_mb": tree_peak}
+    figures = {"seconds": wall, "cpu_seconds": cpu, "peak_mb": max(usage.ru_maxrss / 1024, tree_peak), "own_peak_mb": usage.ru_maxrss / 1024, "tree_peak_mb": tree_peak}
+    return {**figures, "new_peaks": peaks}
 
 
 def measure_size(work: Path, rows: int, seed: int, engine: str) -> dict:
@@ -171,7 +185,7 @@ def measure_size(work: Path, rows: int, seed: int, engine: str) -> dict:
     pipeline = work / f"pipeline-{rows}.yaml"
     pipeline.write_text(PIPELINE.format(corpus=corpus), encoding="utf-8")
     run_dir = work / f"run-{engine}-{rows}"
-    command = [sys.executable, "-m", "curate.cli", "run", str(pipeline), "--run-dir", str(run_dir), "--force", "--quiet"]
+    command = [sys.executable, str(Path(__file__).resolve().parent / "cli_phases.py"), "run", str(pipeline), "--run-dir", str(run_dir), "--force"]
     if engine != "local":
         command += ["--engine", engine]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -188,7 +202,7 @@ def measure_size(work: Path, rows: int, seed: int, engine: str) -> dict:
     return {
         "rows": rows,
         "input_mb": round(corpus.stat().st_size / 2**20, 1),
-        **{key: round(value, 2) for key, value in result.items()},
+        **{key: round(value, 2) for key, value in result.items() if key != "new_peaks"},
         "records_per_cpu_second": round(rows / max(result["cpu_seconds"], 1e-9)),
         "cores_busy": round(result["cpu_seconds"] / max(result["seconds"], 1e-9), 2),
         "kept": accounting["kept"],
@@ -196,6 +210,7 @@ def measure_size(work: Path, rows: int, seed: int, engine: str) -> dict:
         "quarantined": accounting["quarantined"],
         "stage_seconds": stage_seconds,
         "stage_bytes_per_record": stage_bytes_per_record,
+        "new_peaks": result["new_peaks"],
     }
 
 
@@ -231,6 +246,7 @@ def main(argv=None) -> None:
             f"peak {result['peak_mb']:>7,.0f} MB  kept {result['kept']:,}",
             flush=True,
         )
+        print("    new peaks by phase: " + "; ".join(f"{phase} {mb:,} MB" for phase, mb in result["new_peaks"]), flush=True)
     figures = {"engine": args.engine, "cpu_count": os.cpu_count(), "quick": args.quick, "sizes": results}
     if len(results) >= 2:
         figures["memory_exponent"] = round(growth_exponent(sizes, [r["peak_mb"] for r in results]), 3)

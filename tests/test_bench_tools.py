@@ -54,3 +54,17 @@ def test_scale_corpus_has_the_planted_shares_and_is_reproducible(tmp_path):
     assert 0.01 * rows.height < answers.str.starts_with("Thanks for reaching out about your order.").sum() < 0.04 * rows.height
     typical = answers.str.len_bytes().median()
     assert 700 < typical < 1300  # ~1 KB records
+
+
+def test_scale_attributes_each_new_peak_to_a_phase_of_the_measured_cli_run(tmp_path):
+    """bench/scale.py measures `curate run` through bench/cli_phases.py: the same CLI, printing a line per
+    stage and phase, so every new peak it records names the phase it was reached in."""
+    scale = _load("scale")
+    result = scale.measure_size(tmp_path, 600, seed=3, engine="local")
+    assert result["kept"] + result["dropped"] + result["quarantined"] == 600
+    peaks = result["new_peaks"]
+    assert peaks[0][0] == "imports" and len(peaks) > 1
+    stages = {"ingest", "dedup", "pii", "tag", "filter", "split"}
+    assert all(phase == "imports" or phase.split(":")[0] in stages for phase, _ in peaks), peaks
+    assert [mb for _, mb in peaks] == sorted(mb for _, mb in peaks)  # each one a new high
+    assert (tmp_path / "run-local-600" / "sft" / "README.md").is_file()  # the CLI ran the whole pipeline

@@ -59,3 +59,33 @@ def test_shards_are_written_in_bounded_row_groups(tmp_path):
     assert report["folders"]["sft"]["counts"] == {"train": count, "validation": 0, "test": 0}
     shard = pq.ParquetFile(tmp_path / "out" / "sft" / "train-00000-of-00001.parquet").metadata
     assert [shard.row_group(i).num_rows for i in range(shard.num_row_groups)] == [ROW_GROUP_ROWS, ROW_GROUP_ROWS, 17]
+
+
+def test_previous_rows_then_new_rows_fill_the_shards_in_order_across_batches(tmp_path):
+    """The export is one pass over bounded batches: the earlier export's rows first, then this input's
+    rows batch by batch, each appended to its split's open shard; shard cuts (7,000 rows) fall inside
+    batches (10,000 rows) and nothing is reordered, dropped or repeated."""
+
+    def records(prefix: str, count: int) -> list[dict]:
+        return [
+            {"messages": [{"role": "user", "content": f"{prefix} question {index}?"}, {"role": "assistant", "content": f"answer {index}."}]}
+            for index in range(count)
+        ]
+
+    config = SplitConfig(train=0.8, validation=0.1, test=0.1, group_prompts="exact", max_shard_rows=7_000)
+    old_rows, _ = assign_splits(canonical_frame(records("old", 300), "raw/old.jsonl").lazy(), config, seed=0)
+    export_splits(old_rows, tmp_path / "v1", config, seed=0)
+    new_config = config.model_copy(update={"previous_splits": str(tmp_path / "v1")})
+    rows, _ = assign_splits(canonical_frame(records("new", ROW_GROUP_ROWS + 4_000), "raw/new.jsonl").lazy(), new_config, seed=0)
+    rows.write_parquet(tmp_path / "data.parquet", row_group_size=ROW_GROUP_ROWS)
+
+    report = export_splits(pl.scan_parquet(tmp_path / "data.parquet"), tmp_path / "v2", new_config, seed=0)
+    assert report["folders"]["sft"]["carried_from_previous"] == 300
+    previous = read_exported(tmp_path / "v1" / "sft")
+    for split in SPLITS:
+        expected = pl.concat([previous.filter(pl.col("split") == split).select("id"), rows.filter(pl.col("split") == split).select("id")])
+        shards = sorted((tmp_path / "v2" / "sft").glob(f"{split}-*.parquet"))
+        assert len(shards) == -(-expected.height // 7_000)
+        assert [pq.ParquetFile(shard).metadata.num_rows for shard in shards[:-1]] == [7_000] * (len(shards) - 1)
+        exported = pl.concat([pl.read_parquet(shard, columns=["id"]) for shard in shards])
+        assert exported["id"].to_list() == expected["id"].to_list()

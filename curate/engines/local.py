@@ -7,7 +7,8 @@ Parquet writers. The writers cut row groups of a fixed size (ROW_GROUP_ROWS) wha
 so the files are byte-identical for any `batch_rows`: the batch size is a memory knob, never part of
 the result. The report is `spec.summarize` over the written files (lazy, streaming).
 
-Global stages run their whole-table `spec.run`; its outputs are streamed to Parquet by Polars.
+Global stages run their whole-table `spec.run`; its kept and dropped outputs are streamed to Parquet
+by Polars, one sink after the other.
 """
 
 from __future__ import annotations
@@ -111,15 +112,13 @@ class LocalEngine:
         output = spec.run(pl.scan_parquet(input_path, glob=False), config, ctx)
         dropped = output.dropped if output.dropped is not None else pl.LazyFrame(schema=empty_dropped_schema())
         with ctx.phase("writing", unit="files") as writing, atomic_path(kept_path, suffix=".parquet") as kept_tmp, atomic_path(dropped_path, suffix=".parquet") as dropped_tmp:
-            # One execution for both sinks: the shared upstream plan is computed once, streaming.
-            pl.collect_all(
-                [
-                    output.kept.sink_parquet(kept_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
-                    dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
-                ],
-                engine="streaming",
-            )
-            writing.advance(2)
+            # One streaming sink after the other: the upstream plan is read twice (a few CPU-seconds at
+            # 1M rows), but nothing of it is held between them. One execution for both sinks
+            # (`collect_all`) cached the shared upstream plan's output in memory: +930 MB where the
+            # separate sinks add 580 MB, at 1M rows of dedup's outputs; same bytes.
+            for frame, tmp in ((output.kept, kept_tmp), (dropped, dropped_tmp)):
+                frame.sink_parquet(tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS, engine="streaming")
+                writing.advance(1)
         return dict(output.report)
 
     def _execute_rows(

@@ -67,6 +67,7 @@ def ingest_stage(
             else pl.LazyFrame(schema=CANONICAL_SCHEMA)
         )
         quarantine = pl.scan_parquet(quarantine_parts, glob=False) if quarantine_parts else pl.LazyFrame(schema=QUARANTINE_SCHEMA)
+        ctx.progress("writing records")
         write_parquet(records, records_path)
         write_parquet(quarantine, quarantine_path)
     return reports
