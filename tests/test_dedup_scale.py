@@ -136,6 +136,9 @@ def test_out_of_core_stage_decides_exactly_as_in_memory(tmp_path, config, monkey
 
     monkeypatch.setattr(stream, "BATCH_ROWS", 17)  # many batches, cut anywhere
     monkeypatch.setattr(stream, "VERIFY_PAIRS", 5)
+    # Verification's steps estimate through the mapped file, clustering's many pairs through read_rows.
+    monkeypatch.setattr(stream, "GATHER_PAIRS", 6)
+    monkeypatch.setattr(stream, "READ_BLOCK_ROWS", 13)
     frame = canonical_frame(mixed_records())
     kept, dropped, report = run_stage(frame, config, tmp_path / "dedup")
     outcome = deduplicate(frame.with_row_index("__row"), DedupConfig.model_validate({"save_index": False, **config}))

@@ -115,13 +115,16 @@ def minhash_signatures(
 def signatures_of(sets: ShingleSets, settings: MinHashSettings) -> np.ndarray:
     return minhash_signatures(sets.values, sets.sizes, settings.num_perm, settings.seed)
 
-def estimated_jaccard(signatures: np.ndarray, left: np.ndarray, right: np.ndarray, chunk: int = 200_000) -> np.ndarray:
-    """Fraction of equal signature slots per pair (datasketch's `MinHash.jaccard`)."""
+def estimated_jaccard(signatures: np.ndarray, left: np.ndarray, right: np.ndarray, chunk: int = 32_768) -> np.ndarray:
+    """Fraction of equal signature slots per pair (datasketch's `MinHash.jaccard`). Counted per chunk of
+    pairs: the two gathered slot blocks are num_perm x chunk each (16 MB at 128 slots), and the count
+    needs no float copy of the comparison (a bool array's mean would make one, 8 bytes a slot)."""
     slots = signatures.T  # (num_perm, n); contiguous for signatures from `minhash_signatures`
     out = np.empty(len(left), dtype=np.float64)
     for start in range(0, len(left), chunk):
         stop = start + chunk
-        out[start:stop] = (slots[:, left[start:stop]] == slots[:, right[start:stop]]).mean(axis=0)
+        equal = np.count_nonzero(slots[:, left[start:stop]] == slots[:, right[start:stop]], axis=0)
+        out[start:stop] = equal / slots.shape[0]
     return out
 
 

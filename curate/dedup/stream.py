@@ -62,12 +62,14 @@ from curate.dedup.pipeline import (
     verify_candidates,
     code_columns,
 )
-from curate.dedup.signatures import minhash_signatures
+from curate.dedup.signatures import estimated_jaccard, minhash_signatures
 from curate.dedup.text import PART_NAMES, ShingleSets, key_text, shingle_sets
 from curate.dedup.verify import NodeFeatures
 
 BATCH_ROWS = 1_000  # rows per slice: their texts, exploded shingles and sketches are the phase's working set
 VERIFY_PAIRS = 2_000  # pairs per verification step: their sets (both sides) and index ranges are its working set
+READ_BLOCK_ROWS = 16_384  # rows of a work file read at once by `read_rows`
+GATHER_PAIRS = 50_000  # above this many pairs `DiskNodes.estimated` reads the rows it needs instead of mapping the file
 BAND_RECORD = np.dtype([("node", "<u4"), ("band_hash", "<u8")])  # one row's key in one band's work file
 SHINGLE_CHUNK_CHARS = 100_000  # characters shingled at once: their exploded n-grams take ~150 B each (~15 MB)
 ROW_COLUMNS = ["__row", "id", "__keep"]  # + code_columns() + multipart: what stays in memory (`RowFeatures`)
@@ -137,10 +139,32 @@ class DiskNodes:
         )
 
     def estimated(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return self._open().estimated(a, b)
+        if len(a) < GATHER_PAIRS:  # verification's steps: a few thousand rows of the mapped file
+            return self._open().estimated(a, b)
+        # Clustering asks for every member at once. Scattered reads of a mapped file map far more than the
+        # rows they touch (the kernel maps pages around each fault: the whole 512 MB signature file at 1M
+        # rows), so the rows needed are read in sequential blocks into one compact array instead.
+        needed = np.unique(np.concatenate([a, b]))
+        compact = read_rows(self.files.signatures_path, self.files.rows, self.files.num_perm, needed)
+        return estimated_jaccard(compact, np.searchsorted(needed, a), np.searchsorted(needed, b))
 
     def similarity(self, a, b, verify: bool, merge_number_variants: bool) -> np.ndarray:
         return self._open().similarity(a, b, verify, merge_number_variants)
+
+
+def read_rows(path: Path, rows: int, width: int, wanted: np.ndarray) -> np.ndarray:
+    """Rows `wanted` (sorted, unique) of a row-major uint32 file of `rows` x `width`, read in sequential
+    blocks of READ_BLOCK_ROWS rows (8 MB at 128 slots): memory is the rows kept plus one block."""
+    block_rows = READ_BLOCK_ROWS
+    out = np.empty((len(wanted), width), dtype=np.uint32)
+    for start in range(0, rows, block_rows):
+        lo, hi = np.searchsorted(wanted, [start, start + block_rows])
+        if lo == hi:
+            continue
+        count = min(rows, start + block_rows) - start
+        block = np.fromfile(path, dtype=np.uint32, count=count * width, offset=start * width * 4).reshape(count, width)
+        out[lo:hi] = block[wanted[lo:hi] - start]
+    return out
 
 
 def release_arrow_memory() -> None:
