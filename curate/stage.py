@@ -122,6 +122,12 @@ class StageOutput:
     kept: pl.LazyFrame
     dropped: pl.LazyFrame | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    # A global stage whose outputs are its input rows, each with a decision held in memory in input order
+    # (dedup), may also say how to split one batch of input rows starting at a row offset: the local engine
+    # then writes both outputs batch by batch from the input file, as it writes a row stage's, instead of
+    # one streaming sink per output (Polars' streaming sink holds ~0.5 GB of 1 KB rows whatever their count).
+    # It must give the same rows as `kept` and `dropped`.
+    split_batch: Callable[[pl.DataFrame, int], "BatchOutput"] | None = None
 
 
 class StageFunction(Protocol):

@@ -213,3 +213,28 @@ def test_a_stage_context_travels_to_another_process_and_caches_there_afresh(tmp_
     copy = pickle.loads(pickle.dumps(ctx))
     assert copy.name == "tag" and copy.stage_dir == tmp_path / "tag"
     assert copy.cached("items", lambda: ["rebuilt"]) == ["rebuilt"]
+
+
+def test_dedup_outputs_are_written_batch_by_batch_with_the_rows_its_lazy_outputs_hold(tmp_path):
+    """dedup's outputs go through `split_batch` (input batches beside the decisions): the same bytes for
+    any batch size, and the same rows as the stage's lazy `kept`/`dropped`."""
+    from curate.stage import StageContext, get_stage
+
+    write_rows(tmp_path, count=80)
+    answer = "Open the app, go to Settings, then Billing, choose the invoice for {month} and press download; it arrives as a PDF"
+    copies = [chat(f"Where is my {month} invoice?", answer.format(month=month)) for month in ("March", "April") for _ in range(4)]
+    copies += [chat("Where is my March invoice please?", answer.format(month="March") + " within a minute")] * 2
+    with (tmp_path / "chats.jsonl").open("a") as rows:
+        rows.write("".join(json.dumps(row) + "\n" for row in copies))
+    stages = [{"type": "dedup", "config": {"keep": "longest_response"}}]
+    small = run_pipeline(write_pipeline(tmp_path, stages, 7, "small"), report=False)
+    whole = run_pipeline(write_pipeline(tmp_path, stages, None, "whole"), report=False)
+    for output in ("data.parquet", "dropped.parquet"):
+        assert (small.run_dir / "dedup" / output).read_bytes() == (whole.run_dir / "dedup" / output).read_bytes(), output
+    spec = get_stage("dedup")
+    ctx = StageContext(name="dedup", run_dir=tmp_path, stage_dir=tmp_path / "direct", pipeline_dir=tmp_path)
+    ctx.stage_dir.mkdir()
+    lazy = spec.run(pl.scan_parquet(whole.run_dir / "ingest" / "data.parquet"), spec.config_model.model_validate(stages[0]["config"]), ctx)
+    kept, dropped = pl.read_parquet(whole.run_dir / "dedup" / "data.parquet"), pl.read_parquet(whole.run_dir / "dedup" / "dropped.parquet")
+    assert dropped.height > 5 and kept.height > 20
+    assert kept.equals(lazy.kept.collect()) and dropped.equals(lazy.dropped.collect())

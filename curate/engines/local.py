@@ -111,6 +111,9 @@ class LocalEngine:
             return self._execute_rows(spec, config, ctx, input_path, kept_path, dropped_path)
         output = spec.run(pl.scan_parquet(input_path, glob=False), config, ctx)
         dropped = output.dropped if output.dropped is not None else pl.LazyFrame(schema=empty_dropped_schema())
+        if output.split_batch is not None:
+            self._write_split_batches(output, dropped, ctx, input_path, kept_path, dropped_path)
+            return dict(output.report)
         with ctx.phase("writing", unit="files") as writing, atomic_path(kept_path, suffix=".parquet") as kept_tmp, atomic_path(dropped_path, suffix=".parquet") as dropped_tmp:
             # One streaming sink after the other: the upstream plan is read twice (a few CPU-seconds at
             # 1M rows), but nothing of it is held between them. One execution for both sinks
@@ -120,6 +123,26 @@ class LocalEngine:
                 frame.sink_parquet(tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS, engine="streaming")
                 writing.advance(1)
         return dict(output.report)
+
+    def _write_split_batches(self, output, dropped: pl.LazyFrame, ctx: StageContext, input_path: Path, kept_path: Path, dropped_path: Path) -> None:
+        """A global stage's outputs written from its input, batch by batch through `output.split_batch`, in
+        the row stages' fixed row groups: memory is one batch and the stage's own decisions."""
+        total = pq.ParquetFile(input_path).metadata.num_rows
+        with ExitStack() as stack:
+            kept_tmp = stack.enter_context(atomic_path(kept_path, suffix=".parquet"))
+            dropped_tmp = stack.enter_context(atomic_path(dropped_path, suffix=".parquet"))
+            kept, removed = ParquetAppender(kept_tmp), ParquetAppender(dropped_tmp)
+            writing = stack.enter_context(ctx.phase("writing", total=total, unit="rows"))
+            offset = 0
+            for batch in read_batches(input_path, self.batch_rows):
+                result = output.split_batch(batch, offset)
+                kept.append(result.kept)
+                if result.dropped is not None:
+                    removed.append(result.dropped)
+                offset += batch.height
+                writing.advance(batch.height)
+            kept.close(fallback_schema=dict(output.kept.collect_schema()))
+            removed.close(fallback_schema=dict(dropped.collect_schema()))
 
     def _execute_rows(
         self, spec: StageSpec, config: Any, ctx: StageContext, input_path: Path, kept_path: Path, dropped_path: Path

@@ -32,7 +32,7 @@ from curate.dedup import DedupConfig, MinHashIndex
 from curate.dedup.distributed import dedup_distributed
 from curate.dedup.stream import deduplicate_out_of_core
 from curate.errors import ConfigError
-from curate.stage import StageContext, StageOutput, drop_rows, register_stage
+from curate.stage import BatchOutput, StageContext, StageOutput, drop_rows, register_stage
 
 DETAIL_COLUMNS = ("duplicate_of", "jaccard_estimated", "jaccard_verified")
 
@@ -72,5 +72,11 @@ def dedup_stage(frame: pl.LazyFrame, config: DedupConfig, ctx: StageContext) -> 
     outcome = deduplicate_out_of_core(frame, config, ctx.stage_dir, index=index, progress=ctx.progress, phase=ctx.phase)
     if "index" in outcome.report:
         outcome.report["index"]["path"] = str(ctx.stage_dir / "index")
-    kept, dropped = split_decided(frame, outcome.decisions.lazy(), ctx.name)
-    return StageOutput(kept=kept, dropped=dropped, report=outcome.report)
+    decisions = outcome.decisions
+    kept, dropped = split_decided(frame, decisions.lazy(), ctx.name)
+
+    def split_batch(batch: pl.DataFrame, offset: int) -> BatchOutput:
+        batch_kept, batch_dropped = split_decided(batch.lazy(), decisions.slice(offset, batch.height).lazy(), ctx.name)
+        return BatchOutput(kept=batch_kept.collect(), dropped=batch_dropped.collect())
+
+    return StageOutput(kept=kept, dropped=dropped, report=outcome.report, split_batch=split_batch)
