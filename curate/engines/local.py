@@ -84,6 +84,27 @@ class ParquetAppender:
         self._writer.close()
 
 
+def _row_count(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _append_outputs(outputs: Iterator[tuple[int, BatchOutput]], phase, kept_path: Path, dropped_path: Path, fallbacks: tuple[dict, dict]) -> None:
+    """(rows read, BatchOutput) pairs appended to the two outputs in fixed row groups, atomically; an
+    output that never got a row is written empty with its fallback schema."""
+    with ExitStack() as stack:
+        kept_tmp = stack.enter_context(atomic_path(kept_path, suffix=".parquet"))
+        dropped_tmp = stack.enter_context(atomic_path(dropped_path, suffix=".parquet"))
+        kept, dropped = ParquetAppender(kept_tmp), ParquetAppender(dropped_tmp)
+        progress = stack.enter_context(phase)
+        for rows_read, output in outputs:
+            kept.append(output.kept)
+            if output.dropped is not None:
+                dropped.append(output.dropped)
+            progress.advance(rows_read)
+        kept.close(fallback_schema=fallbacks[0])
+        dropped.close(fallback_schema=fallbacks[1])
+
+
 def read_batches(input_path: Path, batch_rows: int) -> Iterator[pl.DataFrame]:
     """The input in batches of at most `batch_rows` rows (one empty batch for an empty input, so the
     transform still declares its output columns)."""
@@ -127,39 +148,22 @@ class LocalEngine:
     def _write_split_batches(self, output, dropped: pl.LazyFrame, ctx: StageContext, input_path: Path, kept_path: Path, dropped_path: Path) -> None:
         """A global stage's outputs written from its input, batch by batch through `output.split_batch`, in
         the row stages' fixed row groups: memory is one batch and the stage's own decisions."""
-        total = pq.ParquetFile(input_path).metadata.num_rows
-        with ExitStack() as stack:
-            kept_tmp = stack.enter_context(atomic_path(kept_path, suffix=".parquet"))
-            dropped_tmp = stack.enter_context(atomic_path(dropped_path, suffix=".parquet"))
-            kept, removed = ParquetAppender(kept_tmp), ParquetAppender(dropped_tmp)
-            writing = stack.enter_context(ctx.phase("writing", total=total, unit="rows"))
+
+        def split_batches() -> Iterator[tuple[int, BatchOutput]]:
             offset = 0
             for batch in read_batches(input_path, self.batch_rows):
-                result = output.split_batch(batch, offset)
-                kept.append(result.kept)
-                if result.dropped is not None:
-                    removed.append(result.dropped)
+                yield batch.height, output.split_batch(batch, offset)
                 offset += batch.height
-                writing.advance(batch.height)
-            kept.close(fallback_schema=dict(output.kept.collect_schema()))
-            removed.close(fallback_schema=dict(dropped.collect_schema()))
+
+        fallbacks = dict(output.kept.collect_schema()), dict(dropped.collect_schema())
+        _append_outputs(split_batches(), ctx.phase("writing", total=_row_count(input_path), unit="rows"), kept_path, dropped_path, fallbacks)
 
     def _execute_rows(
         self, spec: StageSpec, config: Any, ctx: StageContext, input_path: Path, kept_path: Path, dropped_path: Path
     ) -> dict[str, Any]:
-        total = pq.ParquetFile(input_path).metadata.num_rows
-        with ExitStack() as stack:
-            kept_tmp = stack.enter_context(atomic_path(kept_path, suffix=".parquet"))
-            dropped_tmp = stack.enter_context(atomic_path(dropped_path, suffix=".parquet"))
-            kept, dropped = ParquetAppender(kept_tmp), ParquetAppender(dropped_tmp)
-            phase = stack.enter_context(ctx.phase("transform", total=total, unit="rows"))
-            for rows_read, output in self._transformed(spec, config, ctx, input_path):
-                kept.append(output.kept)
-                if output.dropped is not None:
-                    dropped.append(output.dropped)
-                phase.advance(rows_read)
-            kept.close(fallback_schema=dict(ctx.input_schema or CANONICAL_SCHEMA))
-            dropped.close(fallback_schema=empty_dropped_schema())
+        phase = ctx.phase("transform", total=_row_count(input_path), unit="rows")
+        fallbacks = dict(ctx.input_schema or CANONICAL_SCHEMA), empty_dropped_schema()
+        _append_outputs(self._transformed(spec, config, ctx, input_path), phase, kept_path, dropped_path, fallbacks)
         if spec.summarize is None:
             return {}
         return dict(spec.summarize(pl.scan_parquet(kept_path, glob=False), pl.scan_parquet(dropped_path, glob=False), config, ctx))
