@@ -36,7 +36,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from curate.atomic import ROW_GROUP_ROWS, atomic_path
+from curate.atomic import atomic_path
 from curate.engines.local import DEFAULT_BATCH_ROWS, LocalEngine, ParquetAppender, empty_dropped_schema
 from curate.errors import ConfigError, CurateError, ExternalServiceError, RunStateError
 from curate.stage import StageContext, StageSpec
@@ -130,23 +130,26 @@ class RayEngine:
     def _distributed_stage(self, spec, config, ctx, input_path, kept_path, dropped_path) -> dict[str, Any]:
         kept_ds, dropped_ds, report = spec.distributed(self._read(input_path), config, ctx)
         with _parts_folder(ctx.stage_dir) as parts:
-            kept = self._write_dataset(kept_ds, parts, ctx, "writing kept rows")
-            if dropped_ds is None:
-                dropped = pl.LazyFrame(schema=empty_dropped_schema())
-            else:
-                dropped = self._write_dataset(dropped_ds, parts, ctx, "writing dropped rows")
-            _sink_outputs(kept, dropped, kept_path, dropped_path)
+            kept_names, kept_empty = self._write_dataset(kept_ds, parts, ctx, "writing kept rows")
+            dropped_names, dropped_empty = [], None
+            if dropped_ds is not None:
+                dropped_names, dropped_empty = self._write_dataset(dropped_ds, parts, ctx, "writing dropped rows")
+            # Appended part by part as the local engine writes (fixed row groups, one part in memory): the
+            # same bytes whichever engine ran the stage.
+            with atomic_path(kept_path, suffix=".parquet") as kept_tmp, atomic_path(dropped_path, suffix=".parquet") as dropped_tmp:
+                _append_parts(kept_tmp, parts, kept_names, kept_empty, dict(ctx.input_schema or {}))
+                _append_parts(dropped_tmp, parts, dropped_names, dropped_empty, empty_dropped_schema())
         return dict(report)
 
-    def _write_dataset(self, dataset, parts: Path, ctx: StageContext, phase_name: str) -> pl.LazyFrame:
+    def _write_dataset(self, dataset, parts: Path, ctx: StageContext, phase_name: str) -> tuple[list[str], pl.DataFrame | None]:
+        """The dataset's rows as part files in order: (their names, or the dataset's columns for no rows)."""
         names = []
         with ctx.phase(phase_name) as phase:
             written = dataset.map_batches(_WriteBatch(str(parts)), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
             for batch in _ordered_results(written):
                 names += [name for name in batch["file"] if name]
                 phase.advance(sum(batch["rows"]))
-        empty = None if names else pl.from_arrow(dataset.schema().base_schema.empty_table())
-        return _concat(parts, names, empty)
+        return names, None if names else pl.from_arrow(dataset.schema().base_schema.empty_table())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,19 +330,3 @@ def _append_parts(target: Path, parts: Path, names: list[str], empty: pl.DataFra
     appender.close(fallback_schema=fallback_schema)
 
 
-def _concat(parts: Path, names: list[str], empty: pl.DataFrame | None) -> pl.LazyFrame:
-    if not names:
-        return (empty if empty is not None else pl.DataFrame()).lazy()
-    return pl.scan_parquet(_visible(parts, names), glob=False)
-
-
-def _sink_outputs(kept: pl.LazyFrame, dropped: pl.LazyFrame, kept_path: Path, dropped_path: Path) -> None:
-    """A distributed stage's outputs, written as the local engine writes a global stage's."""
-    with atomic_path(kept_path, suffix=".parquet") as kept_tmp, atomic_path(dropped_path, suffix=".parquet") as dropped_tmp:
-        pl.collect_all(
-            [
-                kept.sink_parquet(kept_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
-                dropped.sink_parquet(dropped_tmp, lazy=True, compression="zstd", row_group_size=ROW_GROUP_ROWS),
-            ],
-            engine="streaming",
-        )
