@@ -76,7 +76,10 @@ def dedup_stage(frame: pl.LazyFrame, config: DedupConfig, ctx: StageContext) -> 
     kept, dropped = split_decided(frame, decisions.lazy(), ctx.name)
 
     def split_batch(batch: pl.DataFrame, offset: int) -> BatchOutput:
-        batch_kept, batch_dropped = split_decided(batch.lazy(), decisions.slice(offset, batch.height).lazy(), ctx.name)
+        part = decisions.slice(offset, batch.height)
+        if part.height != batch.height:  # a horizontal concat would pad the rows with null decisions (kept)
+            raise AssertionError(f"dedup: {decisions.height} decisions for input rows {offset}..{offset + batch.height}")
+        batch_kept, batch_dropped = split_decided(batch.lazy(), part.lazy(), ctx.name)
         return BatchOutput(kept=batch_kept.collect(), dropped=batch_dropped.collect())
 
     return StageOutput(kept=kept, dropped=dropped, report=outcome.report, split_batch=split_batch)
