@@ -509,7 +509,9 @@ def _csv_source(path: Path, display: str) -> TypedSource:
 
 def _parquet_source(path: Path, display: str) -> TypedSource:
     try:
-        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        # pre_buffer=False: pyarrow's default keeps every column chunk read cached while iterating (memory
+        # that grows with the file; curate/engines/local.py read_batches).
+        parquet = pq.ParquetFile(path, page_checksum_verification=True, pre_buffer=False)
         schema = parquet.schema_arrow
     except ARROW_ERRORS as error:
         raise InputFileError(f"{display}: not readable as Parquet ({_first_line(error)})") from None

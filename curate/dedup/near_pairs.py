@@ -61,7 +61,7 @@ def near_duplicate_pairs(
 def _sketch(texts_path, column, work, settings, bands, rows, batch_rows, phase) -> tuple[DiskSets, np.ndarray]:
     """One pass over the texts: shingle sets to `sets.u32`, band hashes to `bands/NNNN.parquet`; returns
     the sets and each text's `(number mask code, numbers code)`."""
-    source = pq.ParquetFile(texts_path)
+    source = pq.ParquetFile(texts_path, pre_buffer=False)  # the default caches every chunk read (engines/local.py)
     sets = DiskSets(work / "sets.u32")
     (work / "bands").mkdir()
     writers = [pq.ParquetWriter(work / "bands" / f"{band:04d}.parquet", _BAND_SCHEMA) for band in range(bands)]

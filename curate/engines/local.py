@@ -108,7 +108,9 @@ def _append_outputs(outputs: Iterator[tuple[int, BatchOutput]], phase, kept_path
 def read_batches(input_path: Path, batch_rows: int) -> Iterator[pl.DataFrame]:
     """The input in batches of at most `batch_rows` rows (one empty batch for an empty input, so the
     transform still declares its output columns)."""
-    parquet = pq.ParquetFile(input_path)
+    # pre_buffer=False: with pyarrow's default (True), iter_batches keeps every column chunk it has read
+    # cached until the file is closed: ~330 MB more at the end of a 1M-row, 350 MB file (and 40% slower).
+    parquet = pq.ParquetFile(input_path, pre_buffer=False)
     empty = True
     for record_batch in parquet.iter_batches(batch_size=batch_rows):
         if record_batch.num_rows == 0:
