@@ -308,10 +308,26 @@ def assign_splits(frame: pl.LazyFrame, config: SplitConfig, seed: int) -> tuple[
 def split_assignment(
     frame: pl.LazyFrame, config: SplitConfig, seed: int, work_dir: Path | None = None, phase=silent_phase
 ) -> tuple[pl.LazyFrame, dict[str, Any]]:
-    """The lazy form of :func:`assign_splits`: only the key columns (id, kind, cluster, stratum and a
-    prompt hash, ~150 B per row) are collected to decide the splits; the prompts themselves are grouped
-    out of core (`near_prompt_pairs`, work files under `work_dir`), and the full rows are joined to the
-    decision lazily. `phase` reports the counted phases (`StageContext.phase`)."""
+    """The lazy form of :func:`assign_splits`: the rows with their `split` column (see `row_splits`)."""
+    splits, report = row_splits(frame, config, seed, work_dir, phase)
+    return with_splits(frame, splits.lazy()), report
+
+
+def with_splits(rows: pl.LazyFrame, splits: pl.LazyFrame) -> pl.LazyFrame:
+    """`rows` with their `split` beside them, by position (`splits` holds one row per row, in order). A
+    `split` column from an earlier split stage is replaced, not duplicated. Placed by position, the rows
+    stream from their file into the output untouched (a join on the full rows made the streaming engine
+    hold them all: 1.1 GB at 850k rows)."""
+    return pl.concat([rows.drop("split", strict=False), splits], how="horizontal")
+
+
+def row_splits(
+    frame: pl.LazyFrame, config: SplitConfig, seed: int, work_dir: Path | None = None, phase=silent_phase
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Each row's split (a one-column frame in the frame's row order, a few bytes a row) and the report.
+    Only the key columns (id, kind, cluster, stratum and a prompt hash, ~150 B per row) are collected to
+    decide; the prompts themselves are grouped out of core (`near_prompt_pairs`, work files under
+    `work_dir`). `phase` reports the counted phases (`StageContext.phase`)."""
     columns = frame.collect_schema().names()
     rows = _key_rows(frame, config, columns)
     groups, group_report = group_keys(rows, config, frame, work_dir, phase)
@@ -400,18 +416,14 @@ def split_assignment(
             )
             moved.setdefault(target, {})[kind] = candidates.height
 
-    # Each row's split, in the frame's row order (a few bytes a row), placed beside the full rows by
-    # position: the rows stream from their file into the output untouched (a join on the full rows made
-    # the streaming engine hold them all: 1.1 GB at 850k rows).
+    # Each row's split, in the frame's row order.
     rows = rows.join(clusters.select(_CLUSTER, "split"), on=_CLUSTER, how="left", maintain_order="left")
     if prior_row is not None:
         # An earlier row keeps its own split even where its cluster has since merged with another.
         rows = rows.join(prior_row, on="id", how="left", maintain_order="left").with_columns(
             pl.coalesce(_PRIOR, "split").alias("split")
         ).drop(_PRIOR)
-    row_splits = rows.select("split")
-    # A `split` column from an earlier split stage is replaced, not duplicated.
-    result = pl.concat([frame.drop("split", strict=False), row_splits.lazy()], how="horizontal")
+    splits = rows.select("split")
     if prior_row is not None:
         report["previous"]["rows_matched"] = int(rows.join(prior_row, on="id", how="semi").height)
         report["previous"]["new_clusters"] = int(clusters.filter(fresh).height)
@@ -427,7 +439,7 @@ def split_assignment(
     }
     if moved:
         report["clusters_moved_for_minimum"] = moved
-    return result, report
+    return splits, report
 
 
 # ---------------------------------------------------------------- export

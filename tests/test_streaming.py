@@ -238,3 +238,28 @@ def test_dedup_outputs_are_written_batch_by_batch_with_the_rows_its_lazy_outputs
     kept, dropped = pl.read_parquet(whole.run_dir / "dedup" / "data.parquet"), pl.read_parquet(whole.run_dir / "dedup" / "dropped.parquet")
     assert dropped.height > 5 and kept.height > 20
     assert kept.equals(lazy.kept.collect()) and dropped.equals(lazy.dropped.collect())
+
+
+def test_global_stages_written_batch_by_batch_give_their_whole_table_rows(tmp_path):
+    """dedup and split hand the engine `split_batch`: their outputs, written from the input batch by batch
+    beside the stage's decisions, are the rows of the stage's lazy whole-table output, for any batch size."""
+    from curate.stage import StageContext, get_stage
+
+    write_rows(tmp_path, count=80)
+    stages = [{"type": "dedup"}, {"type": "split", "config": {"train": 0.5, "validation": 0.25, "test": 0.25}}]
+    small = run_pipeline(write_pipeline(tmp_path, stages, 7, "small"), report=False)
+    whole = run_pipeline(write_pipeline(tmp_path, stages, None, "whole"), report=False)
+    for name in ("dedup", "split"):
+        for output in ("data.parquet", "dropped.parquet"):
+            assert (small.run_dir / name / output).read_bytes() == (whole.run_dir / name / output).read_bytes(), (name, output)
+    for name, previous in (("dedup", "ingest"), ("split", "dedup")):
+        spec = get_stage(name)
+        entry = next(e for e in yaml.safe_load((tmp_path / "whole.yaml").read_text())["stages"] if e["type"] == name)
+        ctx = StageContext(name=name, run_dir=tmp_path / "lazy", stage_dir=tmp_path / "lazy" / name, pipeline_dir=tmp_path)
+        ctx.stage_dir.mkdir(parents=True)
+        output = spec.run(pl.scan_parquet(whole.run_dir / previous / "data.parquet"), spec.config_model.model_validate(entry.get("config") or {}), ctx)
+        written = pl.read_parquet(whole.run_dir / name / "data.parquet")
+        assert written.equals(output.kept.collect()), name
+        assert written.height > 0 and (name != "split" or written["split"].n_unique() == 3)
+        if output.dropped is not None:
+            assert pl.read_parquet(whole.run_dir / name / "dropped.parquet").equals(output.dropped.collect()), name

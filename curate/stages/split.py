@@ -9,8 +9,8 @@ from typing import Any
 
 import polars as pl
 
-from curate.split import SplitConfig, export_splits, split_assignment
-from curate.stage import StageContext, StageOutput, register_stage
+from curate.split import SplitConfig, export_splits, row_splits, with_splits
+from curate.stage import BatchOutput, StageContext, StageOutput, register_stage
 
 
 def _seed(config: SplitConfig, ctx: StageContext) -> int:
@@ -42,5 +42,14 @@ def _export(kept: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> dict[
 def split_stage(frame: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> StageOutput:
     """Assign train/validation/test by group (dup_cluster joined with same or near-duplicate prompts) and export sft/ and pref/."""
     ctx.progress("assigning splits by cluster")
-    rows, report = split_assignment(frame, _resolved(config, ctx), _seed(config, ctx), work_dir=ctx.stage_dir, phase=ctx.phase)
-    return StageOutput(kept=rows, dropped=None, report=report)
+    splits, report = row_splits(frame, _resolved(config, ctx), _seed(config, ctx), work_dir=ctx.stage_dir, phase=ctx.phase)
+
+    def split_batch(batch: pl.DataFrame, offset: int) -> BatchOutput:
+        # The engine writes the rows batch by batch from the input beside their splits: Polars' streaming
+        # sink of the whole output held ~450 MB of 1 KB rows in flight whatever their count.
+        part = splits.slice(offset, batch.height)
+        if part.height != batch.height:  # a horizontal concat would pad the rows with null splits
+            raise AssertionError(f"split: {splits.height} splits for input rows {offset}..{offset + batch.height}")
+        return BatchOutput(kept=with_splits(batch.lazy(), part.lazy()).collect())
+
+    return StageOutput(kept=with_splits(frame, splits.lazy()), dropped=None, report=report, split_batch=split_batch)
