@@ -39,7 +39,7 @@ from curate.mapping import Mapping
 from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, path_sha256
 from curate.engines import Engine
 from curate.engines.local import LocalEngine
-from curate.stage import StageContext, StageSpec, get_stage, parse_stage_config
+from curate.stage import StageContext, StageSpec, get_stage, importable_stage_type, parse_stage_config
 from curate.stages.ingest import stored_size
 from safety.locking import exclusive_lock
 from safety.ownership import claim_dir, new_generation, remove_all_recorded, remove_leftover_temps, remove_stale
@@ -266,7 +266,7 @@ def _store(stage_dir: Path, record: StageRecord) -> None:
     write_json(stage_dir / SUCCESS_FILE, redact_value(record.as_dict()))  # credentials in configs/reports never persist
 
 
-def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
+def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool, engine: Engine) -> dict:
     stage_dir = pipeline.run_dir / INGEST_STAGE
     files = expand_inputs(pipeline.inputs, pipeline.base_dir)
     input_records = []
@@ -293,10 +293,9 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool) -> dict:
         progress=lambda message: events.stage_progress(INGEST_STAGE, message),
         phase_progress=lambda phase, done, total, unit: events.phase_progress(INGEST_STAGE, phase, done, total, unit),
     )
-    reports: list[FileReport] = get_stage(INGEST_STAGE).run(
-        files, pipeline.ingest, ctx, stage_dir / "data.parquet", pipeline.run_dir / QUARANTINE_FILE,
-        expected_sha256=[record["sha256"] for record in input_records],
-    )
+    work_args = (files, pipeline.ingest, stage_dir / "data.parquet", pipeline.run_dir / QUARANTINE_FILE, [record["sha256"] for record in input_records])
+    input_bytes = sum(record["bytes"] for record in input_records)
+    reports: list[FileReport] = _run_work(engine, ctx, INGEST_STAGE, input_bytes // APPROX_BYTES_PER_ROW, _ingest_work, *work_args)
 
     record = _ingest_record(pipeline, fingerprint, input_records, reports, time.perf_counter() - started)
     _store(stage_dir, record)
@@ -341,6 +340,37 @@ def _ingest_record(pipeline: Pipeline, fingerprint: str, input_records: list[dic
     )
 
 
+# Rough bytes of raw input per record: what `engine.isolates` weighs for ingest, which knows bytes, not rows.
+APPROX_BYTES_PER_ROW = 1_000
+
+
+def _run_work(engine: Engine, ctx: StageContext, stage_type: str, rows: int, work: Callable[..., Any], *args: Any) -> Any:
+    """`work(ctx, *args)`, in a process of its own when the engine isolates a stage of this size (a fresh
+    heap per stage: curate/engines/isolation.py) and the stage can be found by name in a new process."""
+    isolates = getattr(engine, "isolates", None)
+    if isolates is not None and isolates(rows) and importable_stage_type(stage_type):
+        from curate.engines.isolation import run_in_child
+
+        return run_in_child(work, ctx, *args)
+    return work(ctx, *args)
+
+
+def _ingest_work(ctx: StageContext, files: list, options: IngestOptions, records_path: Path, quarantine_path: Path, expected_sha256: list[str]) -> list[FileReport]:
+    return get_stage(INGEST_STAGE).run(files, options, ctx, records_path, quarantine_path, expected_sha256=expected_sha256)
+
+
+def _stage_work(ctx: StageContext, engine: Engine, stage_type: str, config: Any, input_path: Path, execute: bool) -> dict:
+    """The stage's rows from its input to its outputs through the engine (if `execute`), then its exports
+    (split datasets), which a cached stage rewrites too: they live outside the stage folder."""
+    spec = get_stage(stage_type)
+    report: dict = {}
+    if execute:
+        report = engine.execute(spec, config, ctx, input_path, ctx.stage_dir / "data.parquet", ctx.stage_dir / "dropped.parquet")
+    if spec.export is not None:
+        report.update(spec.export(pl.scan_parquet(ctx.stage_dir / "data.parquet", glob=False), config, ctx) or {})
+    return report
+
+
 def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: StageRecord, events: RunEvents, force: bool, engine: Engine) -> StageRecord:
     stage_dir = pipeline.run_dir / entry.name
     input_path = pipeline.run_dir / previous.name / "data.parquet"
@@ -375,16 +405,14 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: StageRecord, eve
         if entry.spec.export is not None:
             # Exports (split datasets) live outside the stage folder and may have been deleted or
             # edited; rewriting them from the cached data is cheap and gives the same bytes.
-            entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet", glob=False), entry.config, ctx)
+            _run_work(engine, ctx, entry.type, cached.rows_out, _stage_work, engine, entry.type, entry.config, input_path, False)
         return _finished(events, cached, skipped=True)
 
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / SUCCESS_FILE).unlink(missing_ok=True)
-    report = engine.execute(
-        entry.spec, entry.config, ctx, input_path, stage_dir / "data.parquet", stage_dir / "dropped.parquet"
-    )
     rows_in = previous.rows_out
+    report = _run_work(engine, ctx, entry.type, rows_in, _stage_work, engine, entry.type, entry.config, input_path, True)
     rows_out = _parquet_rows(stage_dir / "data.parquet")
     dropped_frame = pl.scan_parquet(stage_dir / "dropped.parquet", glob=False)
     rows_dropped = dropped_frame.select(pl.len()).collect().item()
@@ -398,8 +426,6 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: StageRecord, eve
     by_reason = (
         dropped_frame.group_by("reason").len().sort("reason").collect().iter_rows() if rows_dropped else []
     )
-    if entry.spec.export is not None:
-        report.update(entry.spec.export(pl.scan_parquet(stage_dir / "data.parquet", glob=False), entry.config, ctx) or {})
     record = StageRecord(
         name=entry.name,
         type=entry.type,
@@ -469,7 +495,7 @@ def _run_locked(pipeline: Pipeline, force: bool, events: RunEvents, report: bool
     outputs = [INGEST_STAGE, QUARANTINE_FILE, *(entry.name for entry in pipeline.stages), MANIFEST_FILE]
     new_generation(run_dir, *outputs, *([REPORT_FILE] if report else []))
     started = time.perf_counter()
-    records = [_run_ingest(pipeline, events, force)]
+    records = [_run_ingest(pipeline, events, force, engine)]
     for entry in pipeline.stages:
         records.append(_run_stage(pipeline, entry, records[-1], events, force or False, engine))
     removed = remove_stale(run_dir)

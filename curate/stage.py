@@ -315,6 +315,14 @@ def get_stage(type_name: str) -> StageSpec:
         ) from None
 
 
+def importable_stage_type(type_name: str) -> bool:
+    """Whether a fresh process finds this stage by its YAML type: a built-in, or a `module:name` plugin
+    (its module imports there too). A stage registered at run time by the caller's own code is not."""
+    from curate.stages import MODULES
+
+    return ":" in type_name or type_name in MODULES
+
+
 def registered_stages() -> dict[str, StageSpec]:
     _discover()
     return dict(sorted(_REGISTRY.items()))

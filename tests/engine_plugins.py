@@ -63,3 +63,18 @@ def fail_on(batch: pl.DataFrame, config: FailOnConfig, ctx) -> BatchOutput:
     if hit.height:
         raise InputFileError(f"row {hit['id'][0]}: field messages: contains {config.needle!r}")
     return BatchOutput(kept=batch)
+
+
+class DiesConfig(StageConfig):
+    pass
+
+
+@register_row_stage("dies", config=DiesConfig)
+def dies(batch: pl.DataFrame, config: DiesConfig, ctx) -> BatchOutput:
+    """A stage whose process is killed mid-run, as the kernel's out-of-memory killer would: run it only in
+    a process of its own (`engine: isolate_stages: true`)."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+    return BatchOutput(kept=batch)

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.atomic import ROW_GROUP_ROWS, atomic_path
+from curate.errors import ConfigError
 from curate.stage import BatchOutput, StageContext, StageSpec
 from schemas import CANONICAL_SCHEMA
 
@@ -121,11 +122,23 @@ def read_batches(input_path: Path, batch_rows: int) -> Iterator[pl.DataFrame]:
         yield pl.from_arrow(parquet.schema_arrow.empty_table())
 
 
+# `isolate_stages: auto` runs a stage in a process of its own (curate/engines/isolation.py) from this many
+# input rows: below it the process start (~1 s) costs more than the memory it returns is worth (what a
+# stage's allocator keeps grows with its input: ~100 MB at 100k rows, ~300-450 MB at 1M).
+ISOLATE_FROM_ROWS = 100_000
+
+
 class LocalEngine:
     name = "local"
 
-    def __init__(self, batch_rows: int = DEFAULT_BATCH_ROWS, workers: int = WORKERS):
-        self.batch_rows, self.workers = batch_rows, workers
+    def __init__(self, batch_rows: int = DEFAULT_BATCH_ROWS, workers: int = WORKERS, isolate_stages: bool | str = "auto"):
+        if isolate_stages not in (True, False, "auto"):
+            raise ConfigError(f"engine.isolate_stages: expected true, false or auto, got {isolate_stages!r}")
+        self.batch_rows, self.workers, self.isolate_stages = batch_rows, workers, isolate_stages
+
+    def isolates(self, rows: int) -> bool:
+        """Whether a stage with `rows` input rows runs in a process of its own (a fresh heap)."""
+        return self.isolate_stages is True or (self.isolate_stages == "auto" and rows >= ISOLATE_FROM_ROWS)
 
     def execute(
         self, spec: StageSpec, config: Any, ctx: StageContext, input_path: Path, kept_path: Path, dropped_path: Path

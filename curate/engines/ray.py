@@ -51,7 +51,9 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, batch_rows: int = DEFAULT_BATCH_ROWS):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, isolate_stages: bool | str = "auto"):
+        # isolate_stages is the local engine's (a process per stage); Ray's workers are processes of their
+        # own already, and the driver keeps its one process.
         if address and num_cpus is not None:
             raise ConfigError("--num-cpus sizes a local Ray cluster; a cluster at --address has its own")
         if batch_rows < 1:
