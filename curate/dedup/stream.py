@@ -31,8 +31,11 @@ takes the in-memory path (`pipeline.deduplicate_features`, features collected): 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +70,7 @@ from curate.dedup.text import PART_NAMES, ShingleSets, key_text, shingle_sets
 from curate.dedup.verify import NodeFeatures
 
 BATCH_ROWS = 1_000  # rows per slice: their texts, exploded shingles and sketches are the phase's working set
+SKETCH_THREADS = max(1, min(4, os.cpu_count() or 1))  # slices sketched at once (one more waits to be written)
 VERIFY_PAIRS = 2_000  # pairs per verification step: their sets (both sides) and index ranges are its working set
 READ_BLOCK_ROWS = 16_384  # rows of a work file read at once by `read_rows`
 GATHER_PAIRS = 50_000  # above this many pairs `DiskNodes.estimated` reads the rows it needs instead of mapping the file
@@ -191,11 +195,58 @@ def _batch_sets(batch: pl.DataFrame, config: DedupConfig) -> tuple[ShingleSets, 
     return sets, part_sets
 
 
-def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: Path, phase) -> SketchFiles:
-    """One pass over the input in slices of `BATCH_ROWS` rows (a Parquet scan reads only the row groups
-    of each slice): features, then sets, signatures and band hashes to disk."""
+@dataclass
+class _BatchSketch:
+    """One slice's sketches, computed on a worker thread, written in order by the caller."""
+
+    height: int
+    sets: ShingleSets
+    part_sets: list[ShingleSets]
+    signatures: np.ndarray
+    band_nodes: np.ndarray  # rows with a non-empty set
+    band_hashes: np.ndarray | None  # (len(band_nodes), bands)
+    rows_table: pa.Table
+    hashes_table: pa.Table
+
+
+def _sketch_slice(frame: pl.LazyFrame, offset: int, config: DedupConfig) -> _BatchSketch:
+    """Features, shingle sets, signatures and band hashes of the `BATCH_ROWS` rows from `offset`: pure
+    (nothing written), so two slices can be computed at once; Polars and numpy release the GIL."""
     settings = config.settings()
     bands, band_rows = config.band_params()
+    rows = frame.slice(offset, BATCH_ROWS).with_row_index("__row", offset=offset)
+    batch = features_of(rows, config).collect()
+    batch_sets, batch_parts = _batch_sets(batch, config)
+    # One thread per slice: the slices themselves are what runs in parallel.
+    signatures = minhash_signatures(batch_sets.values, batch_sets.sizes, settings.num_perm, settings.seed, threads=1)
+    has = np.flatnonzero(batch_sets.sizes > 0)
+    hashes = band_hashes(signatures[has], bands, band_rows) if len(has) else None
+    return _BatchSketch(
+        height=batch.height, sets=batch_sets, part_sets=batch_parts, signatures=np.ascontiguousarray(signatures),
+        band_nodes=batch["__row"].to_numpy()[has], band_hashes=hashes,
+        rows_table=batch.select(*ROW_COLUMNS, *code_columns(), pl.col(PART_COLUMNS[1]).is_not_null().alias("multipart")).to_arrow(),
+        hashes_table=batch.select(HASH_COLUMNS).to_arrow(),
+    )
+
+
+def _sketches_in_order(frame: pl.LazyFrame, total: int, config: DedupConfig):
+    """Each slice's `_BatchSketch`, in input order, computed SKETCH_THREADS slices at a time (the batch
+    pass was one core's work: its Python glue between Polars and numpy calls held the other idle)."""
+    with ThreadPoolExecutor(max_workers=SKETCH_THREADS, thread_name_prefix="curate-dedup-sketch") as pool:
+        in_flight: deque = deque()
+        for offset in range(0, total, BATCH_ROWS):
+            in_flight.append(pool.submit(_sketch_slice, frame, offset, config))
+            if len(in_flight) > SKETCH_THREADS:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: Path, phase) -> SketchFiles:
+    """One pass over the input in slices of `BATCH_ROWS` rows (a Parquet scan reads only the row groups
+    of each slice): features, then sets, signatures and band hashes to disk, in input order."""
+    settings = config.settings()
+    bands, _ = config.band_params()
     sets = DiskSets(work / "sets.u32")
     part_sets = [DiskSets(work / f"sets_{name}.u32") for name in PART_NAMES]
     bands_dir = work / "bands"
@@ -208,30 +259,22 @@ def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: P
     # pages (RSS that never goes back).
     row_writer = hash_writer = None
     with open(work / "signatures.u32", "wb") as signature_file, phase("MinHash signatures", total=total, unit="rows") as progress:
-        for offset in range(0, total, BATCH_ROWS):
-            rows = frame.slice(offset, BATCH_ROWS).with_row_index("__row", offset=offset)
-            batch = features_of(rows, config).collect()
-            batch_sets, batch_parts = _batch_sets(batch, config)
-            sets.append(batch_sets)
-            for disk, part in zip(part_sets, batch_parts):
+        for sketch in _sketches_in_order(frame, total, config):
+            sets.append(sketch.sets)
+            for disk, part in zip(part_sets, sketch.part_sets):
                 disk.append(part)
-            signatures = minhash_signatures(batch_sets.values, batch_sets.sizes, settings.num_perm, settings.seed)
-            signature_file.write(np.ascontiguousarray(signatures).tobytes())
-            has = np.flatnonzero(batch_sets.sizes > 0)
-            if len(has):
-                hashes = band_hashes(signatures[has], bands, band_rows)
-                records = np.empty(len(has), dtype=BAND_RECORD)
-                records["node"] = batch["__row"].to_numpy()[has]
+            signature_file.write(sketch.signatures.tobytes())
+            if sketch.band_hashes is not None:
+                records = np.empty(len(sketch.band_nodes), dtype=BAND_RECORD)
+                records["node"] = sketch.band_nodes
                 for band, band_file in enumerate(band_files):
-                    records["band_hash"] = hashes[:, band]
+                    records["band_hash"] = sketch.band_hashes[:, band]
                     band_file.write(records.tobytes())
-            small = batch.select(*ROW_COLUMNS, *code_columns(), pl.col(PART_COLUMNS[1]).is_not_null().alias("multipart")).to_arrow()
-            row_writer = row_writer or pq.ParquetWriter(work / "rows.parquet", small.schema)
-            row_writer.write_table(small.cast(row_writer.schema))
-            hashes = batch.select(HASH_COLUMNS).to_arrow()
-            hash_writer = hash_writer or pq.ParquetWriter(work / "hashes.parquet", hashes.schema)
-            hash_writer.write_table(hashes.cast(hash_writer.schema))
-            progress.advance(batch.height)
+            row_writer = row_writer or pq.ParquetWriter(work / "rows.parquet", sketch.rows_table.schema)
+            row_writer.write_table(sketch.rows_table.cast(row_writer.schema))
+            hash_writer = hash_writer or pq.ParquetWriter(work / "hashes.parquet", sketch.hashes_table.schema)
+            hash_writer.write_table(sketch.hashes_table.cast(hash_writer.schema))
+            progress.advance(sketch.height)
     for writer in (*band_files, *[w for w in (row_writer, hash_writer) if w is not None]):
         writer.close()
     for disk in (sets, *part_sets):
