@@ -58,8 +58,11 @@ def run_in_child(function: Callable[..., Any], ctx: StageContext, *args: Any) ->
         os.close(write_end)  # the child holds it now: end of file here means the child is gone
     with os.fdopen(read_end, "rb") as replies:
         try:
-            process.stdin.write(payload)
-            process.stdin.close()
+            try:
+                process.stdin.write(payload)
+                process.stdin.close()
+            except BrokenPipeError:  # it ended before reading its work: _serve reports how
+                pass
             return _serve(replies, process, ctx)
         finally:
             if process.poll() is None:  # this process was interrupted (Ctrl-C) or failed: the child goes too
