@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+from queue import Empty
 import os
 import re
 import resource
@@ -66,7 +67,11 @@ def train_tokenizer(path: Path, frame: pl.DataFrame) -> Path:
 def run_ours(frame: pl.DataFrame, tokenizer: str, language: bool) -> dict:
     from curate.stage import StageContext, get_stage
 
-    ctx = StageContext(name="bench", run_dir=Path("."), stage_dir=Path("."), pipeline_dir=Path("."))
+    def context(name: str) -> StageContext:
+        # One per stage, as the runner gives: a stage's `input_schema` is its own input's (the filter's
+        # rules check it for the columns tag wrote).
+        return StageContext(name=name, run_dir=Path("."), stage_dir=Path("."), pipeline_dir=Path("."))
+
     tag, filt = get_stage("tag"), get_stage("filter")
     tag_config = tag.config_model.model_validate(
         {"tokenizer": tokenizer or None, "language": {} if language else None}
@@ -74,9 +79,9 @@ def run_ours(frame: pl.DataFrame, tokenizer: str, language: bool) -> dict:
     filter_config = filt.config_model.model_validate({} if language else {"languages": None})
     cpu_started = cpu_seconds()
     started = time.perf_counter()
-    tagged = tag.run(frame.lazy(), tag_config, ctx).kept.collect()
+    tagged = tag.run(frame.lazy(), tag_config, context("tag")).kept.collect()
     tag_seconds = time.perf_counter() - started
-    output = filt.run(tagged.lazy(), filter_config, ctx)
+    output = filt.run(tagged.lazy(), filter_config, context("filter"))
     kept = output.kept.collect()
     dropped = output.dropped.collect()
     seconds = time.perf_counter() - started
@@ -296,7 +301,13 @@ def in_process(name: str, corpus_path: str, tokenizer: str, language: bool) -> d
     queue = context.Queue()
     process = context.Process(target=_worker, args=(name, corpus_path, tokenizer, language, queue))
     process.start()
-    result = queue.get()
+    while True:  # a worker that died (an error in a side) must not leave the bench waiting forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not process.is_alive():
+                raise SystemExit(f"bench/filters.py: the {name} side failed (exit code {process.exitcode}); its error is above")
     process.join()
     return result
 
