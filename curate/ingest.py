@@ -87,6 +87,26 @@ class IngestOptions(StageConfig):
     )
 
 
+def input_spec_json(spec: InputSpec) -> dict:
+    """An input as config writes it (options left at their defaults are left out, so configs written
+    before an option existed keep their config hash): for the manifest, fingerprints and child processes."""
+    source = dict(path=spec.path, format=spec.format, columns=spec.columns, name=spec.name)
+    if spec.keep_columns is not None:
+        source["keep_columns"] = list(spec.keep_columns)
+    if spec.mapping is not None:
+        source["mapping"] = spec.mapping.as_config()
+    return source
+
+
+def input_spec_from_json(source: dict, where: str) -> InputSpec:
+    """The inverse of `input_spec_json`."""
+    return InputSpec(
+        path=source["path"], format=source.get("format", "auto"), columns=dict(source.get("columns") or {}), name=source.get("name"),
+        keep_columns=source.get("keep_columns"),
+        mapping=Mapping.from_config(source["mapping"], where) if source.get("mapping") else None,
+    )  # fmt: skip
+
+
 @dataclass
 class FileReport:
     file: str
@@ -100,6 +120,11 @@ class FileReport:
     rows_added: int = 0  # records beyond one per raw row (a mapping's `answers: explode`)
     repairs: RepairCounts = field(default_factory=RepairCounts)
     bytes_read: int = 0  # of the file as stored, so far (for progress; typed sources report it at the end)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FileReport":
+        """The inverse of `dataclasses.asdict` (a report sent back by a stage's own process)."""
+        return cls(**{**values, "repairs": RepairCounts(**values["repairs"])})
 
 
 @dataclass

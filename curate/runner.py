@@ -18,6 +18,7 @@ this one does not (a stage since removed or renamed) are removed, so a run dir d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -36,7 +37,7 @@ from curate.atomic import write_json
 from curate.errors import ConfigError, RunStateError
 from curate.manifest import IngestRecord, Manifest, PipelineInfo, StageRecord, accounting, parse_record
 from curate.mapping import Mapping
-from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, path_sha256
+from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, input_spec_from_json, input_spec_json, path_sha256
 from curate.engines import Engine
 from curate.engines.local import LocalEngine
 from curate.stage import StageContext, StageSpec, get_stage, importable_stage_type, parse_stage_config
@@ -186,14 +187,8 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
 
 
 def _input_source(spec: InputSpec) -> dict:
-    """An input as the manifest records it; options left at their defaults are left out, so configs
-    written before an option existed keep their config hash."""
-    source = dict(path=spec.path, format=spec.format, columns=spec.columns, name=spec.name)
-    if spec.keep_columns is not None:
-        source["keep_columns"] = list(spec.keep_columns)
-    if spec.mapping is not None:
-        source["mapping"] = spec.mapping.as_config()
-    return source
+    """An input as the manifest records it (curate.ingest.input_spec_json)."""
+    return input_spec_json(spec)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,9 +288,16 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool, engine: Engi
         progress=lambda message: events.stage_progress(INGEST_STAGE, message),
         phase_progress=lambda phase, done, total, unit: events.phase_progress(INGEST_STAGE, phase, done, total, unit),
     )
-    work_args = (files, pipeline.ingest, stage_dir / "data.parquet", pipeline.run_dir / QUARANTINE_FILE, [record["sha256"] for record in input_records])
+    expected_sha256 = [record["sha256"] for record in input_records]
     input_bytes = sum(record["bytes"] for record in input_records)
-    reports: list[FileReport] = _run_work(engine, ctx, INGEST_STAGE, input_bytes // APPROX_BYTES_PER_ROW, _ingest_work, *work_args)
+    if _isolated(engine, INGEST_STAGE, input_bytes // APPROX_BYTES_PER_ROW):
+        arguments = {
+            "files": [[str(path), display, input_spec_json(spec)] for path, display, spec in files],
+            "options": pipeline.ingest.model_dump(mode="json"), "expected_sha256": expected_sha256,
+        }  # fmt: skip
+        reports = [FileReport.from_dict(values) for values in _in_child("ingest", ctx, arguments)]
+    else:
+        reports = _ingest_work(ctx, files, pipeline.ingest, expected_sha256)
 
     record = _ingest_record(pipeline, fingerprint, input_records, reports, time.perf_counter() - started)
     _store(stage_dir, record)
@@ -344,31 +346,58 @@ def _ingest_record(pipeline: Pipeline, fingerprint: str, input_records: list[dic
 APPROX_BYTES_PER_ROW = 1_000
 
 
-def _run_work(engine: Engine, ctx: StageContext, stage_type: str, rows: int, work: Callable[..., Any], *args: Any) -> Any:
-    """`work(ctx, *args)`, in a process of its own when the engine isolates a stage of this size (a fresh
-    heap per stage: curate/engines/isolation.py) and the stage can be found by name in a new process."""
+def _isolated(engine: Engine, stage_type: str, rows: int) -> bool:
+    """Whether this stage's work runs in a process of its own: the engine isolates a stage of this size
+    (a fresh heap per stage: curate/engines/isolation.py) and a new process can find the stage by name."""
     isolates = getattr(engine, "isolates", None)
-    if isolates is not None and isolates(rows) and importable_stage_type(stage_type):
-        from curate.engines.isolation import run_in_child
-
-        return run_in_child(work, ctx, *args)
-    return work(ctx, *args)
+    return isolates is not None and isolates(rows) and importable_stage_type(stage_type)
 
 
-def _ingest_work(ctx: StageContext, files: list, options: IngestOptions, records_path: Path, quarantine_path: Path, expected_sha256: list[str]) -> list[FileReport]:
+def _in_child(task: str, ctx: StageContext, arguments: dict):
+    from curate.engines.isolation import run_in_child
+
+    return run_in_child(task, ctx, arguments)
+
+
+def _ingest_work(ctx: StageContext, files: list, options: IngestOptions, expected_sha256: list[str]) -> list[FileReport]:
+    records_path, quarantine_path = ctx.stage_dir / "data.parquet", ctx.run_dir / QUARANTINE_FILE
     return get_stage(INGEST_STAGE).run(files, options, ctx, records_path, quarantine_path, expected_sha256=expected_sha256)
 
 
-def _stage_work(ctx: StageContext, engine: Engine, stage_type: str, config: Any, input_path: Path, execute: bool) -> dict:
+def ingest_task(ctx: StageContext, arguments: dict) -> list[dict]:
+    """`_ingest_work` in a stage's own process (curate.engines.isolation): JSON in, JSON out."""
+    files = [(Path(path), display, input_spec_from_json(spec, display)) for path, display, spec in arguments["files"]]
+    reports = _ingest_work(ctx, files, IngestOptions.model_validate(arguments["options"]), arguments["expected_sha256"])
+    return [dataclasses.asdict(report) for report in reports]
+
+
+def _stage_work(ctx: StageContext, engine: Engine, spec: StageSpec, config: Any, input_path: Path, execute: bool) -> dict:
     """The stage's rows from its input to its outputs through the engine (if `execute`), then its exports
     (split datasets), which a cached stage rewrites too: they live outside the stage folder."""
-    spec = get_stage(stage_type)
     report: dict = {}
     if execute:
         report = engine.execute(spec, config, ctx, input_path, ctx.stage_dir / "data.parquet", ctx.stage_dir / "dropped.parquet")
     if spec.export is not None:
         report.update(spec.export(pl.scan_parquet(ctx.stage_dir / "data.parquet", glob=False), config, ctx) or {})
     return report
+
+
+def stage_task(ctx: StageContext, arguments: dict) -> dict:
+    """`_stage_work` in a stage's own process (curate.engines.isolation): JSON in, JSON out."""
+    spec = get_stage(arguments["stage_type"])
+    config = spec.config_model.model_validate(arguments["config"])
+    engine = LocalEngine(**arguments["engine"])
+    return _stage_work(ctx, engine, spec, config, Path(arguments["input_path"]), arguments["execute"])
+
+
+def _run_stage_work(engine: Engine, ctx: StageContext, entry: StageEntry, rows: int, input_path: Path, execute: bool) -> dict:
+    if not _isolated(engine, entry.type, rows):
+        return _stage_work(ctx, engine, entry.spec, entry.config, input_path, execute)
+    arguments = {
+        "stage_type": entry.type, "config": entry.config.model_dump(mode="json"), "engine": engine.options(),
+        "input_path": str(input_path), "execute": execute,
+    }  # fmt: skip
+    return _in_child("stage", ctx, arguments)
 
 
 def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: StageRecord, events: RunEvents, force: bool, engine: Engine) -> StageRecord:
@@ -405,14 +434,14 @@ def _run_stage(pipeline: Pipeline, entry: StageEntry, previous: StageRecord, eve
         if entry.spec.export is not None:
             # Exports (split datasets) live outside the stage folder and may have been deleted or
             # edited; rewriting them from the cached data is cheap and gives the same bytes.
-            _run_work(engine, ctx, entry.type, cached.rows_out, _stage_work, engine, entry.type, entry.config, input_path, False)
+            _run_stage_work(engine, ctx, entry, cached.rows_out, input_path, execute=False)
         return _finished(events, cached, skipped=True)
 
     started = time.perf_counter()
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / SUCCESS_FILE).unlink(missing_ok=True)
     rows_in = previous.rows_out
-    report = _run_work(engine, ctx, entry.type, rows_in, _stage_work, engine, entry.type, entry.config, input_path, True)
+    report = _run_stage_work(engine, ctx, entry, rows_in, input_path, execute=True)
     rows_out = _parquet_rows(stage_dir / "data.parquet")
     dropped_frame = pl.scan_parquet(stage_dir / "dropped.parquet", glob=False)
     rows_dropped = dropped_frame.select(pl.len()).collect().item()

@@ -121,3 +121,31 @@ def test_auto_isolates_large_stages_only_and_rejects_other_values(tmp_path):
     assert load_schema("pipeline")["properties"]["engine"]["properties"]["isolate_stages"]["default"] == "auto"
     with pytest.raises(ConfigError, match="engine.isolate_stages"):
         run_pipeline(pipeline_file(tmp_path, [], "sometimes"), run_dir=tmp_path / "out", report=False)
+
+
+def test_ingest_in_its_own_process_keeps_mappings_repairs_and_quarantine(tmp_path):
+    """Ingest's inputs cross to its process as JSON (mappings as their config): real shapes with mappings,
+    repairs and quarantined rows give the same bytes, file reports and accounting as in one process."""
+    import shutil
+
+    shapes = Path(__file__).parent / "fixtures" / "real_shapes"
+    for name in ("qa.csv", "forum_pairs.jsonl", "bot_logs.jsonl", "chitchat_by_id.json"):
+        shutil.copy(shapes / name, tmp_path / name)
+    chitchat = {"records": "values", "key_field": "dialog_id", "messages": "turns", "role_field": "speaker", "content_field": "text",
+                "first_speaker": "user", "merge_consecutive": True, "trim_trailing_user": True}  # fmt: skip
+    inputs = [
+        {"path": "qa.csv", "mapping": {"system": "context", "prompt": "question", "response": "answer"}},
+        {"path": "forum_pairs.jsonl", "mapping": {"prompt": "post.body", "chosen": "answers[0].text", "rejected": "answers[-1].text"}},
+        {"path": "bot_logs.jsonl", "mapping": {"messages": "log", "role_field": "who", "content_field": "msg", "roles": {"customer": "user", "agent": "assistant"}}},
+        {"path": "chitchat_by_id.json", "mapping": chitchat},
+    ]
+    runs = {}
+    for isolate in (False, True):
+        pipeline = {"name": "shapes", "inputs": inputs, "engine": {"isolate_stages": isolate}, "stages": []}
+        runs[isolate] = run_pipeline(pipeline, run_dir=tmp_path / f"run-{isolate}", base_dir=tmp_path, report=False)
+    together, apart = runs[False], runs[True]
+    assert apart.manifest["inputs"] == together.manifest["inputs"] and len(apart.manifest["inputs"]) == 4
+    assert apart.manifest["stages"][0]["repairs"] == {"merged_turns": 2, "trimmed_trailing_user": 1}
+    assert apart.manifest["accounting"] == together.manifest["accounting"] and apart.manifest["accounting"]["quarantined"] == 1
+    for relative in ("ingest/data.parquet", "quarantine.parquet"):
+        assert (apart.run_dir / relative).read_bytes() == (together.run_dir / relative).read_bytes(), relative

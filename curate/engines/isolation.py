@@ -4,51 +4,60 @@ Polars' allocator (jemalloc) and Arrow's pool keep memory that a phase freed for
 none of it goes back to the system between stages: measured at 1M records, the split stage alone peaks
 at 870 MB, but at the end of a whole pipeline in one process it reached 1,165-1,331 MB. A process per
 stage returns everything when the stage ends, so a run's peak is its largest stage's, not the sum of
-what every stage before it left behind. It costs a process start (~1 s of imports) per stage, which is
-why the local engine isolates only stages with large inputs unless told otherwise
+what every stage before it left behind. It costs a process start (~0.6 CPU-s of imports) per stage,
+which is why the local engine isolates only stages with large inputs unless told otherwise
 (`engine: isolate_stages`).
 
 The child is a fresh interpreter (`python -m curate.engines.isolation`, not a fork: Polars' thread
 pool does not survive a fork; and not multiprocessing's spawn, which re-imports the caller's main
-script in the child, running any unguarded top-level code of a user's script a second time). It gets
-the work pickled on its stdin, with this process's `sys.path` (plugin stages import there too), and
-rebuilds the stage context with progress callbacks that send each report back over a pipe; this
-process hands them to its own callbacks, so bars and counts look the same. The child's return value
-comes back pickled (a report dict, file reports); its exception is raised again here, the same type
-with the same one-line message where it can be pickled (every `CurateError` can). A child that ends
-without answering (killed, out of memory) is an error naming the stage and the signal.
+script in the child, running any unguarded top-level code of a user's script a second time).
+
+Everything between the two processes is JSON, never a pickle (nothing here may unpickle bytes, even
+from our own child): the child reads one JSON object on its stdin — this process's `sys.path` (plugin
+stages import there too), the task (one of TASKS, by name), the stage context's plain fields and the
+task's arguments as JSON — and writes JSON lines to a pipe: progress reports, which this process hands
+to its own callbacks (bars and counts look the same), then the task's JSON result or its error. A
+`CurateError` comes back as the same class with the same one-line message; any other error as a
+RuntimeError naming its type (its traceback is printed by the child). A child that ends without
+answering (killed, out of memory) is an error naming the stage and the signal.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
-import pickle
 import signal
-import struct
 import subprocess
 import sys
 import traceback
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
+import curate.errors
 from curate.errors import CurateError
 from curate.stage import StageContext
+
+# What a child may be asked to run: task name -> "module:function(ctx, arguments: dict) -> JSON-able".
+TASKS = {
+    "stage": "curate.runner:stage_task",
+    "ingest": "curate.runner:ingest_task",
+}
 
 
 class StageProcessError(CurateError):
     """A stage's process ended without a result (killed by a signal, out of memory, exited)."""
 
 
-_CALLBACKS = ("progress", "phase_progress")
-_HEADER = struct.Struct("<Q")  # each message on the pipe: its length, then the pickle
-
-
-def run_in_child(function: Callable[..., Any], ctx: StageContext, *args: Any) -> Any:
-    """`function(ctx, *args)` in a new interpreter; its progress reported through `ctx`'s callbacks.
-
-    `function` and `args` must pickle (module-level functions, configs, paths); the caller checks
-    that a stage can be found by name in a fresh process (`importable_stage_type`)."""
-    state = {key: value for key, value in ctx.__getstate__().items() if key not in _CALLBACKS}
-    payload = pickle.dumps(list(sys.path)) + pickle.dumps((function, args, state), protocol=pickle.HIGHEST_PROTOCOL)
+def run_in_child(task: str, ctx: StageContext, arguments: dict) -> Any:
+    """TASKS[task](ctx, arguments) in a new interpreter; its progress reported through `ctx`'s
+    callbacks; its JSON result returned. `arguments` must be JSON (paths as strings)."""
+    request = {
+        "sys_path": list(sys.path),
+        "task": task,
+        "context": _context_fields(ctx),
+        "arguments": arguments,
+    }
     read_end, write_end = os.pipe()
     try:
         process = subprocess.Popen(
@@ -59,7 +68,7 @@ def run_in_child(function: Callable[..., Any], ctx: StageContext, *args: Any) ->
     with os.fdopen(read_end, "rb") as replies:
         try:
             try:
-                process.stdin.write(payload)
+                process.stdin.write(json.dumps(request).encode("utf-8"))
                 process.stdin.close()
             except BrokenPipeError:  # it ended before reading its work: _serve reports how
                 pass
@@ -70,29 +79,29 @@ def run_in_child(function: Callable[..., Any], ctx: StageContext, *args: Any) ->
             process.wait()
 
 
+def _context_fields(ctx: StageContext) -> dict:
+    # The input schema is not sent: the child reads it from the input file, as the runner does.
+    return {
+        "name": ctx.name, "run_dir": str(ctx.run_dir), "stage_dir": str(ctx.stage_dir), "pipeline_dir": str(ctx.pipeline_dir),
+        "seed": ctx.seed, "input_path": str(ctx.input_path) if ctx.input_path is not None else None,
+        "with_input_schema": ctx.input_schema is not None,
+    }  # fmt: skip
+
+
 def _serve(replies, process: subprocess.Popen, ctx: StageContext) -> Any:
     """Forward the child's reports until its result or error arrives (or it ends without one)."""
-    while True:
-        message = _receive(replies)
-        if message is None:
-            raise StageProcessError(f"stage {ctx.name!r}: its process ended without a result ({_ending(process.wait())})")
-        kind = message[0]
+    for line in replies:
+        message = json.loads(line)
+        kind = message["kind"]
         if kind == "progress":
-            ctx.progress(message[1])
+            ctx.progress(message["message"])
         elif kind == "phase":
-            ctx.phase_progress(*message[1:])
+            ctx.phase_progress(message["phase"], message["done"], message["total"], message["unit"])
         elif kind == "result":
-            return message[1]
+            return message["result"]
         elif kind == "error":
-            raise _error_from(message[1], ctx.name)
-
-
-def _receive(stream) -> tuple | None:
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        return None
-    body = stream.read(_HEADER.unpack(header)[0])
-    return pickle.loads(body) if body else None
+            raise _error_from(message, ctx.name)
+    raise StageProcessError(f"stage {ctx.name!r}: its process ended without a result ({_ending(process.wait())})")
 
 
 def _ending(exitcode: int) -> str:
@@ -103,48 +112,60 @@ def _ending(exitcode: int) -> str:
     return f"exit code {exitcode}"
 
 
-def _error_from(payload: tuple, stage: str) -> BaseException:
-    pickled, type_name, message = payload
-    if pickled is not None:
-        try:
-            return pickle.loads(pickled)
-        except Exception:  # an exception type that does not unpickle: keep its name and message
-            pass
-    return RuntimeError(f"stage {stage!r} failed in its process: {type_name}: {message}")
+def _error_from(message: dict, stage: str) -> BaseException:
+    """The child's error as an exception of this process: a CurateError class of curate.errors (or this
+    module) by name, with its message; anything else a RuntimeError saying what it was."""
+    if message["curate"]:
+        for module in (curate.errors, sys.modules[__name__]):
+            kind = getattr(module, message["type"], None)
+            if isinstance(kind, type) and issubclass(kind, CurateError):
+                return kind(message["message"])
+        return CurateError(message["message"])
+    if message["type"] == "KeyboardInterrupt":
+        return KeyboardInterrupt()
+    return RuntimeError(f"stage {stage!r} failed in its process: {message['type']}: {message['message']}")
+
+
+def _json_value(value: Any) -> Any:
+    """What `json` cannot write itself: numpy scalars (in reports) as numbers, anything else as text."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) else str(value)
 
 
 def _child_main(reply_fd: int) -> None:
-    replies = os.fdopen(reply_fd, "wb")
+    replies = os.fdopen(reply_fd, "w", encoding="utf-8")
 
-    def send(message: tuple) -> None:
-        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        replies.write(_HEADER.pack(len(body)) + body)
+    def send(message: dict) -> None:
+        replies.write(json.dumps(message, default=_json_value) + "\n")
         replies.flush()
 
-    sys.path[:] = pickle.load(sys.stdin.buffer)  # first: the work may live in modules only the parent's path finds
-    function, args, state = pickle.load(sys.stdin.buffer)
-    ctx = StageContext.__new__(StageContext)
-    ctx.__setstate__(state)
-    ctx.progress = lambda message: send(("progress", message))
-    ctx.phase_progress = lambda phase, done, total, unit: send(("phase", phase, done, total, unit))
+    request = json.loads(sys.stdin.buffer.read())
+    sys.path[:] = request["sys_path"]  # before the task's module is imported: plugins live on this path
+    module_name, function_name = TASKS[request["task"]].split(":")
+    task = getattr(importlib.import_module(module_name), function_name)
+    ctx = _context(request["context"])
+    ctx.progress = lambda text: send({"kind": "progress", "message": text})
+    ctx.phase_progress = lambda phase, done, total, unit: send({"kind": "phase", "phase": phase, "done": done, "total": total, "unit": unit})
     try:
-        result = function(ctx, *args)
+        result = task(ctx, request["arguments"])
     except BaseException as error:  # every failure goes back to the parent, which decides what to show
         if not isinstance(error, (CurateError, KeyboardInterrupt)):
             traceback.print_exc()  # a bug: its traceback is only here
-        send(("error", _portable(error)))
+        send({"kind": "error", "type": type(error).__name__, "curate": isinstance(error, CurateError), "message": str(error)})
     else:
-        send(("result", result))
+        send({"kind": "result", "result": result})
     replies.close()
 
 
-def _portable(error: BaseException) -> tuple:
-    try:
-        pickled = pickle.dumps(error)
-        pickle.loads(pickled)
-    except Exception:
-        pickled = None
-    return pickled, type(error).__name__, str(error)
+def _context(fields: dict) -> StageContext:
+    import polars as pl
+
+    input_path = Path(fields["input_path"]) if fields["input_path"] else None
+    return StageContext(
+        name=fields["name"], run_dir=Path(fields["run_dir"]), stage_dir=Path(fields["stage_dir"]),
+        pipeline_dir=Path(fields["pipeline_dir"]), seed=fields["seed"], input_path=input_path,
+        input_schema=dict(pl.scan_parquet(input_path, glob=False).collect_schema()) if fields["with_input_schema"] else None,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

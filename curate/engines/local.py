@@ -136,6 +136,10 @@ class LocalEngine:
             raise ConfigError(f"engine.isolate_stages: expected true, false or auto, got {isolate_stages!r}")
         self.batch_rows, self.workers, self.isolate_stages = batch_rows, workers, isolate_stages
 
+    def options(self) -> dict:
+        """The options this engine was built with (JSON): what a stage's own process builds its engine from."""
+        return {"batch_rows": self.batch_rows, "workers": self.workers, "isolate_stages": self.isolate_stages}
+
     def isolates(self, rows: int) -> bool:
         """Whether a stage with `rows` input rows runs in a process of its own (a fresh heap)."""
         return self.isolate_stages is True or (self.isolate_stages == "auto" and rows >= ISOLATE_FROM_ROWS)
