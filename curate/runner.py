@@ -293,7 +293,7 @@ def _run_ingest(pipeline: Pipeline, events: RunEvents, force: bool, engine: Engi
     if _isolated(engine, INGEST_STAGE, input_bytes // APPROX_BYTES_PER_ROW):
         arguments = {
             "files": [[str(path), display, input_spec_json(spec)] for path, display, spec in files],
-            "options": pipeline.ingest.model_dump(mode="json"), "expected_sha256": expected_sha256,
+            "options": pipeline.ingest.model_dump(mode="json", exclude_unset=True), "expected_sha256": expected_sha256,
         }  # fmt: skip
         reports = [FileReport.from_dict(values) for values in _in_child("ingest", ctx, arguments)]
     else:
@@ -394,7 +394,7 @@ def _run_stage_work(engine: Engine, ctx: StageContext, entry: StageEntry, rows: 
     if not _isolated(engine, entry.type, rows):
         return _stage_work(ctx, engine, entry.spec, entry.config, input_path, execute)
     arguments = {
-        "stage_type": entry.type, "config": entry.config.model_dump(mode="json"), "engine": engine.options(),
+        "stage_type": entry.type, "config": entry.config.model_dump(mode="json", exclude_unset=True), "engine": engine.options(),
         "input_path": str(input_path), "execute": execute,
     }  # fmt: skip
     return _in_child("stage", ctx, arguments)

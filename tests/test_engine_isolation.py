@@ -39,7 +39,9 @@ SAMPLE_SHAPED = [
     {"name": "length", "type": "stage_plugins:min_length_rows", "config": {"min_chars": 10}},
     {"type": "tag"},
     {"type": "decontaminate", "config": {"eval_files": [str(FIXTURES / "eval.jsonl")]}},
-    {"type": "filter", "config": {"preset": "chat", "languages": ["en"]}},
+    # Which fields a config sets matters (a rule override merges only its set fields; `languages` unset keeps
+    # the preset's language rule): the config must reach a stage's process with the same fields set.
+    {"type": "filter", "config": {"preset": "chat", "rules": [{"name": "min_last_assistant_words", "min": 2}]}},
     {"type": "split", "config": {"train": 0.6, "validation": 0.2, "test": 0.2}},
 ]
 
