@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-from queue import Empty
 import os
 import re
 import resource
@@ -33,6 +32,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from queue import Empty
 
 import polars as pl
 

@@ -36,7 +36,6 @@ import curate
 from curate.atomic import write_json
 from curate.errors import ConfigError, RunStateError
 from curate.manifest import IngestRecord, Manifest, PipelineInfo, StageRecord, accounting, parse_record
-from curate.mapping import Mapping
 from curate.ingest import FileReport, IngestOptions, InputSpec, expand_inputs, input_spec_from_json, input_spec_json, path_sha256
 from curate.engines import Engine
 from curate.engines.local import LocalEngine
@@ -140,14 +139,7 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
         resolved_run_dir = (base / raw.get("run_dir", f"runs/{name}")).resolve()
     ingest_raw = raw.get("ingest", {})
     options = IngestOptions(**ingest_raw)
-    inputs = [
-        InputSpec(
-            path=item["path"], format=item.get("format", "auto"), columns=dict(item.get("columns", {})), name=item.get("name"),
-            keep_columns=item.get("keep_columns"),
-            mapping=Mapping.from_config(item["mapping"], f"{label}: inputs.{index}") if item.get("mapping") else None,
-        )
-        for index, item in enumerate(raw["inputs"])
-    ]
+    inputs = [input_spec_from_json(item, f"{label}: inputs.{index}") for index, item in enumerate(raw["inputs"])]
     stages: list[StageEntry] = []
     seen: set[str] = {INGEST_STAGE}
     for index, item in enumerate(raw.get("stages", [])):
@@ -165,7 +157,7 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
     source = {
         "name": name,
         "seed": raw.get("seed", 0),
-        "inputs": [_input_source(i) for i in inputs],
+        "inputs": [input_spec_json(i) for i in inputs],
         "ingest": options.model_dump(),
         "stages": [
             {"name": s.name, "type": s.type, "version": s.spec.version, "config": s.config.model_dump(mode="json")}
@@ -184,11 +176,6 @@ def load_pipeline(pipeline: str | Path | dict, run_dir: str | Path | None = None
         path=path,
         engine_options=dict(raw.get("engine") or {}),
     )
-
-
-def _input_source(spec: InputSpec) -> dict:
-    """An input as the manifest records it (curate.ingest.input_spec_json)."""
-    return input_spec_json(spec)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -130,6 +130,16 @@ class StageOutput:
     split_batch: Callable[[pl.DataFrame, int], "BatchOutput"] | None = None
 
 
+def decisions_for_batch(decisions: pl.DataFrame, offset: int, height: int, stage: str) -> pl.DataFrame:
+    """The rows of `decisions` (one per input row, in input order) for the input batch of `height` rows
+    at `offset`, for a `split_batch`: a batch they do not cover is a bug, never a horizontal concat that
+    pads its rows with null decisions."""
+    part = decisions.slice(offset, height)
+    if part.height != height:
+        raise AssertionError(f"{stage}: {decisions.height} decisions for input rows {offset}..{offset + height}")
+    return part
+
+
 class StageFunction(Protocol):
     def __call__(self, frame: pl.LazyFrame, config: Any, ctx: StageContext) -> StageOutput: ...
 

@@ -263,3 +263,22 @@ def test_global_stages_written_batch_by_batch_give_their_whole_table_rows(tmp_pa
         assert written.height > 0 and (name != "split" or written["split"].n_unique() == 3)
         if output.dropped is not None:
             assert pl.read_parquet(whole.run_dir / name / "dropped.parquet").equals(output.dropped.collect()), name
+
+
+@pytest.mark.parametrize("name", ["dedup", "split"])
+def test_split_batch_refuses_a_batch_its_decisions_do_not_cover(tmp_path, name):
+    """A batch past the end of the stage's decisions is a bug: it must fail, not be padded with null
+    decisions (for dedup: kept; for split: no split)."""
+    from curate.stage import StageContext, get_stage
+
+    write_rows(tmp_path, count=20)
+    result = run_pipeline(write_pipeline(tmp_path, [], None, "ingest_only"), report=False)
+    rows = pl.read_parquet(result.run_dir / "ingest" / "data.parquet")
+    spec = get_stage(name)
+    ctx = StageContext(name=name, run_dir=tmp_path / "lazy", stage_dir=tmp_path / "lazy" / name, pipeline_dir=tmp_path)
+    ctx.stage_dir.mkdir(parents=True)
+    output = spec.run(rows.lazy(), spec.config_model(), ctx)
+    covered = output.split_batch(rows.slice(15, 5), 15)  # the last five rows: covered
+    assert covered.kept.height + (covered.dropped.height if covered.dropped is not None else 0) == 5
+    with pytest.raises(AssertionError, match=rf"{name}: {rows.height} decisions for input rows 17\.\.22"):
+        output.split_batch(rows.slice(15, 5), 17)

@@ -32,7 +32,7 @@ from curate.dedup import DedupConfig, MinHashIndex
 from curate.dedup.distributed import dedup_distributed
 from curate.dedup.stream import deduplicate_out_of_core
 from curate.errors import ConfigError
-from curate.stage import BatchOutput, StageContext, StageOutput, drop_rows, register_stage
+from curate.stage import BatchOutput, StageContext, StageOutput, decisions_for_batch, drop_rows, register_stage
 
 DETAIL_COLUMNS = ("duplicate_of", "jaccard_estimated", "jaccard_verified")
 
@@ -76,9 +76,7 @@ def dedup_stage(frame: pl.LazyFrame, config: DedupConfig, ctx: StageContext) -> 
     kept, dropped = split_decided(frame, decisions.lazy(), ctx.name)
 
     def split_batch(batch: pl.DataFrame, offset: int) -> BatchOutput:
-        part = decisions.slice(offset, batch.height)
-        if part.height != batch.height:  # a horizontal concat would pad the rows with null decisions (kept)
-            raise AssertionError(f"dedup: {decisions.height} decisions for input rows {offset}..{offset + batch.height}")
+        part = decisions_for_batch(decisions, offset, batch.height, "dedup")
         batch_kept, batch_dropped = split_decided(batch.lazy(), part.lazy(), ctx.name)
         return BatchOutput(kept=batch_kept.collect(), dropped=batch_dropped.collect())
 

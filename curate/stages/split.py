@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 
 from curate.split import SplitConfig, export_splits, row_splits, with_splits
-from curate.stage import BatchOutput, StageContext, StageOutput, register_stage
+from curate.stage import BatchOutput, StageContext, StageOutput, decisions_for_batch, register_stage
 
 
 def _seed(config: SplitConfig, ctx: StageContext) -> int:
@@ -47,9 +47,7 @@ def split_stage(frame: pl.LazyFrame, config: SplitConfig, ctx: StageContext) -> 
     def split_batch(batch: pl.DataFrame, offset: int) -> BatchOutput:
         # The engine writes the rows batch by batch from the input beside their splits: Polars' streaming
         # sink of the whole output held ~450 MB of 1 KB rows in flight whatever their count.
-        part = splits.slice(offset, batch.height)
-        if part.height != batch.height:  # a horizontal concat would pad the rows with null splits
-            raise AssertionError(f"split: {splits.height} splits for input rows {offset}..{offset + batch.height}")
+        part = decisions_for_batch(splits, offset, batch.height, "split")
         return BatchOutput(kept=with_splits(batch.lazy(), part.lazy()).collect())
 
     return StageOutput(kept=with_splits(frame, splits.lazy()), dropped=None, report=report, split_batch=split_batch)
