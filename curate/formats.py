@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from curate.records import message_struct
+from curate.records import concat_lists, message_struct
 from schemas import MESSAGES_DTYPE
 
 MESSAGE_LIST = MESSAGES_DTYPE
@@ -349,11 +349,12 @@ def _transcript_messages(text: pl.Expr) -> pl.Expr:
     )
 
 
-def canonical_columns_from(plan: FormatPlan) -> dict[str, pl.Expr]:
-    """Expressions building the canonical content columns (before normalization) for this format."""
+def canonical_columns_from(plan: FormatPlan) -> dict[str, list[pl.Expr]]:
+    """Per canonical content column (before normalization), the message lists that make it, in order:
+    ingest joins them with `records.concat_lists` (Polars' `concat_list` goes row by row on structs)."""
     by_name = {spec.name: spec for spec in plan.fields}
     names = list(by_name)
-    empty = pl.lit(None, dtype=MESSAGE_LIST)
+    empty = [pl.lit(None, dtype=MESSAGE_LIST)]
     if plan.format == "alpaca":
         instruction, input_, output, system = (by_name[n] for n in names)
         user_text = (
@@ -361,60 +362,46 @@ def canonical_columns_from(plan: FormatPlan) -> dict[str, pl.Expr]:
             .then(_field(instruction) + pl.lit("\n\n") + _field(input_))
             .otherwise(_field(instruction))
         )
-        messages = pl.concat_list(
-            _optional_system(_field(system)), _message("user", user_text), _message("assistant", _field(output))
-        )
+        messages = [_optional_system(_field(system)), _message("user", user_text), _message("assistant", _field(output))]
         return {"messages": messages, "prompt": empty, "chosen": empty, "rejected": empty}
     if plan.format == "sharegpt":
         turns, system = (by_name[n] for n in names)
-        messages = _field(turns).list.eval(_sharegpt_turn())
-        return {
-            "messages": pl.concat_list(_optional_system(_field(system)), messages),
-            "prompt": empty,
-            "chosen": empty,
-            "rejected": empty,
-        }
+        messages = [_optional_system(_field(system)), _field(turns).list.eval(_sharegpt_turn())]
+        return {"messages": messages, "prompt": empty, "chosen": empty, "rejected": empty}
     if plan.format == "openai":
-        return {"messages": _field(by_name[names[0]]), "prompt": empty, "chosen": empty, "rejected": empty}
+        return {"messages": [_field(by_name[names[0]])], "prompt": empty, "chosen": empty, "rejected": empty}
     if plan.format == "prompt_response":
         prompt, response, system = (by_name[n] for n in names)
-        messages = pl.concat_list(
-            _optional_system(_field(system)), _message("user", _field(prompt)), _message("assistant", _field(response))
-        )
+        messages = [_optional_system(_field(system)), _message("user", _field(prompt)), _message("assistant", _field(response))]
         return {"messages": messages, "prompt": empty, "chosen": empty, "rejected": empty}
     if plan.format == "preference" and plan.variant.get("prompt") == "implicit":
         chosen, rejected, system = (by_name[n] for n in names)
         return {
             "messages": empty,
-            "prompt": _optional_system(_field(system)),  # the shared prefix is added by split_shared_prefix
-            "chosen": _string_or_messages(chosen, "assistant"),
-            "rejected": _string_or_messages(rejected, "assistant"),
+            "prompt": [_optional_system(_field(system))],  # the shared prefix is added by split_shared_prefix
+            "chosen": [_string_or_messages(chosen, "assistant")],
+            "rejected": [_string_or_messages(rejected, "assistant")],
         }
     if plan.format == "preference":
         prompt, chosen, rejected, system = (by_name[n] for n in names)
         return {
             "messages": empty,
-            "prompt": pl.concat_list(_optional_system(_field(system)), _string_or_messages(prompt, "user")),
-            "chosen": _string_or_messages(chosen, "assistant"),
-            "rejected": _string_or_messages(rejected, "assistant"),
+            "prompt": [_optional_system(_field(system)), _string_or_messages(prompt, "user")],
+            "chosen": [_string_or_messages(chosen, "assistant")],
+            "rejected": [_string_or_messages(rejected, "assistant")],
         }
     if plan.format == "transcript" and plan.kind == "sft":
-        return {
-            "messages": _transcript_messages(_field(by_name[names[0]])),
-            "prompt": empty,
-            "chosen": empty,
-            "rejected": empty,
-        }
+        return {"messages": [_transcript_messages(_field(by_name[names[0]]))], "prompt": empty, "chosen": empty, "rejected": empty}
     if plan.format == "transcript":
         # HH-RLHF pairs: both transcripts share the dialogue up to the final assistant turn.
         chosen_turns = _transcript_messages(_field(by_name[names[0]]))
         rejected_turns = _transcript_messages(_field(by_name[names[1]]))
         return {
             "messages": empty,
-            "prompt": chosen_turns.list.slice(0, chosen_turns.list.len() - 1),
-            "chosen": chosen_turns.list.slice(-1, 1),
-            "rejected": rejected_turns.list.slice(-1, 1),
-            "__rejected_prompt": rejected_turns.list.slice(0, rejected_turns.list.len() - 1),
+            "prompt": [chosen_turns.list.slice(0, chosen_turns.list.len() - 1)],
+            "chosen": [chosen_turns.list.slice(-1, 1)],
+            "rejected": [rejected_turns.list.slice(-1, 1)],
+            "__rejected_prompt": [rejected_turns.list.slice(0, rejected_turns.list.len() - 1)],
         }
     raise ValueError(plan.format)
 
@@ -454,12 +441,13 @@ def split_shared_prefix(frame: pl.DataFrame, plan: FormatPlan) -> pl.DataFrame:
         return frame
     shared = shared_prefix_length(frame["chosen"], frame["rejected"])
     frame = frame.with_columns(shared.alias("__shared"))
-    prefix = pl.col("chosen").list.slice(0, pl.col("__shared"))
     implicit = plan.variant.get("prompt") == "implicit"
     # The optional `system` field comes first, unless the shared prefix opens with its own system turn.
     system = pl.col("prompt") if implicit else _optional_system(_field(plan.fields[-1]))  # `system` is the last field
+    parts = frame.select(pl.col("chosen").list.slice(0, pl.col("__shared")).alias("prefix"), system.alias("system"))
+    prefix = pl.lit(parts["prefix"])
     prefix_has_system = prefix.list.first().struct.field("role").str.to_lowercase().is_in(["system", "developer"]).fill_null(False)
-    new_prompt = pl.when(prefix_has_system).then(prefix).otherwise(pl.concat_list(system, prefix))
+    new_prompt = pl.when(prefix_has_system).then(prefix).otherwise(pl.lit(concat_lists([parts["system"], parts["prefix"]])))
     moved = pl.col("__shared") > 0
     return frame.with_columns(
         pl.when(moved | pl.lit(implicit)).then(new_prompt).otherwise(pl.col("prompt")).alias("prompt"),

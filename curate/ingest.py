@@ -48,7 +48,8 @@ from curate.formats import (
     split_shared_prefix,
 )
 from curate.mapping import Mapping, RepairCounts, RowProblem, map_row_text
-from curate.records import normalize_messages_series, normalize_role, with_message_fields, with_record_id
+from curate.parallel import ordered_map
+from curate.records import concat_lists, normalize_messages_series, normalize_role, with_message_fields, with_record_id
 from curate.stage import StageConfig
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA
 
@@ -58,6 +59,9 @@ SUPPORTED_SUFFIXES = (
 )  # fmt: skip
 CANONICAL_FORMAT = "canonical"  # a Parquet file this tool wrote (a stage's data.parquet)
 READ_BLOCK_BYTES = 4 << 20  # raw bytes split into lines at a time (16 MB blocks peaked ~130 MB higher)
+# Chunks decoded at once: decoding is Polars calls that release the GIL (two threads: ~1.7x on two cores);
+# each chunk in flight holds tens of KB per row.
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -719,23 +723,30 @@ def _turn_kinds(messages: pl.Expr) -> pl.Expr:
     return messages.list.eval(pl.when((role == "assistant") & calls).then(pl.lit("call")).otherwise(role))
 
 
-def _tool_turns_ok(kinds: pl.Expr) -> pl.Expr:
-    """Tool results follow a tool call (or another result), and every call gets a result."""
-    element, before, after = pl.element(), pl.element().shift(1), pl.element().shift(-1)
-    stray_result = (element == "tool") & ~before.is_in(["call", "tool"]).fill_null(False)
-    unanswered_call = (element == "call") & (after != "tool").fill_null(True)
-    return ~kinds.list.eval(stray_result | unanswered_call).list.any()
+# The turn orders each kind of messages column may have, over its turn kinds joined by commas. A tool
+# call and its results (`call,tool[,tool...]`) belong to the assistant's reply: they may stand before
+# any user or assistant turn and are not turns of the alternation; a result follows a call or another
+# result, and every call gets one. A system turn may only open a conversation or a prompt. One regex
+# over one string per row: the list.eval form of the same rules (filter, positions, shifts) was a third
+# of ingest's format step.
+_TOOL_BLOCKS = r"(?:call(?:,tool)+,)*"
+TURN_ORDERS = {
+    # user/assistant alternating from user, ending with assistant.
+    "conversation": rf"^(?:system,)?{_TOOL_BLOCKS}user,{_TOOL_BLOCKS}assistant(?:,{_TOOL_BLOCKS}user,{_TOOL_BLOCKS}assistant)*$",
+    # the same, ending with user (tool results of a call made after it may follow).
+    "prompt": rf"^(?:system,)?{_TOOL_BLOCKS}user(?:,{_TOOL_BLOCKS}assistant,{_TOOL_BLOCKS}user)*(?:,call(?:,tool)+)*$",
+    # one assistant message, after any tool calls and their results.
+    "reply": rf"^{_TOOL_BLOCKS}assistant$",
+}
 
 
 def _messages_problems(column: str, expect: str) -> list[tuple[str, pl.Expr, pl.Expr]]:
     """(reason, condition, field-description) checks on one canonical messages column.
 
-    expect: 'conversation' (user/assistant alternating, ending with assistant), 'prompt' (ending with
-    user), 'reply' (one assistant message, after any tool calls and their results). A tool call and
-    its results belong to the assistant's reply: they are not turns of the alternation."""
+    expect: 'conversation', 'prompt' or 'reply' (TURN_ORDERS). A message with an unknown role is
+    reported as such before its order is judged."""
     messages = pl.col(column)
     roles = messages.list.eval(pl.element().struct.field("role"))
-    kinds = _turn_kinds(messages)
     # Content may be empty only on a turn that calls tools.
     empty = pl.element().struct.field("content").is_null() | (pl.element().struct.field("content").str.len_chars() == 0)
     calls = pl.element().struct.field("tool_calls").list.len().fill_null(0) > 0
@@ -744,27 +755,7 @@ def _messages_problems(column: str, expect: str) -> list[tuple[str, pl.Expr, pl.
     empty_at = empty_flags.list.arg_max()
     has_unknown = roles.list.eval(pl.element().is_null()).list.any()
     has_empty = (messages.list.len() == 0) | empty_flags.list.any()
-    tools_ok = _tool_turns_ok(kinds)
-    if expect == "reply":
-        before_last = kinds.list.slice(0, kinds.list.len() - 1)
-        order_ok = (
-            (kinds.list.last() == "assistant")
-            & before_last.list.eval(pl.element().is_in(["call", "tool"])).list.all()
-            & tools_ok
-        )
-    else:
-        turns = kinds.list.eval(pl.element().filter(~pl.element().is_in(["system", "call", "tool"])))
-        alternating = turns.list.eval(
-            pl.element()
-            == pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("user")).otherwise(pl.lit("assistant"))
-        ).list.all()
-        system_count = roles.list.eval((pl.element() == "system").cast(pl.Int32)).list.sum()
-        system_ok = (system_count == 0) | ((system_count == 1) & (roles.list.first() == "system"))
-        if expect == "conversation":
-            shape_ok = (turns.list.len() >= 2) & (turns.list.len() % 2 == 0) & (kinds.list.last() == "assistant")
-        else:
-            shape_ok = (turns.list.len() % 2 == 1) & ~kinds.list.last().is_in(["call", "assistant"])
-        order_ok = alternating & system_ok & shape_ok & tools_ok
+    order_ok = _turn_kinds(messages).list.join(",").str.contains(TURN_ORDERS[expect])
     return [
         ("unknown_role", has_unknown, pl.format(f"{column}[{{}}].role", unknown_role_at)),
         ("empty_content", has_empty, pl.format(f"{column}[{{}}].content", empty_at.fill_null(0))),
@@ -886,12 +877,16 @@ def _decoded_content(chunk: pl.DataFrame, plan: FormatPlan, options: IngestOptio
     ]
     frame = _with_pre_problem(frame, _first_true(missing_conditions) if missing_conditions else None,
                               "missing_field", pl.lit("required field is missing or null"))  # fmt: skip
-    ok_so_far = pl.col("__pre_reason").is_null()
     content = canonical_columns_from(plan)
+    pieces = frame.select(expr.alias(f"{name}.{index}") for name, parts in content.items() for index, expr in enumerate(parts))
+    ok_so_far = frame["__pre_reason"].is_null()
     frame = frame.with_columns(
-        *[pl.when(ok_so_far).then(expr).otherwise(pl.lit(None, dtype=expr_dtype(name))).alias(name)
-          for name, expr in content.items()]
-    )  # fmt: skip
+        pl.when(pl.lit(ok_so_far))
+        .then(pl.lit(concat_lists([pieces[f"{name}.{index}"] for index in range(len(parts))]).cast(expr_dtype(name))))
+        .otherwise(pl.lit(None, dtype=expr_dtype(name)))
+        .alias(name)
+        for name, parts in content.items()
+    )
     frame = split_shared_prefix(frame, plan)
     if plan.variant.get("prompt") == "implicit":
         no_user_turn = ~pl.col("prompt").list.eval(normalize_role(pl.element().struct.field("role")) == "user").list.any()
@@ -904,12 +899,14 @@ def _with_pre_problem(frame: pl.DataFrame, field_name: pl.Expr | None, reason: s
     """Record `reason` on rows without an earlier problem where `field_name` (the field at fault) is set."""
     if field_name is None:
         return frame
-    hit = pl.col("__pre_reason").is_null() & field_name.is_not_null()
+    # The field is computed once (it is often a list.eval over every message), then used twice.
+    frame = frame.with_columns(field_name.alias("__hit_field"))
+    hit = pl.col("__pre_reason").is_null() & pl.col("__hit_field").is_not_null()
     return frame.with_columns(
         pl.when(hit).then(pl.lit(reason)).otherwise(pl.col("__pre_reason")).alias("__pre_reason"),
-        pl.when(hit).then(field_name).otherwise(pl.col("__pre_field")).alias("__pre_field"),
+        pl.when(hit).then(pl.col("__hit_field")).otherwise(pl.col("__pre_field")).alias("__pre_field"),
         pl.when(hit).then(detail).otherwise(pl.col("__pre_detail")).alias("__pre_detail"),
-    )
+    ).drop("__hit_field")
 
 
 CONTENT_COLUMNS = ("messages", "prompt", "chosen", "rejected")
@@ -963,17 +960,20 @@ def _checked_batch(
     frame = frame.with_columns(normalize_messages_series(frame[name]) for name in present)
 
     checks = _content_checks(kinds, transcript_pair="__rejected_prompt" in frame.columns)
-    reason = _first_true([(label, condition) for label, condition, _, _ in checks])
+    # Each condition is computed once into a column: reason, field and detail all read it.
+    held = [f"__check_{index}" for index in range(len(checks))]
+    frame = frame.with_columns(condition.alias(name) for name, (_, condition, _, _) in zip(held, checks))
+    reason = _first_true([(label, pl.col(name)) for name, (label, _, _, _) in zip(held, checks)])
     where = detail = pl.lit(None, dtype=pl.String)
-    for _, condition, field_description, description in reversed(checks):
-        where = pl.when(condition).then(field_description).otherwise(where)
-        detail = pl.when(condition).then(description).otherwise(detail)
+    for name, (_, _, field_description, description) in reversed(list(zip(held, checks))):
+        where = pl.when(pl.col(name)).then(field_description).otherwise(where)
+        detail = pl.when(pl.col(name)).then(description).otherwise(detail)
     ok_so_far = pl.col("__pre_reason").is_null()
     frame = frame.with_columns(
         pl.when(ok_so_far).then(reason).otherwise(pl.col("__pre_reason")).alias("__reason"),
         pl.when(ok_so_far).then(where).otherwise(pl.col("__pre_field")).alias("__field"),
         pl.when(ok_so_far).then(detail).otherwise(pl.col("__pre_detail")).alias("__detail"),
-    )
+    ).drop(held)
 
     quarantine = frame.filter(pl.col("__reason").is_not_null()).select(
         pl.lit(display).alias("file"),
@@ -1127,6 +1127,39 @@ def _plan_for(sample: list[dict], keys: list[str], spec: InputSpec, display: str
     return dataclasses.replace(plan, metadata=metadata_fields(sample, plan, spec.keep_columns))
 
 
+def _decoded_in_order(
+    pieces: Iterator[tuple[pl.DataFrame, int, int | None]], plan_of: Callable[[pl.DataFrame], FormatPlan],
+    decode: Callable[[pl.DataFrame, FormatPlan], IngestBatch], report: FileReport,
+) -> Iterator[IngestBatch]:
+    """Decode (rows, rows added by the mapping, bytes read so far) pieces DECODE_THREADS at a time, in
+    file order; the format plan comes from the first piece (format detection needs its rows)."""
+    first = next(pieces, None)
+    if first is None:
+        return
+    plan = plan_of(first[0])
+
+    def decoded(piece: tuple[pl.DataFrame, int, int | None]) -> tuple[IngestBatch, int | None]:
+        rows, added, bytes_read = piece
+        batch = decode(rows, plan)
+        batch.added = added
+        return batch, bytes_read
+
+    for batch, bytes_read in ordered_map(decoded, itertools.chain([first], pieces), DECODE_THREADS, "curate-ingest"):
+        if bytes_read is not None:
+            report.bytes_read = bytes_read
+        yield batch
+
+
+def _sampled_plan(spec: InputSpec, display: str, report: FileReport) -> Callable[[pl.DataFrame], FormatPlan]:
+    def plan_of(rows: pl.DataFrame) -> FormatPlan:
+        sample = _sample_rows(rows)
+        plan = _plan_for(sample, list({key for row in sample for key in row}), spec, display)
+        report.format = "mapping" if spec.mapping is not None else plan.format
+        return plan
+
+    return plan_of
+
+
 def _text_batches(
     path: Path, display: str, container: str, spec: InputSpec, options: IngestOptions, report: FileReport
 ) -> Iterator[IngestBatch]:
@@ -1134,20 +1167,16 @@ def _text_batches(
     chunks = _jsonl_chunks if container == "jsonl" else _json_array_chunks
     if spec.mapping is not None and spec.mapping.records == "values":
         chunks = lambda source, rows: _json_object_chunks(source, rows, spec.mapping.key_field)  # noqa: E731
-    plan: FormatPlan | None = None
-    for chunk in chunks(source, options.chunk_rows):
-        report.blank_lines += chunk.blank_lines
-        if chunk.rows.height == 0:
-            continue
-        rows, added = _mapped(chunk.rows, spec, options, report)
-        if plan is None:
-            sample = _sample_rows(rows)
-            plan = _plan_for(sample, list({key for row in sample for key in row}), spec, display)
-            report.format = "mapping" if spec.mapping is not None else plan.format
-        batch = decode_chunk(rows, plan, display, options)
-        batch.added = added
-        report.bytes_read = source.bytes_read
-        yield batch
+
+    def pieces() -> Iterator[tuple[pl.DataFrame, int, int | None]]:
+        for chunk in chunks(source, options.chunk_rows):
+            report.blank_lines += chunk.blank_lines
+            if chunk.rows.height:
+                rows, added = _mapped(chunk.rows, spec, options, report)
+                yield rows, added, source.bytes_read
+
+    decode = lambda rows, plan: decode_chunk(rows, plan, display, options)  # noqa: E731
+    yield from _decoded_in_order(pieces(), _sampled_plan(spec, display, report), decode, report)
     report.sha256 = source.sha256
 
 
@@ -1155,26 +1184,26 @@ def _typed_batches(
     path: Path, display: str, container: str, spec: InputSpec, options: IngestOptions, report: FileReport
 ) -> Iterator[IngestBatch]:
     source = TYPED_SOURCES[container](path, display)
-    first_row = 1
+    decode = lambda rows, plan: decode_chunk(rows, plan, display, options)  # noqa: E731
+
+    def numbered(frames: Iterator[pl.DataFrame]) -> Iterator[tuple[int, pl.DataFrame]]:
+        first_row = 1
+        for frame in frames:
+            yield first_row, frame
+            first_row += frame.height
+
     if spec.mapping is not None:
         # A mapping reads any column; every column JSON can carry goes through it.
         columns = [name for name in source.names if name in source.json_native] or source.names[:1]
-        plan: FormatPlan | None = None
-        for frame in source.batches(columns, options.chunk_rows, True):
-            rows, added = _mapped(_frame_to_json_rows(frame, first_row), spec, options, report)
-            first_row += frame.height
-            if plan is None:
-                sample = _sample_rows(rows)
-                plan = _plan_for(sample, list({key for row in sample for key in row}), spec, display)
-                report.format = "mapping"
-            batch = decode_chunk(rows, plan, display, options)
-            batch.added = added
-            yield batch
+        pieces = (
+            (*_mapped(_frame_to_json_rows(frame, first_row), spec, options, report), None)
+            for first_row, frame in numbered(source.batches(columns, options.chunk_rows, True))
+        )
+        yield from _decoded_in_order(pieces, _sampled_plan(spec, display, report), decode, report)
     elif container == "parquet" and set(CANONICAL_SCHEMA) <= set(source.names):
         report.format = CANONICAL_FORMAT
-        for frame in source.batches(source.names, options.chunk_rows, False):
-            yield _canonical_batch(frame, first_row, display, options)
-            first_row += frame.height
+        frames = numbered(source.batches(source.names, options.chunk_rows, False))
+        yield from ordered_map(lambda item: _canonical_batch(item[1], item[0], display, options), frames, DECODE_THREADS, "curate-ingest")
     else:
         # Format detection samples the first rows of the columns some format could use.
         wanted = {*(name for names in DEFAULT_COLUMNS.values() for name in names.values()), *spec.columns.values()}
@@ -1197,9 +1226,11 @@ def _typed_batches(
             with contextlib.closing(source.batches(columns, 200, True)) as heads:
                 head = next((frame for frame in heads if frame.height), head)
             plan = dataclasses.replace(plan, metadata=metadata_fields(head.head(200).to_dicts(), plan, spec.keep_columns))
-        for frame in source.batches(columns, options.chunk_rows, True):
-            yield decode_chunk(_frame_to_json_rows(frame, first_row), plan, display, options)
-            first_row += frame.height
+        pieces = (
+            (_frame_to_json_rows(frame, first_row), 0, None)
+            for first_row, frame in numbered(source.batches(columns, options.chunk_rows, True))
+        )
+        yield from _decoded_in_order(pieces, lambda rows: plan, decode, report)
     report.sha256 = source.sha256()
 
 
@@ -1220,7 +1251,7 @@ def ingest_file(
         report.rows_added += batch.added
         report.kept += batch.records.height
         report.quarantined += batch.quarantine.height
-        for reason, count in batch.quarantine.group_by("reason").len().iter_rows():
+        for reason, count in batch.quarantine.group_by("reason").len().iter_rows() if batch.quarantine.height else ():
             report.quarantine_reasons[reason] = report.quarantine_reasons.get(reason, 0) + count
         yield batch, report
     if report.rows == 0 and report.blank_lines == 0 and report.format == "auto":

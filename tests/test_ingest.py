@@ -330,6 +330,126 @@ def test_fast_normalization_equals_the_reference_expression():
     check()
 
 
+def test_message_lists_concatenate_as_polars_concat_list():
+    """Ingest joins a format's message lists (system + turns) with records.concat_lists, built from
+    offsets because Polars' concat_list goes row by row on structs: it must give concat_list's result,
+    nulls, empty lists, tool calls and sliced/multi-chunk columns included."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from curate.records import concat_lists
+    from schemas import MESSAGES_DTYPE
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = st.fixed_dictionaries({
+        "role": st.sampled_from(["user", "assistant", "tool"]) | st.none(),
+        "content": st.sampled_from(["", "a", "b c", "\u00e9"]) | st.none(),
+        "tool_calls": st.none() | st.just([call]),
+    }) | st.none()  # fmt: skip
+    column = st.lists(st.lists(message, max_size=4) | st.none(), min_size=1, max_size=8)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(column, min_size=1, max_size=4), st.integers(0, 3), st.booleans())
+    def check(columns, offset, chunked):
+        rows = min(len(values) for values in columns)
+        frame = pl.DataFrame({f"p{i}": values[:rows] for i, values in enumerate(columns)}, schema={f"p{i}": MESSAGES_DTYPE for i in range(len(columns))})
+        frame = frame.slice(min(offset, rows - 1))
+        if chunked:
+            frame = pl.concat([frame, frame.tail(2)], rechunk=False)
+        reference = frame.select(pl.concat_list(frame.columns).alias("p0")).to_series()
+        joined = concat_lists([frame[name] for name in frame.columns])
+        assert joined.dtype == reference.dtype
+        assert joined.to_list() == reference.to_list()
+
+    check()
+
+
+TURN_KINDS = ("user", "assistant", "system", "tool", "call")
+
+
+def _turn(kind: str) -> dict:
+    if kind == "call":
+        return {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}
+    if kind == "tool":
+        return {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    return {"role": kind, "content": f"a {kind} turn"}
+
+
+def _order_ok(kinds: list[str], expect: str) -> bool:
+    """The turn-order rules, one message at a time (the reference the vectorized check must equal)."""
+    for index, kind in enumerate(kinds):
+        if kind == "tool" and (index == 0 or kinds[index - 1] not in ("call", "tool")):
+            return False  # a result without a call before it
+        if kind == "call" and (index + 1 == len(kinds) or kinds[index + 1] != "tool"):
+            return False  # a call nobody answered
+    if expect == "reply":
+        return kinds[-1] == "assistant" and all(kind in ("call", "tool") for kind in kinds[:-1])
+    if kinds.count("system") > 1 or ("system" in kinds and kinds[0] != "system"):
+        return False
+    turns = [kind for kind in kinds if kind in ("user", "assistant")]
+    if any(turn != ("user", "assistant")[position % 2] for position, turn in enumerate(turns)):
+        return False
+    if expect == "conversation":
+        return len(turns) >= 2 and len(turns) % 2 == 0 and kinds[-1] == "assistant"
+    return len(turns) % 2 == 1 and kinds[-1] not in ("call", "assistant")
+
+
+def _turn_sequences(seed: int = 11) -> list[list[str]]:
+    """Every sequence of up to 4 turn kinds, and longer ones built to be valid, half of them then broken
+    by one insertion, deletion or substitution (random sequences that long are almost never valid)."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    sequences = [list(kinds) for length in range(1, 5) for kinds in itertools.product(TURN_KINDS, repeat=length)]
+    for _ in range(600):
+        blocks = lambda: [kind for _ in range(rng.choice([0, 0, 1, 2])) for kind in ["call", *["tool"] * rng.randint(1, 2)]]  # noqa: E731
+        shape = rng.choice(["conversation", "prompt", "reply"])
+        kinds = ["system"] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 4)):
+            kinds += [*blocks(), "user", *blocks(), "assistant"]
+        if shape == "prompt":
+            kinds = kinds[:-1] + blocks()
+        elif shape == "reply":
+            kinds = [*blocks(), "assistant"]
+        if rng.random() < 0.5:
+            where = rng.randrange(len(kinds))
+            change = rng.choice(["insert", "delete", "replace"])
+            if change == "insert":
+                kinds.insert(where, rng.choice(TURN_KINDS))
+            elif change == "delete" and len(kinds) > 1:
+                del kinds[where]
+            else:
+                kinds[where] = rng.choice(TURN_KINDS)
+        sequences.append(kinds)
+    return sequences
+
+
+def test_turn_order_checks_follow_the_rules_message_by_message(tmp_path):
+    """Conversations, prompts and replies with tool calls, tool results and system turns anywhere:
+    exactly the rows the rules reject (checked one message at a time here) are quarantined as
+    broken_turn_order, and every other row is kept."""
+    sequences = _turn_sequences()
+    rows, broken_expected = [], set()
+    for kinds in sequences:
+        rows.append({"messages": [_turn(kind) for kind in kinds]})
+        broken_expected |= set() if _order_ok(kinds, "conversation") else {len(rows)}
+    for kinds in sequences:
+        rows.append({"prompt": [_turn(kind) for kind in kinds], "chosen": [_turn("assistant")], "rejected": [_turn("assistant")]})
+        broken_expected |= set() if _order_ok(kinds, "prompt") else {len(rows)}
+        rows.append({"prompt": [_turn("user")], "chosen": [_turn(kind) for kind in kinds], "rejected": [_turn("assistant")]})
+        broken_expected |= set() if _order_ok(kinds, "reply") else {len(rows)}
+    chats = write_jsonl(tmp_path / "chats.jsonl", rows[: len(sequences)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows[len(sequences) :])
+    records, quarantine = read_canonical([chats, pairs])
+    assert records.height + quarantine.height == len(rows)
+    assert set(quarantine["reason"]) == {"broken_turn_order"}
+    row_numbers = quarantine.select(pl.when(pl.col("file") == "pairs.jsonl").then(pl.col("row") + len(sequences)).otherwise(pl.col("row")))
+    assert set(row_numbers.to_series()) == broken_expected
+    for expect in ("conversation", "prompt", "reply"):  # valid rows of every kind, not only broken ones
+        assert sum(_order_ok(kinds, expect) for kinds in sequences) >= 100
+
+
 def test_code_indentation_tabs_and_blank_lines_survive_ingest(tmp_path):
     """Normalization may not change meaning: indentation, tabs, runs of spaces and blank lines inside an
     answer are kept; only trailing whitespace, CRLF and a BOM/zero-width space are cleaned."""

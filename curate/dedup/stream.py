@@ -34,8 +34,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +66,7 @@ from curate.dedup.pipeline import (
 from curate.dedup.signatures import estimated_jaccard, minhash_signatures
 from curate.dedup.text import PART_NAMES, ShingleSets, key_text, shingle_sets
 from curate.dedup.verify import NodeFeatures
+from curate.parallel import ordered_map
 
 BATCH_ROWS = 1_000  # rows per slice: their texts, exploded shingles and sketches are the phase's working set
 SKETCH_THREADS = max(1, min(4, os.cpu_count() or 1))  # slices sketched at once (one more waits to be written)
@@ -232,14 +231,8 @@ def _sketch_slice(frame: pl.LazyFrame, offset: int, config: DedupConfig) -> _Bat
 def _sketches_in_order(frame: pl.LazyFrame, total: int, config: DedupConfig):
     """Each slice's `_BatchSketch`, in input order, computed SKETCH_THREADS slices at a time (the batch
     pass was one core's work: its Python glue between Polars and numpy calls held the other idle)."""
-    with ThreadPoolExecutor(max_workers=SKETCH_THREADS, thread_name_prefix="curate-dedup-sketch") as pool:
-        in_flight: deque = deque()
-        for offset in range(0, total, BATCH_ROWS):
-            in_flight.append(pool.submit(_sketch_slice, frame, offset, config))
-            if len(in_flight) > SKETCH_THREADS:
-                yield in_flight.popleft().result()
-        while in_flight:
-            yield in_flight.popleft().result()
+    offsets = range(0, total, BATCH_ROWS)
+    return ordered_map(lambda offset: _sketch_slice(frame, offset, config), offsets, SKETCH_THREADS, "curate-dedup-sketch")
 
 
 def sketch_batches(frame: pl.LazyFrame, total: int, config: DedupConfig, work: Path, phase) -> SketchFiles:

@@ -13,8 +13,6 @@ by Polars, one sink after the other.
 
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +23,7 @@ import pyarrow.parquet as pq
 
 from curate.atomic import ROW_GROUP_ROWS, atomic_path
 from curate.errors import ConfigError
+from curate.parallel import ordered_map
 from curate.stage import BatchOutput, StageContext, StageSpec
 from schemas import CANONICAL_SCHEMA
 
@@ -190,17 +189,11 @@ class LocalEngine:
     def _transformed(self, spec: StageSpec, config: Any, ctx: StageContext, input_path: Path) -> Iterator[tuple[int, BatchOutput]]:
         """(batch rows, transform(batch)) in input order, with at most `workers + 1` batches in flight (a
         batch is released once transformed: only its row count is kept)."""
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"curate-{ctx.name}") as pool:
-            in_flight: deque = deque()
-            for batch in read_batches(input_path, self.batch_rows):
-                in_flight.append((batch.height, pool.submit(spec.transform, batch, config, ctx)))
-                del batch
-                if len(in_flight) > self.workers:
-                    rows_read, future = in_flight.popleft()
-                    yield rows_read, future.result()
-            while in_flight:
-                rows_read, future = in_flight.popleft()
-                yield rows_read, future.result()
+
+        def transformed(batch: pl.DataFrame) -> tuple[int, BatchOutput]:
+            return batch.height, spec.transform(batch, config, ctx)
+
+        return ordered_map(transformed, read_batches(input_path, self.batch_rows), self.workers, f"curate-{ctx.name}")
 
     def close(self) -> None:
         pass

@@ -16,6 +16,9 @@ from curate.ingest import FileReport, IngestOptions, InputSpec, ingest_file
 from curate.stage import StageContext, register_source_stage
 from schemas import CANONICAL_SCHEMA, QUARANTINE_SCHEMA
 
+# Part files live only until the outputs are written (zstd): lz4 writes in half the time for ~2x the bytes.
+PART_COMPRESSION = "lz4"
+
 
 def stored_size(path: Path) -> int:
     if path.is_dir():
@@ -49,10 +52,10 @@ def ingest_stage(
                 last_report = report
                 if batch.records.height:
                     record_parts.append(parts / f"records-{file_index:05d}-{chunk_index:06d}.parquet")
-                    batch.records.write_parquet(record_parts[-1])
+                    batch.records.write_parquet(record_parts[-1], compression=PART_COMPRESSION)
                 if batch.quarantine.height:
                     quarantine_parts.append(parts / f"quarantine-{file_index:05d}-{chunk_index:06d}.parquet")
-                    batch.quarantine.write_parquet(quarantine_parts[-1])
+                    batch.quarantine.write_parquet(quarantine_parts[-1], compression=PART_COMPRESSION)
                 ctx.progress(f"{display}: {report.rows:,} rows")
                 reading.advance(min(report.bytes_read, sizes[file_index]) - (reading.done - read_before))
             reading.advance(sizes[file_index] - (reading.done - read_before))  # typed sources count at the end
