@@ -399,14 +399,14 @@ def _lines_to_chunks(data: bytes, line_offset: int, chunk_rows: int) -> Iterator
     # bytes.split and bytes.decode run in C: no Python work per line on the hot path.
     if data.endswith(b"\n"):
         data = data[:-1]
-    byte_lines = data.split(b"\n")
     text_lines = data.decode("utf-8", errors="replace").split("\n")
-    if len(text_lines) != len(byte_lines):  # cannot happen: U+FFFD never introduces a newline
-        raise AssertionError("line split mismatch")
     frame = pl.DataFrame({"__raw": text_lines}).with_row_index("__index")
     frame = frame.with_columns((pl.col("__index").cast(pl.Int64) + 1 + line_offset).alias("__row"))
     suspect = frame.filter(pl.col("__raw").str.contains("\ufffd", literal=True))["__index"].to_list()
     bad_utf8 = np.zeros(frame.height, dtype=bool)
+    byte_lines = data.split(b"\n") if suspect else []
+    if len(byte_lines) not in (0, len(text_lines)):  # cannot happen: U+FFFD never introduces a newline
+        raise AssertionError("line split mismatch")
     for index in suspect:  # only lines with a replacement character: rare
         try:
             byte_lines[index].decode("utf-8")
