@@ -276,6 +276,10 @@ def test_cli_sft_then_eval_prints_base_vs_adapter(tiny, tmp_path, capsys):
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["validation"]["adapter_loss"] < result["validation"]["base_loss"]
     assert len(result["samples"]) == 1 and {"base", "adapter", "prompt"} <= result["samples"][0].keys()
+    # `train eval` measures the losses exactly as training's final evaluation did: the same packed rows
+    # through the same attention (per packed sample); the masked-row path differed in the 8th digit.
+    [final] = [r["final"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "final" in r]
+    assert (result["validation"]["base_loss"], result["validation"]["adapter_loss"]) == (final["base_loss"], final["adapter_loss"])
 
 
 # --------------------------------------------------------------------------------------------- DDP
