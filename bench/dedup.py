@@ -23,7 +23,11 @@ banding: datasketch's optimum for the threshold, datatrove's default (14 × 8) a
   workers), which is faster on small inputs and few cores.
 - **ours**: `curate.dedup.deduplicate` on the canonical frame, end to end (normalization, shingling,
   hashing, signatures, banding, candidates, exact-Jaccard verification, clustering, keep policy);
-  pairs = verified edges.
+  pairs = verified edges. The library's in-memory call: the whole frame and its sketches in memory.
+- **ours-stream**: the out-of-core dedup that `curate run` executes (`curate.dedup.stream`): the input
+  scanned from a Parquet file in batches, signatures and band keys on disk, candidates band by band. The
+  same decisions as `ours` (tested; the bench prints whether the kept rows agree); it keeps no edge list,
+  so its pairs are every pair inside its clusters, as for datatrove. Its peak memory is the stage's.
 
 Each side runs in its own subprocess, `--repeat` times in that process; the fastest run counts, the same
 N for every side. Peak memory per side: bench/peak_memory.py (the larger of the side's own VmHWM and its
@@ -52,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_memory import own_peak_mb, tree_memory_mb  # noqa: E402
 
-SIDES = ("datasketch-per-record", "datasketch-bulk", "datatrove", "datatrove-1proc", "ours")
+SIDES = ("datasketch-per-record", "datasketch-bulk", "datatrove", "datatrove-1proc", "ours", "ours-stream")
 
 
 def build_corpus(records: int, seed: int, edit_fraction: float = 0.1) -> list[str]:
@@ -283,31 +287,59 @@ def cluster_pairs(edges: np.ndarray, n: int) -> list[tuple[int, int]]:
     return [(a, b) for group in members.values() for i, a in enumerate(group) for b in group[i + 1 :]]
 
 
-def side_ours(texts, bands, rows, hash_name, timed):
+def canonical_texts(texts: list[str]):
+    """A canonical-shaped frame, one assistant message per record; ids only need to be distinct here."""
     import polars as pl
 
-    from curate.dedup import DedupConfig, deduplicate
     from schemas import CANONICAL_SCHEMA
 
-    # A canonical-shaped frame (one assistant message per record); ids only need to be distinct here.
-    frame = pl.DataFrame(
-        {
-            "id": [f"{index:032x}" for index in range(len(texts))],
-            "kind": ["sft"] * len(texts),
-            "messages": [[{"role": "assistant", "content": text}] for text in texts],
-        },
-        schema={key: CANONICAL_SCHEMA[key] for key in ("id", "kind", "messages")},
-    ).with_columns(
-        pl.lit(None, dtype=CANONICAL_SCHEMA[name]).alias(name) for name in ("prompt", "chosen", "rejected", "source")
-    ).with_row_index("__row")
-    config = DedupConfig(
-        shingle="word", ngram=3, num_perm=bands * rows, bands=bands, rows=rows, hash=hash_name, save_index=False
+    return pl.DataFrame({"content": texts, "id": [f"{index:032x}" for index in range(len(texts))]}).select(
+        pl.col("id"),
+        pl.lit("sft").alias("kind"),
+        pl.concat_list(pl.struct(pl.lit("assistant").alias("role"), pl.col("content"))).cast(CANONICAL_SCHEMA["messages"]).alias("messages"),
+        *[pl.lit(None, dtype=CANONICAL_SCHEMA[name]).alias(name) for name in ("prompt", "chosen", "rejected", "source")],
     )
-    outcome = timed(lambda: deduplicate(frame, config))
+
+
+def ours_config(bands: int, rows: int, hash_name: str):
+    from curate.dedup import DedupConfig
+
+    return DedupConfig(shingle="word", ngram=3, num_perm=bands * rows, bands=bands, rows=rows, hash=hash_name, save_index=False)
+
+
+def side_ours(texts, bands, rows, hash_name, timed):
+    from curate.dedup import deduplicate
+
+    frame = canonical_texts(texts).with_row_index("__row")
+    outcome = timed(lambda: deduplicate(frame, ours_config(bands, rows, hash_name)))
     edges = outcome.edges
     pairs = list(zip(edges["row_left"].to_list(), edges["row_right"].to_list())) if edges is not None else []
     removed = outcome.report["near_duplicates"] + outcome.report["exact_duplicates"]
     return pairs, len(texts) - removed
+
+
+def side_ours_stream(texts, bands, rows, hash_name, timed):
+    """The out-of-core dedup `curate run` executes (curate.dedup.stream): input scanned from Parquet in
+    batches, signatures and band keys on disk. Its decisions equal `ours` (tested); it keeps no edge
+    list, so its pairs are every pair inside its clusters, as for datatrove."""
+    import shutil
+
+    import polars as pl
+
+    from curate.dedup.stream import deduplicate_out_of_core
+
+    folder = Path(tempfile.mkdtemp(prefix="dedup-stream-"))
+    try:
+        canonical_texts(texts).write_parquet(folder / "input.parquet", row_group_size=10_000)
+        texts.clear()  # the stage reads its input from the file, as in a pipeline
+        scan = pl.scan_parquet(folder / "input.parquet")
+        outcome = timed(lambda: deduplicate_out_of_core(scan, ours_config(bands, rows, hash_name), folder / "dedup"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    decisions = outcome.decisions.select("__row", "dup_cluster").drop_nulls("dup_cluster")
+    members = decisions.group_by("dup_cluster").agg(pl.col("__row").sort()).filter(pl.col("__row").list.len() > 1)["__row"].to_list()
+    pairs = [(a, b) for group in members for i, a in enumerate(group) for b in group[i + 1 :]]
+    return pairs, outcome.decisions.height - outcome.decisions["reason"].is_not_null().sum()
 
 
 def run_side(args) -> None:
@@ -417,18 +449,23 @@ def main() -> None:
                 kept = f", rows kept {result['kept']:,}" if result["kept"] is not None else ""
                 print(f"{side:22s} {result['seconds']:8.2f} s  precision {precision:.4f}  recall {recall:.4f}  "
                       f"pairs {len(result['pairs']):,}  peak memory {result['rss_mb']:.0f} MB{kept}")  # fmt: skip
-            if "ours" in results:
-                ratios += [(bands, rows, side, results[side]["seconds"] / results["ours"]["seconds"])
-                           for side in results if side != "ours"]  # fmt: skip
+            if "ours" in results and "ours-stream" in results:
+                same = results["ours"]["kept"] == results["ours-stream"]["kept"]
+                print(f"ours-stream keeps the same rows as ours: {'yes' if same else 'NO'} "
+                      f"({results['ours-stream']['kept']:,} and {results['ours']['kept']:,})")  # fmt: skip
+            for ours in ("ours", "ours-stream"):
+                if ours in results:
+                    ratios += [(bands, rows, side, ours, results[side]["seconds"] / results[ours]["seconds"])
+                               for side in results if not side.startswith("ours")]  # fmt: skip
     print()
-    for bands, rows, side, ratio in ratios:
-        print(f"ratio @ {bands}×{rows} ({args.hash}): {side} / ours = {ratio:.1f}× (ours faster when > 1)")
-    for bands, rows in dict.fromkeys((b, r) for b, r, _, _ in ratios):
+    for bands, rows, side, ours, ratio in ratios:
+        print(f"ratio @ {bands}×{rows} ({args.hash}): {side} / {ours} = {ratio:.1f}× (ours faster when > 1)")
+    for bands, rows, ours in dict.fromkeys((b, r, o) for b, r, _, o, _ in ratios):
         for peer in ("datasketch", "datatrove"):
-            modes = [(ratio, side) for b, r, side, ratio in ratios if (b, r) == (bands, rows) and side.startswith(peer)]
+            modes = [(ratio, side) for b, r, side, o, ratio in ratios if (b, r, o) == (bands, rows, ours) and side.startswith(peer)]
             if modes:
                 ratio, side = min(modes)
-                print(f"headline @ {bands}×{rows} ({args.hash}): {peer} at its fastest ({side}) / ours = {ratio:.1f}×")
+                print(f"headline @ {bands}×{rows} ({args.hash}): {peer} at its fastest ({side}) / {ours} = {ratio:.1f}×")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class Bench:
 
 
 BENCHES = (
-    Bench("dedup", "MinHash near-dedup, word 3-grams, xxh32 on every side, each peer's banding; precision/recall vs exact Jaccard",
+    Bench("dedup", "MinHash near-dedup, word 3-grams, xxh32 on every side, each peer's banding; precision/recall vs exact Jaccard; ours in memory and as `curate run`'s out-of-core stage",
           "datasketch per record and `MinHash.bulk` + `insertion_session`; datatrove's 4-step MinHash (all cores and in one process)",
           (), ("--records", "3000", "--repeat", "1"), headline_only=True),
     Bench("ingest", "read 3 JSONL layouts with broken lines into canonical `messages` + sha256 id",
