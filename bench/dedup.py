@@ -31,7 +31,7 @@ banding: datasketch's optimum for the threshold, datatrove's default (14 × 8) a
 
 Each side runs in its own subprocess, `--repeat` times in that process; the fastest run counts, the same
 N for every side. Peak memory per side: bench/peak_memory.py (the larger of the side's own VmHWM and its
-process tree's PSS sampled every 50 ms; datatrove's workers are separate processes).
+process tree's PSS, sampled every 50 ms or less often for large processes (peak_memory.sampled); datatrove's workers are separate processes).
 Nothing is extrapolated: `--records` is the size for every side. Ratios come last.
 
     .venv/bin/python bench/dedup.py                      # 100k records
@@ -54,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peak_memory import own_peak_mb, tree_memory_mb  # noqa: E402
+from peak_memory import own_peak_mb, sampled, tree_memory_mb  # noqa: E402
 
 SIDES = ("datasketch-per-record", "datasketch-bulk", "datatrove", "datatrove-1proc", "ours", "ours-stream")
 
@@ -372,8 +372,9 @@ def measure(side: str, corpus: Path, bands: int, rows: int, args, folder: Path) 
     with log.open("wb") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
         while process.poll() is None:
-            peak = max(peak, tree_memory_mb(process.pid))
-            time.sleep(0.05)
+            memory, wait = sampled(lambda: tree_memory_mb(process.pid))
+            peak = max(peak, memory)
+            time.sleep(wait)
     if process.returncode != 0 or not result.exists():
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise SystemExit(f"bench/dedup.py: side {side} failed (exit {process.returncode}): " + " | ".join(tail))

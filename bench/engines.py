@@ -33,6 +33,8 @@ import numpy as np
 import polars as pl
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from peak_memory import sampled  # noqa: E402
 STAGES = ({"type": "pii", "config": {"mode": "redact"}}, {"type": "tag", "config": {"language": None}}, {"type": "filter", "config": {"preset": "chat", "languages": None}})
 SIDES = {"local": None, "ray-1": 1, "ray-2": 2}
 
@@ -155,8 +157,8 @@ def measure(side: str, data: Path, work: Path) -> dict:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
     peaks = dict.fromkeys(("driver_rss_mb", "worker_max_rss_mb", "workers_rss_mb", "tree_pss_mb"), 0.0)
     while process.poll() is None:
-        sample(process.pid, peaks)
-        time.sleep(0.05)
+        _, wait = sampled(lambda: sample(process.pid, peaks))
+        time.sleep(wait)
     output = process.stdout.read().strip().splitlines()
     if process.returncode != 0 or not output:
         raise SystemExit(f"side {side} failed (exit code {process.returncode}; its error is above)")

@@ -7,7 +7,8 @@ generated chat records (what the scale bench builds on):
 
 `ru_maxrss` of a child cannot be used: exec keeps the parent's peak, so every side would report at least
 the parent's. Instead a side reports its own VmHWM (per address space, fresh at exec), and the parent
-samples the proportional set size (PSS) summed over the side's process tree every 50 ms, which counts the
+samples the proportional set size (PSS) summed over the side's process tree every 50 ms (less often for
+large processes: `sampled`), which counts the
 worker processes some peers fork (datatrove, `datasets.map(num_proc=...)`), with their copy-on-write pages
 counted once. The peak is the larger of the two.
 """
@@ -36,6 +37,21 @@ def own_peak_mb() -> float:
     except OSError:
         pass
     return 0.0
+
+
+# Reading a process's PSS walks its page tables under the kernel's mmap lock, which the process's own
+# page faults and mmap/munmap wait on: sampled every 50 ms, a 4 GB trainer ran at 139 tokens/s instead of
+# 233 (bench/train_vs_trl.py, SmolLM2, 2 threads). So a sampler waits at least this many times as long as
+# its last sample took, which keeps it under ~2% of the measured side's time whatever that side's size.
+SAMPLE_WAIT_FACTOR = 50
+MIN_SAMPLE_INTERVAL = 0.05
+
+
+def sampled(measure):
+    """`measure()` timed: (its value, the seconds to wait before the next sample)."""
+    started = time.perf_counter()
+    value = measure()
+    return value, max(MIN_SAMPLE_INTERVAL, SAMPLE_WAIT_FACTOR * (time.perf_counter() - started))
 
 
 def tree_memory_mb(pid: int) -> float:
@@ -71,9 +87,10 @@ def run_measured(target, *args) -> dict:
     process.start()
     peak = 0.0
     while True:
-        peak = max(peak, tree_memory_mb(process.pid))
+        memory, wait = sampled(lambda: tree_memory_mb(process.pid))
+        peak = max(peak, memory)
         try:
-            result = queue.get(timeout=0.05)
+            result = queue.get(timeout=wait)
             break
         except queue_module.Empty:
             if not process.is_alive():

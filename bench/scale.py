@@ -44,7 +44,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_phases import PHASE_MARK  # noqa: E402
-from peak_memory import tree_memory_mb  # noqa: E402
+from peak_memory import sampled, tree_memory_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
@@ -159,7 +159,7 @@ def run_measured_cli(arguments: list[str], env: dict) -> dict:
             output += chunk
             marks = [line for line in chunk.decode(errors="replace").splitlines() if line.startswith(PHASE_MARK)]
             phase = marks[-1][len(PHASE_MARK):] if marks else phase
-        memory = tree_memory_mb(process.pid)
+        memory, wait = sampled(lambda: tree_memory_mb(process.pid))
         if memory > tree_peak:
             tree_peak = memory
             if peaks and peaks[-1][0] == phase:
@@ -169,7 +169,7 @@ def run_measured_cli(arguments: list[str], env: dict) -> dict:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
-        time.sleep(0.05)
+        time.sleep(wait)
     process.returncode = os.waitstatus_to_exitcode(status)
     output += process.stdout.read() or b""
     wall = time.perf_counter() - started
