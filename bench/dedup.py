@@ -31,7 +31,8 @@ banding: datasketch's optimum for the threshold, datatrove's default (14 × 8) a
 
 Each side runs in its own subprocess, `--repeat` times in that process; the fastest run counts, the same
 N for every side. Peak memory per side: bench/peak_memory.py (the larger of the side's own VmHWM and its
-process tree's PSS, sampled every 50 ms or less often for large processes (peak_memory.sampled); datatrove's workers are separate processes).
+process tree's PSS, sampled every 50 ms or less often for large processes (peak_memory.sampled);
+datatrove's workers are separate processes).
 Nothing is extrapolated: `--records` is the size for every side. Ratios come last.
 
     .venv/bin/python bench/dedup.py                      # 100k records
@@ -284,7 +285,12 @@ def cluster_pairs(edges: np.ndarray, n: int) -> list[tuple[int, int]]:
     members: dict[int, list[int]] = {}
     for node in np.unique(edges):
         members.setdefault(int(labels[node]), []).append(int(node))
-    return [(a, b) for group in members.values() for i, a in enumerate(group) for b in group[i + 1 :]]
+    return pairs_within(members.values())
+
+
+def pairs_within(groups) -> list[tuple[int, int]]:
+    """Every pair of members of each group (sorted row numbers), smaller row first."""
+    return [(a, b) for group in groups for i, a in enumerate(group) for b in group[i + 1 :]]
 
 
 def canonical_texts(texts: list[str]):
@@ -338,8 +344,7 @@ def side_ours_stream(texts, bands, rows, hash_name, timed):
         shutil.rmtree(folder, ignore_errors=True)
     decisions = outcome.decisions.select("__row", "dup_cluster").drop_nulls("dup_cluster")
     members = decisions.group_by("dup_cluster").agg(pl.col("__row").sort()).filter(pl.col("__row").list.len() > 1)["__row"].to_list()
-    pairs = [(a, b) for group in members for i, a in enumerate(group) for b in group[i + 1 :]]
-    return pairs, outcome.decisions.height - outcome.decisions["reason"].is_not_null().sum()
+    return pairs_within(members), outcome.decisions.height - outcome.decisions["reason"].is_not_null().sum()
 
 
 def run_side(args) -> None:

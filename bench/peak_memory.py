@@ -8,9 +8,9 @@ generated chat records (what the scale bench builds on):
 `ru_maxrss` of a child cannot be used: exec keeps the parent's peak, so every side would report at least
 the parent's. Instead a side reports its own VmHWM (per address space, fresh at exec), and the parent
 samples the proportional set size (PSS) summed over the side's process tree every 50 ms (less often for
-large processes: `sampled`), which counts the
-worker processes some peers fork (datatrove, `datasets.map(num_proc=...)`), with their copy-on-write pages
-counted once. The peak is the larger of the two.
+large processes: `sampled`), which counts the worker processes some peers fork (datatrove,
+`datasets.map(num_proc=...)`), with their copy-on-write pages counted once. The peak is the larger of
+the two.
 """
 
 from __future__ import annotations

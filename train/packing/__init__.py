@@ -4,13 +4,15 @@ guard rails, packed loss, and packed DPO.
 Typical SFT use::
 
     plan = plan_packing(lengths, max_seq_len=2048)
-    packing_canary(model)                       # once, at training start
+    prepare_packed_attention(model)             # once, at training start: per-sample attention + canary
     for rows in plan.batches(rows_per_batch):
         batch = pack_batch(tokens, target_mask, sample_offsets, rows, pad_id=tok.pad_token_id)
         loss_sum, n = packed_lm_loss(model, batch.model_inputs(model.config._attn_implementation), batch.labels)
 """
 
-from .attention import PACKED_SDPA, PackedAttentionError, check_packed_forward_kwargs, packed_forward, packing_canary, use_packed_sdpa
+from .attention import (
+    PACKED_SDPA, PackedAttentionError, check_packed_forward_kwargs, packed_forward, packing_canary, prepare_packed_attention, use_packed_sdpa,
+)
 from .dpo import (
     DpoPackPlan,
     PackedDpoBatch,
@@ -46,6 +48,7 @@ __all__ = [
     "packed_dpo_logps",
     "packed_forward",
     "packing_canary",
+    "prepare_packed_attention",
     "plan_dpo_packing",
     "plan_packing",
     "triton_available",

@@ -49,11 +49,20 @@ AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)  # the fallback path mas
 
 def use_packed_sdpa(model) -> bool:
     """Switch a model running transformers' sdpa to `PACKED_SDPA` (others, e.g. flash-attention, keep
-    theirs); returns whether it now runs it. Call `packing_canary` after."""
+    theirs); returns whether it now runs it. Call `packing_canary` after (`prepare_packed_attention`)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(inner.config, "_attn_implementation", None) == "sdpa":
         inner.set_attn_implementation(PACKED_SDPA)
     return inner.config._attn_implementation == PACKED_SDPA
+
+
+def prepare_packed_attention(model) -> bool:
+    """Before a model sees packed rows (training, and evaluation that must measure what training did):
+    attention per packed sample where it runs sdpa, then the canary (packed samples must not see each
+    other). Returns whether it runs `PACKED_SDPA`."""
+    packed = use_packed_sdpa(model)
+    packing_canary(model)
+    return packed
 
 
 class PackedAttentionError(RuntimeError):
