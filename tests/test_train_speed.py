@@ -1,5 +1,5 @@
-"""The targets-only LM head: the loss and LoRA gradients equal the full-head ones, and training through
-the CLI projects only the positions that predict a target."""
+"""The targets-only LM head: the loss and LoRA gradients equal the full-head ones (through the logits, and
+fused into the cross-entropy), and training through the CLI projects only the positions that predict a target."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from train.cli import main
 from train.config import LoraSettings, ModelConfig
 from train.data import load_sft_split
 from train.models import add_lora, load_base_model, load_tokenizer
-from train.packing import pack_batch, packed_causal_lm_loss, packed_forward, packed_lm_loss, plan_packing
+from train.packing import pack_batch, packed_causal_lm_loss, packed_forward, packed_lm_loss, plan_packing, use_fused_head_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import one_torch_thread  # noqa: E402,F401  (autouse fixture)
@@ -129,4 +129,23 @@ def test_dpo_logps_from_kept_positions_equal_full_head_logps_and_gradients(tmp_p
     value, _, grads = _loss_and_grads(model, kept_only)
     torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-4)
     for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_head_loss_equals_the_logits_loss_and_lora_gradients(tiny):
+    model, batch = _lora_model_and_batch(tiny)
+    inputs = batch.model_inputs("sdpa")
+    ref_loss, ref_n, ref_grads = _loss_and_grads(model, lambda: packed_causal_lm_loss(packed_forward(model, **inputs).logits, batch.labels))
+    assert use_fused_head_loss(model) and model.training  # the canary passed and left the mode alone
+    head = model.get_base_model().lm_head
+    seen = []
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(out.shape[-1]))
+    loss, n, grads = _loss_and_grads(model, lambda: packed_lm_loss(model, inputs, batch.labels))
+    hook.remove()
+    assert seen == [head.in_features]  # the head handed back hidden states: no logits were computed
+    assert "forward" not in vars(head)  # and its own forward is back
+    assert n == ref_n
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in ref_grads:
+        assert ref_grads[name].abs().max() > 0, name
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -119,7 +119,7 @@ def run_eval(config, adapter_dir: str | Path, console=None, task_prompts: int = 
     from train.data import load_dpo_split, load_sft_split, planner_overflow, read_split, set_chat_template
     from train.models import load_adapter, load_base_model, load_tokenizer
     from train.models import set_cpu_threads
-    from train.packing import plan_dpo_packing, plan_packing, prepare_packed_attention
+    from train.packing import plan_dpo_packing, plan_packing, prepare_packed_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -141,7 +141,7 @@ def run_eval(config, adapter_dir: str | Path, console=None, task_prompts: int = 
     else:
         # Losses as training measured them: attention per packed sample (the masked row gives the same
         # loss up to rounding, at several times the attention compute).
-        prepare_packed_attention(model)
+        prepare_packed_model(model)
         data = load_sft_split(tokenizer, split_dir, "validation", config.data.max_val_samples, config.data.completion_only_loss)
         if data is not None:
             plan = plan_packing(data.lengths, config.data.max_seq_len, overflow)

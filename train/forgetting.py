@@ -45,7 +45,7 @@ def compare_adapters(config, new: str | Path, previous: str | Path) -> dict:
     from train.data import load_sft_split, planner_overflow, set_chat_template
     from train.evaluate import sft_loss
     from train.models import load_adapter, load_base_model, load_tokenizer, set_cpu_threads
-    from train.packing import plan_packing, prepare_packed_attention
+    from train.packing import plan_packing, prepare_packed_model
 
     new, previous = Path(new), Path(previous)
     if _is_dpo(new) or _is_dpo(previous):
@@ -58,7 +58,7 @@ def compare_adapters(config, new: str | Path, previous: str | Path) -> dict:
     model = load_adapter(load_base_model(config.model).to(device), new, adapter_name="new")
     load_adapter(model, previous, adapter_name="previous")
     model.to(device)
-    prepare_packed_attention(model)  # losses as training measured them: attention per packed sample
+    prepare_packed_model(model)  # losses as training measured them: attention per packed sample
     overflow = planner_overflow(config.data.overflow)
     rows = []
     for name, split_dir, split in eval_sets(config, previous):

@@ -244,20 +244,27 @@ def lora_config(settings: LoraSettings):
 
 
 def add_lora(model, settings: LoraSettings, seed: int):
-    """Wrap `model` with a fresh LoRA adapter; the init is seeded so runs (and resumes) are reproducible."""
+    """Wrap `model` with a fresh LoRA adapter; the init is seeded so runs (and resumes) are reproducible.
+    Its LoRA linears run fused (train.fused_lora), as do those of every adapter `load_adapter` loads."""
     from peft import get_peft_model
+
+    from train.fused_lora import fuse_lora_layers
 
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, lora_config(settings))
+        peft_model = get_peft_model(model, lora_config(settings))
     except ValueError as error:
         raise ModelLoadError(f"LoRA: {' '.join(str(error).split())[:300]}") from None
+    fuse_lora_layers(peft_model)
+    return peft_model
 
 
 def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False, adapter_name: str = "default"):
     """`model` wrapped with the adapter in `adapter_dir`; a PeftModel given as `model` gets it as one more
     adapter named `adapter_name`."""
     from peft import PeftModel
+
+    from train.fused_lora import fuse_lora_layers
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -267,10 +274,12 @@ def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False, ada
     try:
         if isinstance(model, PeftModel):
             model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
-            return model
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, adapter_name=adapter_name)
+        else:
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, adapter_name=adapter_name)
     except Exception as error:  # noqa: BLE001 - a damaged or mismatched adapter is a user-facing model problem
         raise ModelLoadError(f"{adapter_dir}: cannot load adapter: {' '.join(str(error).split())[:300]}") from None
+    fuse_lora_layers(model)
+    return model
 
 
 def set_cpu_threads(threads, processes_per_machine: int = 1) -> int:

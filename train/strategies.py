@@ -18,7 +18,7 @@ from train.data import dpo_target_stats, load_dpo_split, load_sft_split, sft_tar
 from train.dpo import batch_dpo_loss, pack_pairs, pair_logps, precompute_reference_logps, reference_logps
 from train.evaluate import base_vs_adapter_sft, dpo_metrics, sft_loss
 from train.packing import (
-    PACKED_SDPA, pack_batch, packed_lm_loss, plan_dpo_packing, plan_packing, prepare_packed_attention, without_padding,
+    PACKED_SDPA, pack_batch, packed_lm_loss, plan_dpo_packing, plan_packing, prepare_packed_model, without_padding,
 )
 
 if TYPE_CHECKING:  # the run context is built by the loop
@@ -61,7 +61,7 @@ class SftStrategy:
         return splits.train_plan.target_counts(data.target_mask.numpy(), data.offsets.numpy())
 
     def check_model(self, run: RunContext) -> None:
-        prepare_packed_attention(run.model)  # attention per packed sample, checked before any step
+        prepare_packed_model(run.model)  # attention per packed sample, checked before any step
 
     def micro_step(self, run: RunContext, rows, scale: float) -> dict[str, torch.Tensor]:
         batch = pack_batch(self.tokens, self.mask, self.offsets, run.splits.train_plan, rows, pad_id=run.pad_id, pad_to_multiple_of=8)
