@@ -148,13 +148,15 @@ def expand_inputs(specs: list[InputSpec], base_dir: Path) -> list[tuple[Path, st
 
     Each file is read once: a file reached twice (two specs, or symlinks to it) keeps its first
     place. The display name is relative to `base_dir` where possible, so `source.file` (and so the
-    outputs) do not depend on where the project is checked out."""
+    outputs) do not depend on where the project is checked out. A path that exists as written is taken
+    literally even with glob characters in its name (`chats[2024].jsonl` is that file, not a pattern that
+    would read `chats2.jsonl` instead)."""
     resolved: list[tuple[Path, str, InputSpec]] = []
     seen: set[str] = set()
     for spec in specs:
         pattern = Path(spec.path).expanduser()
         absolute = pattern if pattern.is_absolute() else base_dir / pattern
-        if any(char in spec.path for char in "*?["):
+        if any(char in spec.path for char in "*?[") and not absolute.exists():
             matches = [m for m in _glob(absolute) if m.is_file() or _is_datasets_dir(m)]
             if not matches:
                 raise InputFileError(f"{spec.path}: the glob matches no files")

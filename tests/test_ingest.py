@@ -183,6 +183,20 @@ def test_datasets_save_to_disk_folder_and_globs(tmp_path):
     assert [entry["format"] for entry in manifest["inputs"]] == ["alpaca", "openai", "openai", "openai"]
 
 
+def test_an_existing_path_with_glob_characters_is_that_file_not_a_pattern(tmp_path):
+    def chat(text):
+        return [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "a"}]}]
+
+    write_jsonl(tmp_path / "chats[2].jsonl", chat("the bracketed file"))
+    write_jsonl(tmp_path / "chats2.jsonl", chat("what the pattern chats[2] matches"))
+    code, records, _, manifest = ingest(tmp_path, str(tmp_path / "chats[2].jsonl"))
+    assert code == 0
+    assert [m[0]["content"] for m in messages_of(records)] == ["the bracketed file"]
+    assert [Path(entry["file"]).name for entry in manifest["inputs"]] == ["chats[2].jsonl"]
+    code, records, _, _ = ingest(tmp_path, str(tmp_path / "chats?.jsonl"))  # no such file: a pattern
+    assert code == 0 and [m[0]["content"] for m in messages_of(records)] == ["what the pattern chats[2] matches"]
+
+
 def test_explicit_format_overrides_detection(tmp_path):
     # Has both `text` and `prompt`/`response`: detection picks prompt_response; --format says transcript.
     path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "response": "r", "text": "\n\nHuman: hi\n\nAssistant: hello"}])
