@@ -121,3 +121,42 @@ def test_preference_only_input_and_running_twice(tmp_path):
     twice, _, report = run_stage("pii", once, {}, tmp_path)
     assert twice.columns == once.columns and report["rows_with_pii"] == 0
     assert twice["pii_redacted"][0]  # redacted by the first run
+
+
+def _tool_chat(user: str, arguments: str, call_id: str) -> dict:
+    """A tool-calling conversation in OpenAI's shape: the call, the tool's answer, the reply."""
+    return {"messages": [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "lookup_order", "arguments": arguments}}]},
+        {"role": "tool", "content": '{"status": "shipped"}', "tool_call_id": call_id},
+        {"role": "assistant", "content": "Your order has shipped."},
+    ]}  # fmt: skip
+
+
+def test_tool_call_arguments_are_scanned_and_redaction_keeps_every_message_field(tmp_path):
+    from curate.records import canonical_frame
+
+    records = [
+        _tool_chat("Order 5512, I am jane.doe@example.com", '{"order_id": "5512", "email": "jane.doe@example.com", "phone": "+1 415 555 0134"}', "call_1"),
+        _tool_chat("Where is order 7731?", '{"order_id": "7731", "email": "bob@example.org"}', "call_2"),  # PII only in the call
+        _tool_chat("Where is order 9120?", '{"order_id": "9120"}', "call_3"),
+    ]
+    frame = canonical_frame(records)
+    kept, dropped, report = run_stage("pii", frame, {"mode": "redact"}, tmp_path)
+    assert dropped is None and kept.height == 3
+    first, second, third = kept.rows(named=True)
+    assert first["messages"][0]["content"] == "Order 5512, I am <EMAIL>"
+    call = first["messages"][1]["tool_calls"][0]
+    assert (call["id"], call["type"], call["function"]["name"]) == ("call_1", "function", "lookup_order")
+    assert json.loads(call["function"]["arguments"]) == {"order_id": "5512", "email": "<EMAIL>", "phone": "<PHONE>"}
+    assert first["messages"][2]["tool_call_id"] == "call_1"  # the tool's answer still names its call
+    assert (first["pii_email_count"], first["pii_phone_count"]) == (2, 1) and first["pii_redacted"]
+    assert json.loads(second["messages"][1]["tool_calls"][0]["function"]["arguments"]) == {"order_id": "7731", "email": "<EMAIL>"}
+    assert second["messages"][2]["tool_call_id"] == "call_2" and second["pii_email_count"] == 1 and second["pii_redacted"]
+    assert third["messages"] == frame.row(2, named=True)["messages"] and not third["pii_redacted"]
+    assert kept.schema["messages"] == frame.schema["messages"]
+    assert report["messages_redacted_by_column"]["messages"] == 3  # the user turn and two calls
+    dumped = json.dumps(report)
+    assert "jane.doe" not in dumped and "bob@example.org" not in dumped and "555 0134" not in dumped
+    _, dropped, _ = run_stage("pii", frame, {"mode": "drop"}, tmp_path / "drop")
+    assert dropped["reason"].to_list() == ["pii_email", "pii_email"]  # the second row: PII in its call only

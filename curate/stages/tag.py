@@ -153,7 +153,8 @@ class PiiConfig(StageConfig):
     mode: Literal["redact", "drop"] = Field(
         "redact",
         description="redact: replace PII with typed placeholders (<EMAIL>, <PHONE>, <IP_ADDRESS>, "
-        "<CREDIT_CARD>, <SECRET>) in every message that flows on; drop: remove rows that contain any.",
+        "<CREDIT_CARD>, <SECRET>) in every message that flows on, its content and its tool calls' arguments; "
+        "drop: remove rows that contain any.",
     )
 
 
@@ -176,14 +177,19 @@ def _pii_summary(kept: pl.LazyFrame, dropped: pl.LazyFrame, config: PiiConfig, c
     }
     if config.mode == "drop":
         return report
-    # Messages holding a placeholder, in rows this run redacted (a placeholder typed by a user in such
-    # a row counts too: the per-message matches are not kept in the output).
+    # Messages holding a placeholder in their content or a tool call's arguments, in rows this run
+    # redacted (a placeholder typed by a user in such a row counts too: per-message matches are not kept).
     placeholder = "|".join(re.escape(text) for text in pii.PLACEHOLDERS.values())
     present = [column for column in MESSAGE_COLUMNS if column in kept.collect_schema().names()]
     redacted_now = kept.filter(total > 0)
+    message = pl.element().struct
+    in_content = message.field("content").str.contains(placeholder).fill_null(False)
+    in_calls = (
+        message.field("tool_calls").list.eval(pl.element().struct.field("function").struct.field("arguments").str.contains(placeholder))
+        .list.any().fill_null(False)
+    )
     by_column = redacted_now.select(
-        pl.col(column).list.eval(pl.element().struct.field("content").str.contains(placeholder)).list.sum().sum()
-        for column in present
+        pl.col(column).list.eval(in_content | in_calls).list.sum().sum() for column in present
     ).collect(engine="streaming").row(0, named=True) if present else {}
     report["rows_redacted"] = int(kept.select(pl.col("pii_redacted").sum()).collect().item())
     report["messages_redacted_by_column"] = {column: int(by_column.get(column) or 0) for column in MESSAGE_COLUMNS}
@@ -192,9 +198,10 @@ def _pii_summary(kept: pl.LazyFrame, dropped: pl.LazyFrame, config: PiiConfig, c
     return report
 
 
-@register_row_stage("pii", config=PiiConfig, version="1", summarize=_pii_summary)
+@register_row_stage("pii", config=PiiConfig, version="2", summarize=_pii_summary)
 def pii_stage(batch: pl.DataFrame, config: PiiConfig, ctx: StageContext) -> BatchOutput:
-    """Detect emails, phones, IPs, Luhn-valid cards and secrets; redact them or drop the rows.
+    """Detect emails, phones, IPs, Luhn-valid cards and secrets in every message's content and in its
+    tool calls' arguments; redact them or drop the rows.
 
     `id` is kept: it is the row's identity from ingest (dedup and labels refer to it), not a hash of
     the redacted text. Added columns: `pii_<type>_count` per type and `pii_redacted` (bool)."""
@@ -202,18 +209,10 @@ def pii_stage(batch: pl.DataFrame, config: PiiConfig, ctx: StageContext) -> Batc
     # Running pii twice: counts are this run's; `pii_redacted` stays true for rows redacted before.
     previously = table["pii_redacted"] if "pii_redacted" in table.columns else pl.repeat(False, table.height, eager=True)
     table = table.drop([*PII_COUNT_COLUMNS, "pii_redacted"], strict=False).with_row_index("__row")
-    long = pl.concat(
-        [
-            table.select("__row", pl.lit(column).alias("__column"), pl.col(column).alias("__message"))
-            .explode("__message")
-            .filter(pl.col("__message").is_not_null())
-            .with_columns(pl.int_range(pl.len()).over("__row").alias("__position"))
-            .unnest("__message")
-            for column in MESSAGE_COLUMNS
-        ]
-    ).with_row_index("__text_index")
-    redacted = pii.redact_texts(long.lazy().rename({"content": "text"})).collect()
-    counts = redacted.group_by("__row").agg(pl.col(kind).fill_null(0).sum().alias(f"pii_{kind}_count") for kind in pii.PII_TYPES)
+    messages = _messages_long(table)
+    texts = pii.redact_texts(_texts_of(messages).lazy()).collect()
+    found = pl.sum_horizontal(pl.col(kind).fill_null(0) for kind in pii.PII_TYPES)
+    counts = texts.group_by("__row").agg(pl.col(kind).fill_null(0).sum().alias(f"pii_{kind}_count") for kind in pii.PII_TYPES)
     table = table.join(counts, on="__row", how="left", maintain_order="left").with_columns(
         pl.col(PII_COUNT_COLUMNS).fill_null(0).cast(pl.Int64)
     )
@@ -228,23 +227,93 @@ def pii_stage(batch: pl.DataFrame, config: PiiConfig, ctx: StageContext) -> Batc
             table.lazy().filter(has_pii).with_columns(reasons.alias("reasons")), ctx.name, pl.col("reasons").list.first()
         ).drop("__row")
         return BatchOutput(kept=table.filter(~has_pii).drop("__row"), dropped=dropped.collect())
+    changed = texts.filter(found > 0).select("__row", "__column").unique()
+    redacted = _redacted_messages(messages, texts, changed)
     for column in MESSAGE_COLUMNS:
         table = _with_redacted_messages(table, redacted.filter(pl.col("__column") == column), column)
     table = table.with_columns(((total > 0) | pl.lit(previously.fill_null(False))).alias("pii_redacted")).drop("__row")
     return BatchOutput(kept=table)
 
 
+def _messages_long(table: pl.DataFrame) -> pl.DataFrame:
+    """One row per message of every message column: `__row`, `__column`, `__position` and the message's
+    own fields (role, content, tool_calls, tool_call_id)."""
+    return pl.concat(
+        [
+            table.select("__row", pl.lit(column).alias("__column"), pl.col(column).alias("__message"))
+            .explode("__message")
+            .filter(pl.col("__message").is_not_null())
+            .with_columns(pl.int_range(pl.len()).over("__row").alias("__position"))
+            .unnest("__message")
+            for column in MESSAGE_COLUMNS
+        ]
+    )
+
+
+_CALL_KEYS = ["__row", "__column", "__position"]
+
+
+def _tool_calls_long(messages: pl.DataFrame) -> pl.DataFrame:
+    """One row per tool call: the message keys, `__call` (its index in the message) and the call's fields."""
+    if "tool_calls" not in messages.columns:
+        return pl.DataFrame()
+    return (
+        messages.select(*_CALL_KEYS, "tool_calls")
+        .filter(pl.col("tool_calls").list.len() > 0)
+        .with_columns(pl.int_ranges(pl.col("tool_calls").list.len()).alias("__call"))
+        .explode("tool_calls", "__call")
+        .unnest("tool_calls")
+    )
+
+
+def _texts_of(messages: pl.DataFrame) -> pl.DataFrame:
+    """Every text PII can hide in, as `__row`, `__column`, `__position`, `__call` (null for a message's
+    content, the call's index for its arguments) and `text`, with `__text_index` in that order."""
+    contents = messages.select(*_CALL_KEYS, pl.lit(None, dtype=pl.Int64).alias("__call"), pl.col("content").alias("text"))
+    calls = _tool_calls_long(messages)
+    parts = [contents]
+    if calls.height:
+        arguments = pl.col("function").struct.field("arguments")
+        parts.append(calls.select(*_CALL_KEYS, pl.col("__call").cast(pl.Int64), arguments.alias("text")))
+    return pl.concat(parts).with_row_index("__text_index")
+
+
+def _redacted_messages(messages: pl.DataFrame, texts: pl.DataFrame, changed: pl.DataFrame) -> pl.DataFrame:
+    """The messages of the (row, column) pairs in `changed`, with redacted contents and tool-call arguments
+    and every other field as it was."""
+    keys = ["__row", "__column"]
+    redacted_content = texts.filter(pl.col("__call").is_null()).select(*_CALL_KEYS, pl.col("text").alias("__content"))
+    rows = messages.join(changed, on=keys, how="semi").join(redacted_content, on=_CALL_KEYS, how="left", maintain_order="left")
+    rows = rows.with_columns(pl.col("__content").alias("content")).drop("__content")
+    calls = _tool_calls_long(rows)
+    if calls.height:
+        redacted_arguments = texts.filter(pl.col("__call").is_not_null()).select(*_CALL_KEYS, "__call", pl.col("text").alias("__arguments"))
+        function = calls.schema["function"]
+        rebuilt = (
+            calls.with_columns(pl.col("__call").cast(pl.Int64))
+            .join(redacted_arguments, on=[*_CALL_KEYS, "__call"], how="left", maintain_order="left")
+            .with_columns(pl.col("function").struct.with_fields(pl.col("__arguments").alias("arguments")).cast(function))
+            .sort(*_CALL_KEYS, "__call")
+            .group_by(_CALL_KEYS, maintain_order=True)
+            .agg(pl.struct(name for name in calls.columns if name not in (*_CALL_KEYS, "__call")).alias("__tool_calls"))
+        )
+        rows = (
+            rows.join(rebuilt, on=_CALL_KEYS, how="left", maintain_order="left")
+            .with_columns(pl.coalesce("__tool_calls", pl.col("tool_calls").cast(rebuilt.schema["__tool_calls"])).alias("tool_calls"))
+            .drop("__tool_calls")
+        )
+    return rows
+
+
 def _with_redacted_messages(table: pl.DataFrame, part: pl.DataFrame, column: str) -> pl.DataFrame:
-    """`table` with `column` rebuilt from the redacted texts of the rows where PII was found."""
-    changed = part.filter(pl.sum_horizontal(pl.col(kind).fill_null(0) for kind in pii.PII_TYPES) > 0)
-    if changed.height == 0:
+    """`table` with `column` rebuilt, for the rows in `part` (their messages, redacted, every field kept)."""
+    if part.height == 0:
         return table
-    rows = changed["__row"].unique()
+    fields = [field.name for field in table.schema[column].inner.fields]
     rebuilt = (
-        part.filter(pl.col("__row").is_in(rows.implode()))
-        .sort("__row", "__position")
+        part.sort("__row", "__position")
         .group_by("__row", maintain_order=True)
-        .agg(pl.struct(pl.col("role"), pl.col("text").alias("content")).alias("__new"))
+        .agg(pl.struct(fields).alias("__new"))
         .with_columns(pl.col("__new").cast(table.schema[column]))
     )
     return (
