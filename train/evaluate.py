@@ -140,7 +140,7 @@ def run_eval(config, adapter_dir: str | Path, console=None, task_prompts: int = 
             result["validation"] = dpo_metrics(model, data, plan, rows, pad, device, config.dpo, config.eval.max_rows)
     else:
         # Losses as training measured them: attention per packed sample (the masked row gives the same
-        # loss up to rounding, at several times the attention compute).
+        # loss up to rounding, at several times the attention compute) and the fused head loss.
         prepare_packed_model(model)
         data = load_sft_split(tokenizer, split_dir, "validation", config.data.max_val_samples, config.data.completion_only_loss)
         if data is not None:

@@ -58,7 +58,7 @@ def compare_adapters(config, new: str | Path, previous: str | Path) -> dict:
     model = load_adapter(load_base_model(config.model).to(device), new, adapter_name="new")
     load_adapter(model, previous, adapter_name="previous")
     model.to(device)
-    prepare_packed_model(model)  # losses as training measured them: attention per packed sample
+    prepare_packed_model(model)  # losses as training measured them: attention per packed sample, fused head loss
     overflow = planner_overflow(config.data.overflow)
     rows = []
     for name, split_dir, split in eval_sets(config, previous):
