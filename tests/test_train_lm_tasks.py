@@ -123,6 +123,45 @@ def test_tasks_limit_and_a_folder_of_task_yamls(trained, tmp_path):
         assert rows["memo_suite", "acc"][side] == pytest.approx((rows["memo_a", "acc"][side] + rows["memo_b", "acc"][side]) / 2)
 
 
+def test_chat_template_renders_the_prompts_as_lm_eval_does(trained, tmp_path, monkeypatch):
+    """--chat-template: the questions written plainly and rendered by lm_eval through the tokenizer's chat
+    template, on both sides; the numbers are lm_eval's own with --apply_chat_template."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    questions = [prompt[-1]["content"] for prompt, _ in prompts_and_references(sft_conversations(4))]
+    templated = [json.loads(line) for line in (trained["root"] / "memo.jsonl").read_text().splitlines()]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({**row, "context": question}) + "\n" for row, question in zip(templated, questions)))
+    task = _task_yaml(tmp_path / "plain.yaml", plain)
+    rendered = []
+    original = HFLM.apply_chat_template
+
+    def recording(self, chat_history, *args, **kwargs):
+        rendered.append(chat_history)
+        return original(self, chat_history, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "apply_chat_template", recording)
+    assert _eval_tasks(trained, task, "--chat-template", "--json", str(tmp_path / "chat.json")) == 0
+    result = json.loads((tmp_path / "chat.json").read_text())
+    assert result["chat_template"] is True
+    # Every question went through the template as a user turn, for the base and for the adapter.
+    users = [turn["content"] for history in rendered for turn in history if turn["role"] == "user"]
+    assert sorted(users) == sorted(questions * 2)
+    rows = {row["metric"]: row for row in result["rows"]}
+    tokenizer = AutoTokenizer.from_pretrained(trained["model"])
+    base = AutoModelForCausalLM.from_pretrained(trained["model"], dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained["model"], dtype=torch.float32), trained["adapter"])
+    for side, model in (("base", base), ("adapter", tuned)):
+        direct = lm_eval.simple_evaluate(model=HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=8), tasks=[str(task)],
+                                         log_samples=False, bootstrap_iters=0, apply_chat_template=True)["results"]["memo_mc"]  # fmt: skip
+        assert (rows["acc"][side], rows["acc_norm"][side]) == (direct["acc,none"], direct["acc_norm,none"]), side
+    rendered.clear()
+    assert _eval_tasks(trained, task) == 0 and rendered == []  # without the flag: the questions as written
+
+
 def _bad_cases(tmp: Path, data: Path) -> dict[str, tuple[Path, str]]:
     good = yaml.safe_load(_task_yaml(tmp / "good.yaml", data).read_text())
     cases = {}
@@ -183,3 +222,5 @@ def test_tasks_flag_combinations_are_refused(trained, capsys):
     assert "two different reports" in capsys.readouterr().err
     assert _eval_tasks(trained, trained["task"], "--limit", "0") == 2
     assert "--limit must be a positive" in capsys.readouterr().err
+    assert main(["eval", "--model", str(trained["model"]), "--chat-template", "--data", "x"]) == 2
+    assert "--chat-template applies to --tasks" in capsys.readouterr().err

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="reply length limit for samples and task metrics (eval.max_new_tokens)")
     p.add_argument("--tasks", metavar="TASK_YAML", help="instead: lm-evaluation-harness tasks on base and adapter: an lm_eval task YAML (task or group) or a folder of them, over local data files (offline); see docs/training.md")
     p.add_argument("--limit", type=int, help="--tasks: at most N examples per task (lm_eval's --limit)")
+    p.add_argument("--chat-template", action="store_true", help="--tasks: render each prompt as a user turn through the tokenizer's chat template (lm_eval's --apply_chat_template), as an instruct model is served")
     p.add_argument("--compare", metavar="PREVIOUS_ADAPTER", help="forgetting table instead: validation loss of base, PREVIOUS_ADAPTER and --adapter on the validation split, the previous adapter's validation split and eval.general_set")
     p.set_defaults(handler=cmd_eval)
     p = sub.add_parser("merge", help="merge the adapter into the base (a safetensors model folder), or combine adapters into one", description="Fold the LoRA adapter into the base weights (the output folder loads with AutoModelForCausalLM.from_pretrained); or, with --adapters A B ..., combine adapters trained on the same base into one new adapter folder (peft's add_weighted_adapter).")
@@ -176,6 +177,8 @@ def cmd_eval(args) -> int:
         raise TrainError("--tasks and --compare are two different reports: give one")
     if args.limit is not None and not args.tasks:
         raise TrainError("--limit applies to --tasks")
+    if args.chat_template and not args.tasks:
+        raise TrainError("--chat-template applies to --tasks")
     config = _config_from_args(args, needs_data=not args.tasks)
     adapter = Path(args.adapter or Path(config.output_dir) / "adapter")
     if args.json_out:  # checked before the evaluation: a file train did not write is never overwritten
@@ -183,7 +186,7 @@ def cmd_eval(args) -> int:
     if args.compare:
         return _compare(config, adapter, Path(args.compare), args.json_out)
     if args.tasks:
-        return _lm_eval_tasks(config, adapter, args.tasks, args.limit, args.json_out)
+        return _lm_eval_tasks(config, adapter, args.tasks, args.limit, args.json_out, args.chat_template)
     result = run_eval(config, adapter, console, task_prompts=args.task_prompts)
     table = Table(title="base vs adapter")
     table.add_column("set")
@@ -207,11 +210,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _lm_eval_tasks(config, adapter: Path, tasks: str, limit: int | None, json_out: str | None) -> int:
+def _lm_eval_tasks(config, adapter: Path, tasks: str, limit: int | None, json_out: str | None, chat_template: bool = False) -> int:
     from train.lm_tasks import run_lm_eval_tasks
 
-    result = run_lm_eval_tasks(config, adapter, tasks, limit)
-    table = Table(title=f"lm-evaluation-harness: base vs adapter ({tasks}{f', limit {limit}' if limit else ''})")
+    result = run_lm_eval_tasks(config, adapter, tasks, limit, chat_template)
+    how = "".join((f", limit {limit}" if limit else "", ", chat template" if chat_template else ""))
+    table = Table(title=f"lm-evaluation-harness: base vs adapter ({tasks}{how})")
     for column in ("task", "metric", "base", "adapter", "delta"):
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")
     for row in result["rows"]:

@@ -161,13 +161,15 @@ def load_tasks(include_path: Path, specs: list[str], configs: dict[str, dict]):
     return manager
 
 
-def evaluate_model(lm, specs: list[str], manager, limit: int | None) -> dict:
-    """lm_eval's own evaluation of one model: its `results` (per task and group) and `n-samples`."""
+def evaluate_model(lm, specs: list[str], manager, limit: int | None, chat_template: bool = False) -> dict:
+    """lm_eval's own evaluation of one model: its `results` (per task and group) and `n-samples`.
+    `chat_template`: lm_eval renders each prompt as a user turn through the tokenizer's chat template."""
     import lm_eval
 
     with hub_offline(), _quiet_lm_eval():
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=specs, task_manager=manager, limit=limit, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS
+            model=lm, tasks=specs, task_manager=manager, limit=limit, log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS,
+            apply_chat_template=chat_template,
         )
     return {key: out.get(key, {}) for key in ("results", "groups", "n-samples", "higher_is_better", "versions")}
 
@@ -190,8 +192,10 @@ def comparison_rows(base: dict, adapter: dict) -> list[dict]:
     return rows
 
 
-def run_lm_eval_tasks(config, adapter_dir: str | Path, tasks_path: str | Path, limit: int | None = None) -> dict:
-    """`train eval --tasks PATH`: the tasks on the base model and on the adapter; rows and both raw results."""
+def run_lm_eval_tasks(config, adapter_dir: str | Path, tasks_path: str | Path, limit: int | None = None, chat_template: bool = False) -> dict:
+    """`train eval --tasks PATH`: the tasks on the base model and on the adapter; rows and both raw results.
+    `chat_template` (`--chat-template`): prompts go through the tokenizer's chat template (the config's
+    `data.chat_template` when set), on both sides."""
     from train.data import set_chat_template
     from train.models import load_adapter, load_base_model, load_tokenizer, set_cpu_threads
 
@@ -215,13 +219,13 @@ def run_lm_eval_tasks(config, adapter_dir: str | Path, tasks_path: str | Path, l
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=BATCH_SIZE)
     try:
         with model.disable_adapter():
-            base = evaluate_model(lm, specs, manager, limit)
-        tuned = evaluate_model(lm, specs, manager, limit)
+            base = evaluate_model(lm, specs, manager, limit, chat_template)
+        tuned = evaluate_model(lm, specs, manager, limit, chat_template)
     except (KeyError, IndexError, TypeError, ValueError, OSError) as error:  # a task config that fits no document
         raise TaskFileError(f"{tasks_path}: lm_eval failed: {_one_line(error)}") from None
     if not base["results"]:
         raise DataError(f"{tasks_path}: lm_eval returned no results (empty data files?)")
     return {
-        "tasks": str(tasks_path), "tasks_run": specs, "limit": limit, "adapter": str(adapter_dir),
+        "tasks": str(tasks_path), "tasks_run": specs, "limit": limit, "chat_template": chat_template, "adapter": str(adapter_dir),
         "rows": comparison_rows(base, tuned), "base": base, "adapter_results": tuned,
     }  # fmt: skip
