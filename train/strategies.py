@@ -61,7 +61,7 @@ class SftStrategy:
         return splits.train_plan.target_counts(data.target_mask.numpy(), data.offsets.numpy())
 
     def check_model(self, run: RunContext) -> None:
-        prepare_packed_model(run.model)  # attention per packed sample, checked before any step
+        prepare_packed_model(run.model)  # attention per packed sample and the fused head loss, checked before any step
 
     def micro_step(self, run: RunContext, rows, scale: float) -> dict[str, torch.Tensor]:
         batch = pack_batch(self.tokens, self.mask, self.offsets, run.splits.train_plan, rows, pad_id=run.pad_id, pad_to_multiple_of=8)

@@ -210,7 +210,8 @@ def pii_stage(batch: pl.DataFrame, config: PiiConfig, ctx: StageContext) -> Batc
     previously = table["pii_redacted"] if "pii_redacted" in table.columns else pl.repeat(False, table.height, eager=True)
     table = table.drop([*PII_COUNT_COLUMNS, "pii_redacted"], strict=False).with_row_index("__row")
     messages = _messages_long(table)
-    texts = pii.redact_texts(_texts_of(messages).lazy()).collect()
+    calls = _tool_calls_long(messages)
+    texts = pii.redact_texts(_texts_of(messages, calls).lazy()).collect()
     found = pl.sum_horizontal(pl.col(kind).fill_null(0) for kind in pii.PII_TYPES)
     counts = texts.group_by("__row").agg(pl.col(kind).fill_null(0).sum().alias(f"pii_{kind}_count") for kind in pii.PII_TYPES)
     table = table.join(counts, on="__row", how="left", maintain_order="left").with_columns(
@@ -228,7 +229,7 @@ def pii_stage(batch: pl.DataFrame, config: PiiConfig, ctx: StageContext) -> Batc
         ).drop("__row")
         return BatchOutput(kept=table.filter(~has_pii).drop("__row"), dropped=dropped.collect())
     changed = texts.filter(found > 0).select("__row", "__column").unique()
-    redacted = _redacted_messages(messages, texts, changed)
+    redacted = _redacted_messages(messages, calls, texts, changed)
     for column in MESSAGE_COLUMNS:
         table = _with_redacted_messages(table, redacted.filter(pl.col("__column") == column), column)
     table = table.with_columns(((total > 0) | pl.lit(previously.fill_null(False))).alias("pii_redacted")).drop("__row")
@@ -254,44 +255,42 @@ _CALL_KEYS = ["__row", "__column", "__position"]
 
 
 def _tool_calls_long(messages: pl.DataFrame) -> pl.DataFrame:
-    """One row per tool call: the message keys, `__call` (its index in the message) and the call's fields."""
+    """One row per tool call: the message keys, `__call` (its index in the message) and the call's fields
+    (an empty frame when the messages carry no tool fields)."""
     if "tool_calls" not in messages.columns:
         return pl.DataFrame()
     return (
         messages.select(*_CALL_KEYS, "tool_calls")
         .filter(pl.col("tool_calls").list.len() > 0)
-        .with_columns(pl.int_ranges(pl.col("tool_calls").list.len()).alias("__call"))
+        .with_columns(pl.int_ranges(pl.col("tool_calls").list.len(), dtype=pl.Int64).alias("__call"))
         .explode("tool_calls", "__call")
         .unnest("tool_calls")
     )
 
 
-def _texts_of(messages: pl.DataFrame) -> pl.DataFrame:
+def _texts_of(messages: pl.DataFrame, calls: pl.DataFrame) -> pl.DataFrame:
     """Every text PII can hide in, as `__row`, `__column`, `__position`, `__call` (null for a message's
     content, the call's index for its arguments) and `text`, with `__text_index` in that order."""
     contents = messages.select(*_CALL_KEYS, pl.lit(None, dtype=pl.Int64).alias("__call"), pl.col("content").alias("text"))
-    calls = _tool_calls_long(messages)
     parts = [contents]
     if calls.height:
-        arguments = pl.col("function").struct.field("arguments")
-        parts.append(calls.select(*_CALL_KEYS, pl.col("__call").cast(pl.Int64), arguments.alias("text")))
+        parts.append(calls.select(*_CALL_KEYS, "__call", pl.col("function").struct.field("arguments").alias("text")))
     return pl.concat(parts).with_row_index("__text_index")
 
 
-def _redacted_messages(messages: pl.DataFrame, texts: pl.DataFrame, changed: pl.DataFrame) -> pl.DataFrame:
+def _redacted_messages(messages: pl.DataFrame, calls: pl.DataFrame, texts: pl.DataFrame, changed: pl.DataFrame) -> pl.DataFrame:
     """The messages of the (row, column) pairs in `changed`, with redacted contents and tool-call arguments
     and every other field as it was."""
     keys = ["__row", "__column"]
     redacted_content = texts.filter(pl.col("__call").is_null()).select(*_CALL_KEYS, pl.col("text").alias("__content"))
     rows = messages.join(changed, on=keys, how="semi").join(redacted_content, on=_CALL_KEYS, how="left", maintain_order="left")
     rows = rows.with_columns(pl.col("__content").alias("content")).drop("__content")
-    calls = _tool_calls_long(rows)
+    calls = calls.join(changed, on=keys, how="semi") if calls.height else calls
     if calls.height:
         redacted_arguments = texts.filter(pl.col("__call").is_not_null()).select(*_CALL_KEYS, "__call", pl.col("text").alias("__arguments"))
         function = calls.schema["function"]
         rebuilt = (
-            calls.with_columns(pl.col("__call").cast(pl.Int64))
-            .join(redacted_arguments, on=[*_CALL_KEYS, "__call"], how="left", maintain_order="left")
+            calls.join(redacted_arguments, on=[*_CALL_KEYS, "__call"], how="left", maintain_order="left")
             .with_columns(pl.col("function").struct.with_fields(pl.col("__arguments").alias("arguments")).cast(function))
             .sort(*_CALL_KEYS, "__call")
             .group_by(_CALL_KEYS, maintain_order=True)

@@ -41,11 +41,15 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
+def _causal_lm(model):
+    """The transformers causal LM under DDP and peft wrapping."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM under any DDP/peft wrapping takes transformers' `logits_to_keep` argument."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
+    inner = _causal_lm(model)
     try:
         return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
     except (TypeError, ValueError):
@@ -107,12 +111,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         return hidden.sum()  # a zero that still reaches every LoRA weight (see _chunked_cross_entropy_sum)
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
     return _LinearCrossEntropySum.apply(hidden, weight, targets, want_grad)
-
-
-def _causal_lm(model):
-    """The transformers causal LM under DDP and peft wrapping."""
-    inner = getattr(model, "module", model)
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def _plain_head(model):
